@@ -1,0 +1,55 @@
+"""Namespaced artifact keys.
+
+Every object in the plane is identified by ``(kind, namespace, name)``:
+
+* ``kind`` says what the bytes are: ``kv`` chunks, model ``params`` chunks, or
+  ``custom`` user artifacts. KV and parameter chunks can never collide because
+  the kind is part of the identity.
+* ``namespace`` is the tenant or model identity. For KV it also carries
+  everything that makes bytes incompatible (dtype, layout, head geometry,
+  block size, TP rank/size); for params the model and revision.
+* ``name`` is the key proper (a chunk hash, a parameter chunk name, ...).
+
+Quotas and priorities are configured per ``kind`` (see ``namespaces`` in
+config.yaml). ``encode()`` gives the canonical byte form that every tier stores
+and compares in full; tiers never identify an object by a hash alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("kv", "params", "custom")
+_SEP = "\x1f"  # ASCII unit separator: cannot appear in a valid component
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactKey:
+    kind: str
+    namespace: str
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"ArtifactKey.kind must be one of {KINDS}, got {self.kind!r}")
+        for field in ("namespace", "name"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"ArtifactKey.{field} must be a non-empty str, got {value!r}")
+            if _SEP in value:
+                raise ValueError(f"ArtifactKey.{field} must not contain the \\x1f separator")
+
+    def encode(self) -> bytes:
+        """Canonical bytes of the key, stored and compared in full by every tier."""
+        return _SEP.join((self.kind, self.namespace, self.name)).encode("utf-8")
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "ArtifactKey":
+        try:
+            kind, namespace, name = raw.decode("utf-8").split(_SEP)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"not an encoded ArtifactKey: {raw[:64]!r}") from exc
+        return cls(kind, namespace, name)
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}"
