@@ -1,5 +1,23 @@
-// The one TORCH_LIBRARY block declaring every stratacache op schema.
-// (Owned by the native-ops work; placeholder so the package builds.)
+// The one TORCH_LIBRARY block declaring every stratacache op schema. The CPU
+// kernels register in checksum.cpp and kv_transfer.cpp, the CUDA kernels in
+// cuda/*.cu; Python wrappers, fake (meta) kernels and the pure-torch
+// reference live in stratacache/ops.py.
 #include <torch/library.h>
 
-TORCH_LIBRARY(stratacache, m) {}
+TORCH_LIBRARY(stratacache, m) {
+  // 0-d int64 tensor: checksum64 of the tensor's bytes (see checksum.h).
+  m.def("checksum64(Tensor data) -> Tensor");
+  // int64 [ceil(nbytes / chunk_bytes)]: checksum64 of each chunk_bytes slice.
+  m.def("chunk_checksums(Tensor data, int chunk_bytes) -> Tensor");
+  // Pages of block_ids from every layer into out (uint8 [n, L, page_bytes]);
+  // returns int64 checksums, one per chunk of chunk_blocks blocks.
+  m.def("gather_blocks(Tensor[] layers, Tensor block_ids, Tensor(a!) out, int chunk_blocks=0) -> Tensor");
+  // The inverse; with expected checksums returns bool [n_chunks] (True: chunk intact).
+  m.def(
+      "scatter_blocks(Tensor src, Tensor block_ids, Tensor(a!)[] layers, int chunk_blocks=0, "
+      "Tensor? expected=None) -> Tensor");
+  // Token rows by slot mapping; layers are [KV, blocks, block_size, heads, head_dim] views,
+  // out / src uint8 [n_tokens, L, KV * heads * head_dim * itemsize].
+  m.def("gather_tokens(Tensor[] layers, Tensor slot_mapping, Tensor(a!) out) -> ()");
+  m.def("scatter_tokens(Tensor src, Tensor slot_mapping, Tensor(a!)[] layers) -> ()");
+}

@@ -1,6 +1,195 @@
-// Placeholder until the shared-region index lands (owned by the shared-region work).
+// Python binding of the shared-region store (stratacache._C.SharedRegion).
+//
+// Thin: keys and metadata cross as bytes, handles as (slot, generation)
+// integers, and the data area is exported through the buffer protocol so
+// Python wraps it once with torch.frombuffer and copies with torch. Every call
+// that may wait on the region lock releases the GIL first.
 #include "shared_region_bindings.h"
 
+#include "shared_region.h"
+
+namespace py = pybind11;
+
 namespace stratacache {
-void bind_shared_region(pybind11::module_& m) { (void)m; }
+namespace {
+
+std::string_view view_of(const py::bytes& b) {
+  char* p = nullptr;
+  Py_ssize_t n = 0;
+  if (PyBytes_AsStringAndSize(b.ptr(), &p, &n) != 0) throw py::error_already_set();
+  return {p, size_t(n)};
+}
+
+py::object handle_tuple(const std::optional<ReadHandle>& h) {
+  if (!h) return py::none();
+  return py::make_tuple(h->slot, h->gen, h->offset, h->size, py::bytes(h->aux));
+}
+
+}  // namespace
+
+void bind_shared_region(py::module_& m) {
+  py::register_exception<RegionError>(m, "SharedRegionError", PyExc_RuntimeError);
+
+  py::class_<SharedRegion>(m, "SharedRegion", py::buffer_protocol(),
+                           "One mmap'ed object store shared by processes (see csrc/shared_region.h).")
+      .def(py::init([](std::string path, uint64_t capacity, uint32_t max_objects, uint32_t max_key_bytes,
+                       uint32_t block_bytes, int numa_node, uint32_t file_mode, bool reset, bool read_only) {
+             RegionOptions o;
+             o.path = std::move(path);
+             o.capacity = capacity;
+             o.max_objects = max_objects;
+             o.max_key_bytes = max_key_bytes;
+             o.block_bytes = block_bytes;
+             o.numa_node = numa_node;
+             o.file_mode = file_mode;
+             o.reset = reset;
+             o.read_only = read_only;
+             py::gil_scoped_release nogil;
+             return std::make_unique<SharedRegion>(o);
+           }),
+           py::kw_only(), py::arg("path"), py::arg("capacity") = 0, py::arg("max_objects") = 65536,
+           py::arg("max_key_bytes") = 512, py::arg("block_bytes") = 4096, py::arg("numa_node") = -1,
+           py::arg("file_mode") = 0600, py::arg("reset") = false, py::arg("read_only") = false)
+      .def_buffer([](SharedRegion& r) {
+        return py::buffer_info(r.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {py::ssize_t(r.data_bytes())}, {py::ssize_t(1)}, r.read_only());
+      })
+      .def_property_readonly("path", &SharedRegion::path)
+      .def_property_readonly("data_bytes", &SharedRegion::data_bytes)
+      .def_property_readonly("read_only", &SharedRegion::read_only)
+      .def_property_readonly("mapping_address", [](SharedRegion& r) { return uintptr_t(r.mapping()); })
+      .def_property_readonly("mapping_bytes", &SharedRegion::mapping_bytes)
+      .def("reserve",
+           [](SharedRegion& r, const py::bytes& key, uint64_t size, const py::bytes& aux) -> py::object {
+             auto k = view_of(key);
+             auto a = view_of(aux);
+             std::optional<Reservation> res;
+             {
+               py::gil_scoped_release nogil;
+               res = r.reserve(k, size, a);
+             }
+             if (!res) return py::none();
+             return py::make_tuple(res->slot, res->gen, res->offset);
+           },
+           "Reserve space for an object: (slot, gen, offset) or None when there is no room.")
+      .def("commit",
+           [](SharedRegion& r, uint32_t slot, uint64_t gen) {
+             py::gil_scoped_release nogil;
+             return r.commit(Reservation{slot, gen, 0, 0});
+           })
+      .def("abort",
+           [](SharedRegion& r, uint32_t slot, uint64_t gen) {
+             py::gil_scoped_release nogil;
+             r.abort(Reservation{slot, gen, 0, 0});
+           })
+      .def("acquire",
+           [](SharedRegion& r, const py::bytes& key, double lease_s, bool count_stats) {
+             auto k = view_of(key);
+             std::optional<ReadHandle> h;
+             {
+               py::gil_scoped_release nogil;
+               h = r.acquire(k, lease_s, count_stats);
+             }
+             return handle_tuple(h);
+           },
+           py::arg("key"), py::arg("lease_s"), py::arg("count_stats") = true,
+           "Lease the current version: (slot, gen, offset, size, aux) or None.")
+      .def("release",
+           [](SharedRegion& r, uint32_t slot, uint64_t gen) {
+             py::gil_scoped_release nogil;
+             return r.release(slot, gen);
+           })
+      .def("is_current", &SharedRegion::is_current)
+      .def("contains",
+           [](SharedRegion& r, const py::bytes& key) {
+             auto k = view_of(key);
+             py::gil_scoped_release nogil;
+             return r.contains(k);
+           })
+      .def("contains_many",
+           [](SharedRegion& r, const py::list& keys) {
+             const size_t n = keys.size();
+             std::vector<std::string_view> views(n);
+             for (size_t i = 0; i < n; ++i) {
+               PyObject* item = PyList_GET_ITEM(keys.ptr(), Py_ssize_t(i));
+               char* p = nullptr;
+               Py_ssize_t len = 0;
+               if (!PyBytes_Check(item) || PyBytes_AsStringAndSize(item, &p, &len) != 0)
+                 throw py::type_error("contains_many takes a list of bytes keys");
+               views[i] = {p, size_t(len)};
+             }
+             std::vector<uint8_t> found(n);
+             {
+               py::gil_scoped_release nogil;
+               r.contains_many(views.data(), n, found.data());
+             }
+             PyObject* out = PyList_New(Py_ssize_t(n));
+             if (!out) throw py::error_already_set();
+             for (size_t i = 0; i < n; ++i) {
+               PyObject* v = found[i] ? Py_True : Py_False;
+               Py_INCREF(v);
+               PyList_SET_ITEM(out, Py_ssize_t(i), v);
+             }
+             return py::reinterpret_steal<py::list>(out);
+           })
+      .def("erase",
+           [](SharedRegion& r, const py::bytes& key) {
+             auto k = view_of(key);
+             py::gil_scoped_release nogil;
+             return r.erase(k);
+           })
+      .def("keys",
+           [](SharedRegion& r) {
+             std::vector<std::string> ks;
+             {
+               py::gil_scoped_release nogil;
+               ks = r.keys();
+             }
+             py::list out;
+             for (auto& k : ks) out.append(py::bytes(k));
+             return out;
+           })
+      .def("clear", &SharedRegion::clear, py::call_guard<py::gil_scoped_release>())
+      .def("reclaim", &SharedRegion::reclaim, py::call_guard<py::gil_scoped_release>())
+      .def("check", &SharedRegion::check, py::call_guard<py::gil_scoped_release>())
+      .def("snapshot",
+           [](SharedRegion& r) {
+             std::vector<ObjectInfo> objs;
+             {
+               py::gil_scoped_release nogil;
+               objs = r.snapshot();
+             }
+             py::list out;
+             for (auto& o : objs) out.append(py::make_tuple(py::bytes(o.key), o.size, py::bytes(o.aux)));
+             return out;
+           },
+           "Lock-free list of (key, size, aux) of committed objects; works read-only.")
+      .def("stats",
+           [](SharedRegion& r) {
+             RegionStats s = r.stats();
+             py::dict d;
+             d["capacity"] = s.capacity;
+             d["block_bytes"] = s.block_bytes;
+             d["max_objects"] = s.max_objects;
+             d["max_key_bytes"] = s.max_key_bytes;
+             d["items"] = s.items;
+             d["used_bytes"] = s.used_bytes;
+             d["reserved_bytes"] = s.reserved_bytes;
+             d["writing"] = s.writing;
+             d["retired"] = s.retired;
+             d["hits"] = s.hits;
+             d["misses"] = s.misses;
+             d["puts"] = s.puts;
+             d["put_failures"] = s.put_failures;
+             d["evictions"] = s.evictions;
+             d["deletes"] = s.deletes;
+             d["repairs"] = s.repairs;
+             d["reclaimed_writers"] = s.reclaimed_writers;
+             return d;
+           })
+      .def("lock_and_leak_for_testing", &SharedRegion::lock_and_leak_for_testing,
+           py::call_guard<py::gil_scoped_release>(),
+           "Test hook: take the region lock and never release it.");
+}
+
 }  // namespace stratacache

@@ -1,0 +1,245 @@
+"""Storage-plane throughput against plain baselines, measured in the same run.
+
+* ``cpu_put_vs_copy`` / ``cpu_get_vs_copy``: ``StorageEngine.store`` (checksum
+  precomputed, CPU tier) and ``load(out=...)`` of 1-32 MiB objects, over
+  ``dst.copy_(src)`` of the same bytes into a same-sized rotating set of
+  preallocated buffers (both warm: pages already committed). Target >= 0.8.
+* ``disk_write_vs_file`` / ``disk_read_vs_file``: the disk tier's put (temp
+  file + rename, header, accounting, eviction) and get (read + checksum
+  verification into ``out``) over plain sequential ``write``/``readinto`` of
+  the same bytes to files in the same directory. Target >= 0.8.
+* ``lookups_per_s``: ``prefix_lookup`` over 32-key lists of freshly built
+  (equal, not identical) keys, all resident. Target >= 1,000,000 keys/s.
+
+It also runs ``benchmarks/bench_store_shared.py`` and
+``benchmarks/bench_store_redis.py`` (their ``run(quick) -> (summary, rows)``)
+and merges their summaries; a missing or failing one is recorded, not fatal.
+
+    python benchmarks/bench_store.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stratacache.backends.disk import DiskMemoryLayer  # noqa: E402
+from stratacache.config import load_config  # noqa: E402
+from stratacache.core.keys import ArtifactKey  # noqa: E402
+from stratacache.engine import StorageEngine  # noqa: E402
+from stratacache.ops import checksum64  # noqa: E402
+from stratacache.tiering import TierChain, TierSettings  # noqa: E402
+
+MIB = 1 << 20
+U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def device_string() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()}-core {cpu}{gpu}, torch {torch.__version__}"
+
+
+def best_rate(nbytes: int, fn, repeats: int) -> float:
+    """GB/s of the median of ``repeats`` timed calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def payloads(size: int, count: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(size)
+    return [torch.randint(0, 256, (size,), generator=g, dtype=torch.uint8) for _ in range(count)]
+
+
+def bench_cpu(sizes, total_bytes: int, repeats: int) -> tuple[dict, list[dict]]:
+    rows, put_ratios, get_ratios = [], [], []
+    for size in sizes:
+        count = max(2, total_bytes // size)
+        srcs = payloads(size, count)
+        sums = [checksum64(s) & U64 for s in srcs]
+        keys = [ArtifactKey("kv", "bench-cpu", f"{size}-{i}") for i in range(count)]
+        cfg = load_config(overrides={"tiers.cpu.capacity": count * size, "tiers.cpu.pin_memory": False,
+                                     "tiers.shared.enabled": False})
+        engine = StorageEngine(cfg)
+        dsts = [torch.empty(size, dtype=torch.uint8) for _ in range(count)]
+        for d in dsts:
+            d.fill_(1)
+
+        def copy_all():
+            for d, s in zip(dsts, srcs):
+                d.copy_(s)
+
+        def store_all():
+            for k, s, c in zip(keys, srcs, sums):
+                engine.store(k, s, checksum=c)
+
+        def load_all():
+            for k, d in zip(keys, dsts):
+                engine.load(k, out=d)
+
+        base = best_rate(count * size, copy_all, repeats)
+        put = best_rate(count * size, store_all, repeats)
+        get = best_rate(count * size, load_all, repeats)
+        assert all(torch.equal(d, s) for d, s in zip(dsts, srcs)), "cpu tier returned wrong bytes"
+        engine.close()
+        put_ratios.append(put / base)
+        get_ratios.append(get / base)
+        rows.append({"bench": "cpu", "object_MiB": size / MIB, "objects": count, "copy_GBps": round(base, 2),
+                     "put_GBps": round(put, 2), "get_GBps": round(get, 2),
+                     "put_vs_copy": round(put / base, 3), "get_vs_copy": round(get / base, 3)})
+    return {"cpu_put_vs_copy": round(min(put_ratios), 3), "cpu_get_vs_copy": round(min(get_ratios), 3)}, rows
+
+
+def bench_disk(sizes, total_bytes: int, repeats: int, where: str) -> tuple[dict, list[dict]]:
+    rows, w_ratios, r_ratios = [], [], []
+    for size in sizes:
+        count = max(2, total_bytes // size)
+        srcs = payloads(size, count)
+        sums = [checksum64(s) & U64 for s in srcs]
+        keys = [ArtifactKey("kv", "bench-disk", f"{size}-{i}") for i in range(count)]
+        root = tempfile.mkdtemp(prefix="stratacache-bench-store-", dir=where)
+        plain = os.path.join(root, "plain")
+        os.makedirs(plain)
+        tier = DiskMemoryLayer(os.path.join(root, "tier"), 2 * count * (size + 4096), io_threads=2)
+        engine = StorageEngine(None, chain=TierChain([tier], [TierSettings()]))
+        outs = [torch.empty(size, dtype=torch.uint8) for _ in range(count)]
+
+        def file_write():
+            for i, s in enumerate(srcs):
+                with open(os.path.join(plain, f"{i}.bin"), "wb", buffering=0) as f:
+                    f.write(memoryview(s.numpy()))
+
+        def file_read():
+            for i, o in enumerate(outs):
+                with open(os.path.join(plain, f"{i}.bin"), "rb", buffering=0) as f:
+                    f.readinto(memoryview(o.numpy()))
+
+        def tier_write():
+            for k, s, c in zip(keys, srcs, sums):
+                engine.store(k, s, checksum=c)
+
+        def tier_read():
+            for k, o in zip(keys, outs):
+                engine.load(k, out=o)
+
+        fw = best_rate(count * size, file_write, repeats)
+        tw = best_rate(count * size, tier_write, repeats)
+        fr = best_rate(count * size, file_read, repeats)
+        tr = best_rate(count * size, tier_read, repeats)
+        assert all(torch.equal(o, s) for o, s in zip(outs, srcs)), "disk tier returned wrong bytes"
+        engine.close()
+        shutil.rmtree(root, ignore_errors=True)
+        w_ratios.append(tw / fw)
+        r_ratios.append(tr / fr)
+        rows.append({"bench": "disk", "object_MiB": size / MIB, "objects": count,
+                     "file_write_GBps": round(fw, 2), "tier_write_GBps": round(tw, 2),
+                     "file_read_GBps": round(fr, 2), "tier_read_GBps": round(tr, 2),
+                     "write_vs_file": round(tw / fw, 3), "read_vs_file": round(tr / fr, 3)})
+    return {"disk_write_vs_file": round(min(w_ratios), 3), "disk_read_vs_file": round(min(r_ratios), 3)}, rows
+
+
+def bench_lookups(n_keys: int, rounds: int) -> tuple[dict, list[dict]]:
+    cfg = load_config(overrides={"tiers.cpu.capacity": "64MiB", "tiers.cpu.pin_memory": False,
+                                 "tiers.shared.enabled": False})
+    engine = StorageEngine(cfg)
+    ns = "llama|bf16|LBHNC|h8x64|b16|tp0of1"
+    names = [f"{i:064x}" for i in range(n_keys)]
+    for name in names:
+        engine.store(ArtifactKey("kv", ns, name), b"\0" * 64, checksum=0)
+    lists = [[ArtifactKey("kv", ns, n) for n in names[i:i + 32]] for i in range(0, n_keys, 32)]
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        found = sum(engine.prefix_lookup(lst) for lst in lists)
+        dt = time.perf_counter() - t0
+        assert found == n_keys
+        best = max(best, found / dt)
+    engine.close()
+    return {"lookups_per_s": int(best)}, [{"bench": "prefix_lookup", "keys_per_list": 32,
+                                          "lists": len(lists), "keys_per_s": int(best)}]
+
+
+def run_external(name: str, quick: bool) -> tuple[dict, list[dict]]:
+    """Run benchmarks/<name>.py's run(quick); errors are recorded as a row and a summary field."""
+    path = ROOT / "benchmarks" / f"{name}.py"
+    try:
+        if not path.exists():
+            raise FileNotFoundError(f"{path.name} is missing")
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        summary, rows = module.run(quick)
+        return dict(summary), [dict(r, bench=r.get("bench", name)) for r in rows]
+    except Exception as exc:
+        err = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        return {f"{name}_error": err}, [{"bench": name, "error": err}]
+
+
+def print_rows(rows: list[dict]) -> None:
+    for row in rows:
+        print("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats (smoke run)")
+    ap.add_argument("--json", metavar="PATH", help="write {device, summary, rows} JSON here")
+    ap.add_argument("--disk-dir", default=tempfile.gettempdir(), help="directory for the disk benchmarks")
+    ap.add_argument("--skip-external", action="store_true", help="do not run the shared/redis benchmarks")
+    args = ap.parse_args(argv)
+
+    sizes = [1 * MIB, 32 * MIB] if args.quick else [1 * MIB, 4 * MIB, 16 * MIB, 32 * MIB]
+    total = (64 if args.quick else 256) * MIB
+    repeats = 3 if args.quick else 5
+    summary, rows = {}, []
+    for part in (lambda: bench_cpu(sizes, total, repeats),
+                 lambda: bench_disk(sizes, total, repeats, args.disk_dir),
+                 lambda: bench_lookups(4096 if args.quick else 32768, 3 if args.quick else 7)):
+        s, r = part()
+        summary.update(s)
+        rows.extend(r)
+        print_rows(r)
+    if not args.skip_external:
+        for name in ("bench_store_shared", "bench_store_redis"):
+            s, r = run_external(name, args.quick)
+            summary.update(s)
+            rows.extend(r)
+            print_rows(r)
+    print("summary:")
+    for k, v in summary.items():
+        print(f"  {k}: {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_string(), "quick": args.quick, "summary": summary, "rows": rows}, f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

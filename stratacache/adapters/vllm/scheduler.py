@@ -1,0 +1,247 @@
+"""Scheduler-side half of the connector: prefix lookups and the per-step load/save plan.
+
+Runs in vLLM's scheduler process, which never touches KV bytes. Its
+StorageEngine is restricted to cross-process tiers (shared region, disk,
+Redis): that is where it sees what the workers stored. It decides
+
+* how many prompt tokens a request can load (``matched_tokens``: a prefix
+  lookup over chunk keys, no data movement, no side effects but a memo of the
+  lookup's start that ``on_alloc`` consumes);
+* which chunks each worker loads (block ids + key names) and which freshly
+  computed chunks it saves (only those not stored yet).
+
+Per-request state lives from admission to ``request_finished``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from stratacache.adapters.vllm.keys import ChunkGeometry, artifact_key
+from stratacache.adapters.vllm.metadata import (
+    ChunkLoad,
+    ChunkSave,
+    RequestLoad,
+    StrataCacheConnectorMetadata,
+    StrataCacheWorkerMetadata,
+)
+from stratacache.adapters.vllm.stats import StatsCounter
+
+logger = logging.getLogger("vllm.stratacache")
+
+# Bounds on bookkeeping that outlives a step, so nothing grows without bound
+# even if vLLM never reports back on an entry.
+MAX_LOOKUP_MEMOS = 4096
+MAX_PENDING_EVENTS = 8192
+
+
+@dataclass
+class _Tracked:
+    """A request between admission and request_finished."""
+
+    request: object               # vllm Request (scheduler-local object)
+    saved_chunks: int = 0         # full chunks already stored or handed to workers
+    partial_saved: bool = False
+
+
+@dataclass
+class _EventInfo:
+    block_hashes: list
+    parent: Optional[bytes]
+    token_ids: list[int]
+    extra: dict
+
+
+class SchedulerSide:
+    def __init__(self, *, geometry: ChunkGeometry, namespaces: list[str], lookup_engine,
+                 save_partial_chunks: bool, load_async: bool, stats: StatsCounter,
+                 events_enabled: bool = False,
+                 make_events: Optional[Callable[[_EventInfo, list], Iterable]] = None) -> None:
+        self.geometry = geometry
+        self.namespaces = namespaces          # one per TP rank: a chunk is present if all have it
+        self.engine = lookup_engine           # None: no cross-process tier, never a hit
+        self.save_partial = save_partial_chunks
+        self.load_async = load_async
+        self.stats = stats
+        self.events_enabled = events_enabled and make_events is not None
+        self._make_events = make_events
+        self._tracked: dict[str, _Tracked] = {}
+        self._lookup_start: dict[str, int] = {}
+        self._pending_loads: dict[str, RequestLoad] = {}
+        self._pending_events: dict[str, _EventInfo] = {}
+        self._events: list = []
+
+    # ---- lookup --------------------------------------------------------
+    def _present(self, names: list[str]) -> int:
+        """Leading names present for every TP rank."""
+        if not names:
+            return 0
+        n = len(names)
+        for ns in self.namespaces:
+            n = min(n, self.engine.prefix_lookup([artifact_key(ns, name) for name in names[:n]]))
+            if n == 0:
+                break
+        return n
+
+    def _loadable_end(self, request, start: int) -> int:
+        """End (tokens) of the stored prefix beyond ``start``, or ``start`` if none."""
+        g = self.geometry
+        # vLLM must compute at least the last token; only prompt KV is stored.
+        limit = min(request.num_tokens - 1, request.num_prompt_tokens,
+                    g.hashed_tokens(request.block_hashes))
+        first, n_full = start // g.chunk_size, limit // g.chunk_size
+        end = start
+        if first < n_full:
+            hits = self._present(g.full_chunk_names(request.block_hashes, first, n_full))
+            end = max(start, (first + hits) * g.chunk_size)
+            if hits < n_full - first:
+                return end
+        if self.save_partial:
+            partial_end = g.partial_end(limit)
+            if partial_end > max(end, n_full * g.chunk_size) and \
+                    self._present([g.name_at(request.block_hashes, partial_end)]):
+                end = partial_end
+        return end
+
+    def matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        if self.engine is None:
+            return 0, False
+        t0 = time.perf_counter()
+        end = self._loadable_end(request, num_computed_tokens)
+        self.stats.add(lookups=1, lookup_seconds=time.perf_counter() - t0)
+        matched = max(0, end - num_computed_tokens)
+        # Memo of where the hit starts: on_alloc needs it and vLLM does not pass it there.
+        if len(self._lookup_start) >= MAX_LOOKUP_MEMOS:
+            self._lookup_start.pop(next(iter(self._lookup_start)))
+        self._lookup_start[request.request_id] = num_computed_tokens
+        return matched, bool(matched) and self.load_async
+
+    # ---- allocation ----------------------------------------------------
+    def on_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
+        req_id = request.request_id
+        if req_id not in self._tracked:
+            self._tracked[req_id] = _Tracked(request)
+        start = self._lookup_start.pop(req_id, None)
+        if start is None:
+            return  # no lookup preceded this allocation (e.g. after an async load)
+        end = start + max(0, num_external_tokens)
+        self.stats.add(hit_tokens=max(0, num_external_tokens),
+                       miss_tokens=max(0, request.num_prompt_tokens - end))
+        if num_external_tokens > 0:
+            self._pending_loads[req_id] = self._load_plan(request, block_ids, start, end)
+
+    def _load_plan(self, request, block_ids: list[int], start: int, end: int) -> RequestLoad:
+        g = self.geometry
+        bs, chunk = g.block_size, g.chunk_size
+        chunks = []
+        for chunk_start in range(start - start % chunk, end, chunk):
+            chunk_end = min(chunk_start + chunk, end)
+            first_block = chunk_start // bs
+            skip = max(0, start - chunk_start) // bs
+            n_blocks = (chunk_end - chunk_start) // bs
+            chunks.append(ChunkLoad(
+                name=g.name_at(request.block_hashes, chunk_end),
+                num_blocks=n_blocks, skip_blocks=skip,
+                block_ids=list(block_ids[first_block + skip:first_block + n_blocks])))
+        return RequestLoad(req_id=request.request_id, chunks=chunks, is_async=self.load_async,
+                           block_size=bs)
+
+    # ---- per step ------------------------------------------------------
+    def build_meta(self, scheduler_output) -> StrataCacheConnectorMetadata:
+        meta = StrataCacheConnectorMetadata(
+            loads=list(self._pending_loads.values()),
+            preempted_req_ids=set(scheduler_output.preempted_req_ids or ()))
+        self._pending_loads.clear()
+        if self.engine is not None:
+            block_state = getattr(scheduler_output, "kv_connector_block_state", None)
+            for req_id, n_new in scheduler_output.num_scheduled_tokens.items():
+                tracked = self._tracked.get(req_id)
+                if tracked is not None and n_new > 0:
+                    meta.saves.extend(self._saves_for(tracked, n_new, block_state))
+        return meta
+
+    def _saves_for(self, tracked: _Tracked, n_new: int, block_state) -> list[ChunkSave]:
+        g = self.geometry
+        request = tracked.request
+        computed = request.num_computed_tokens + n_new
+        prompt = request.num_prompt_tokens
+        savable = min(computed, prompt, g.hashed_tokens(request.block_hashes))
+        n_full = savable // g.chunk_size
+        wanted: list[tuple[str, int, int]] = []   # (name, start token, end token)
+        for i in range(tracked.saved_chunks, n_full):
+            end = (i + 1) * g.chunk_size
+            wanted.append((g.name_at(request.block_hashes, end), i * g.chunk_size, end))
+        tracked.saved_chunks = max(tracked.saved_chunks, n_full)
+        if self.save_partial and not tracked.partial_saved and computed >= prompt:
+            tracked.partial_saved = True
+            partial_end = g.partial_end(min(prompt - 1, g.hashed_tokens(request.block_hashes)))
+            if partial_end > n_full * g.chunk_size:
+                start = n_full * g.chunk_size
+                wanted.append((g.name_at(request.block_hashes, partial_end), start, partial_end))
+        if not wanted:
+            return []
+        present = self.engine.contains_many(
+            [artifact_key(self.namespaces[0], name) for name, _, _ in wanted])
+        todo = [w for w, have in zip(wanted, present) if not have]
+        if len(todo) < len(wanted):
+            self.stats.add(save_skipped=len(wanted) - len(todo))
+        if not todo:
+            return []
+        block_ids = _request_block_ids(block_state, request)
+        saves = []
+        for name, start, end in todo:
+            ids = block_ids[start // g.block_size:end // g.block_size]
+            if len(ids) != (end - start) // g.block_size:
+                continue  # blocks not allocated (should not happen): skip, best effort
+            saves.append(ChunkSave(name=name, block_ids=list(ids)))
+            if self.events_enabled:
+                self._remember_event(request, name, start, end)
+        return saves
+
+    # ---- worker feedback and events --------------------------------------
+    def _remember_event(self, request, name: str, start: int, end: int) -> None:
+        g = self.geometry
+        hb = g.hash_block_size
+        if len(self._pending_events) >= MAX_PENDING_EVENTS:
+            self._pending_events.pop(next(iter(self._pending_events)))
+        self._pending_events[name] = _EventInfo(
+            block_hashes=list(request.block_hashes[start // hb:end // hb]),
+            parent=request.block_hashes[start // hb - 1] if start else None,
+            token_ids=list(request.all_token_ids[start:end]),
+            extra={"lora_name": getattr(getattr(request, "lora_request", None), "lora_name", None)})
+
+    def on_worker_output(self, worker_meta) -> None:
+        if not isinstance(worker_meta, StrataCacheWorkerMetadata) or not self.events_enabled:
+            return
+        for name in worker_meta.stored:
+            info = self._pending_events.pop(name, None)
+            if info is not None:
+                self._events.extend(self._make_events(info, []))
+        if worker_meta.lost:
+            self._events.extend(self._make_events(None, worker_meta.lost))
+
+    def take_events(self) -> list:
+        events, self._events = self._events, []
+        return events
+
+    def request_finished(self, req_id: str) -> None:
+        self._tracked.pop(req_id, None)
+        self._lookup_start.pop(req_id, None)
+        self._pending_loads.pop(req_id, None)
+
+    def state_sizes(self) -> dict[str, int]:
+        """Sizes of the per-request tables (tests assert they drain)."""
+        return {"tracked": len(self._tracked), "lookup_start": len(self._lookup_start),
+                "pending_loads": len(self._pending_loads),
+                "pending_events": len(self._pending_events), "events": len(self._events)}
+
+
+def _request_block_ids(block_state, request) -> list[int]:
+    if block_state is not None:
+        ids = block_state.get_block_ids(request.request_id)
+        if ids is not None:
+            return list(ids[0])
+    return []

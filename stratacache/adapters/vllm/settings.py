@@ -1,0 +1,254 @@
+"""Connector configuration: vLLM's ``kv_connector_extra_config`` + a YAML file -> StrataConfig.
+
+Three kinds of key are accepted, in the extra config (optionally prefixed with
+``stratacache.``) and at the top level or under ``connector:`` of the YAML:
+
+* ``config_path``: the YAML file (validated by the plane's schema);
+* dotted or nested paths of the new schema (``tiers.cpu.capacity``,
+  ``{"connector": {"load_mode": "async"}}``), applied as overrides;
+* the original connector's documented keys (``LEGACY_KEYS``): each maps onto
+  the new schema or, where it no longer means anything, logs one deprecation
+  line naming what replaced it. None is silently dropped.
+
+Anything else reaches ``load_config`` and fails there with the key's name.
+This module does not import vLLM, so the CLI can build configs cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+from stratacache.config import DEFAULT_PATH, ConfigError, load_config
+
+logger = logging.getLogger("vllm.stratacache")
+
+PREFIX = "stratacache."
+CONNECTOR_NAME = "StrataCacheConnectorV1"
+CONNECTOR_MODULE = "stratacache.adapters.vllm.connector_v1"
+# Top-level sections of the schema (config.yaml); a dotted key starting with
+# one of these is an override path.
+SCHEMA_SECTIONS = ("tiers", "lease_s", "writeback", "namespaces", "telemetry", "connector")
+MIB = 1 << 20
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+
+
+def _as_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+
+
+# A legacy key maps its value to (override path, new value) pairs, or returns a
+# deprecation message (str) when it has no meaning any more.
+LegacyRule = Callable[[str, Any], "list[tuple[str, Any]] | str"]
+
+
+def _to(path: str, convert: Optional[Callable[[str, Any], Any]] = None) -> LegacyRule:
+    return lambda key, value: [(path, convert(key, value) if convert else value)]
+
+
+def _use_cxl(key: str, value: Any):
+    if _as_bool(key, value):
+        return [("tiers.shared.enabled", True)]
+    return ("use_cxl=false is deprecated: the shared-region tier (tiers.shared) now runs on /dev/shm "
+            "without CXL and stays enabled because vLLM's scheduler process finds KV through it; "
+            "set tiers.shared.enabled=false to turn it off")
+
+
+def _writeback(key: str, value: Any):
+    return [("tiers.cpu.write_policy", "write_back" if _as_bool(key, value) else "write_through")]
+
+
+def _cxl_dax_device(key: str, value: Any):
+    if value in (None, ""):
+        return []
+    return [("tiers.shared.path", str(value)), ("tiers.shared.enabled", True)]
+
+
+def _deprecated(message: str) -> LegacyRule:
+    return lambda key, value: f"{key} is deprecated and has no effect: {message}"
+
+
+LEGACY_KEYS: dict[str, LegacyRule] = {
+    "use_cxl": _use_cxl,
+    "writeback": _writeback,
+    "cpu_capacity_mb": _to("tiers.cpu.capacity", lambda k, v: _as_int(k, v) * MIB),
+    "chunk_size": _to("connector.chunk_size", _as_int),
+    "save_partial_chunks": _to("connector.save_partial_chunks", _as_bool),
+    "log_stats": _to("connector.log_stats", _as_bool),
+    "log_every": _to("connector.log_every", _as_int),
+    "log_min_interval_s": _to("connector.log_min_interval_s"),
+    "debug": _to("connector.debug", _as_bool),
+    "cxl_dax_device": _cxl_dax_device,
+    "cxl_reset_metadata": _to("tiers.shared.reset", _as_bool),
+    "telemetry.export": _to("telemetry.prometheus", _as_bool),
+    "bundle_layers": _deprecated("a chunk is always one object holding every layer's pages"),
+    "tensor_codec": _deprecated("chunks are stored as raw page bytes behind the plane's "
+                                "binary header (no codec)"),
+    "tensor_header_in_payload": _deprecated("dtype and shape always live in the plane's binary "
+                                            "artifact header"),
+}
+
+# Keys this module consumes itself (not part of the plane's schema).
+CONFIG_PATH_KEY = "config_path"
+
+
+@dataclass
+class ConnectorSettings:
+    """What the connector needs to build its StorageEngine(s)."""
+
+    config_path: Optional[str]
+    overrides: dict = field(default_factory=dict)
+    deprecations: list[str] = field(default_factory=list)
+
+    def load(self):
+        """Validate through the plane's schema; raises stratacache.config.ConfigError."""
+        return load_config(self.config_path, self.overrides)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = dict(value) if isinstance(value, Mapping) else value
+    return base
+
+
+def _absorb(entries: Mapping, source: str, settings: ConnectorSettings, overrides: dict) -> None:
+    """Sort one mapping's keys into config path / legacy mappings / schema overrides."""
+    for raw_key, value in entries.items():
+        key = raw_key[len(PREFIX):] if raw_key.startswith(PREFIX) else raw_key
+        if key == CONFIG_PATH_KEY:
+            settings.config_path = None if value in (None, "") else os.fspath(value)
+        elif key in LEGACY_KEYS:
+            mapped = LEGACY_KEYS[key](f"{source}{raw_key}", value)
+            if isinstance(mapped, str):
+                settings.deprecations.append(mapped)
+            else:
+                for path, new_value in mapped:
+                    _set_path(overrides, path, new_value)
+        elif key.split(".", 1)[0] in SCHEMA_SECTIONS:
+            if "." in key:
+                _set_path(overrides, key, value)
+            else:
+                _merge(overrides, {key: value})
+        else:
+            # Unknown: hand it to the schema so the error names it.
+            _set_path(overrides, key, value)
+
+
+def _legacy_part(doc: Mapping) -> tuple[dict, dict]:
+    """Split a YAML document into (legacy keys, schema document)."""
+    legacy: dict = {}
+    rest: dict = {}
+    for key, value in doc.items():
+        bare = key[len(PREFIX):] if isinstance(key, str) and key.startswith(PREFIX) else key
+        if bare in LEGACY_KEYS and not isinstance(value, Mapping):  # 'writeback:' is also a section
+            legacy[key] = value
+        elif bare == "connector" and isinstance(value, Mapping):
+            conn_legacy = {k: v for k, v in value.items()
+                           if k in LEGACY_KEYS and not _is_schema_connector_key(k)}
+            legacy.update(conn_legacy)
+            rest["connector"] = {k: v for k, v in value.items() if k not in conn_legacy}
+        elif bare == "telemetry" and isinstance(value, Mapping) and "export" in value:
+            legacy["telemetry.export"] = value["export"]
+            rest["telemetry"] = {k: v for k, v in value.items() if k != "export"}
+        else:
+            rest[key] = value
+    return legacy, rest
+
+
+def _is_schema_connector_key(key: str) -> bool:
+    return key in ("chunk_size", "save_partial_chunks", "log_stats", "log_every",
+                   "log_min_interval_s", "debug")
+
+
+def settings_from_extra_config(extra: Optional[Mapping]) -> ConnectorSettings:
+    """Translate vLLM's kv_connector_extra_config (and the YAML it names)."""
+    extra = dict(extra or {})
+    settings = ConnectorSettings(config_path=None)
+    extra_overrides: dict = {}
+    _absorb(extra, "kv_connector_extra_config.", settings, extra_overrides)
+
+    path = settings.config_path or os.environ.get("STRATACACHE_CONFIG") or None
+    settings.config_path = path
+    settings.overrides = extra_overrides
+    if path is not None:
+        legacy, rest = _legacy_part(_read_yaml(path))
+        if legacy:
+            # The schema does not know the legacy keys: translate them and pass
+            # the rest of the file as overrides beneath the extra config's.
+            yaml_overrides: dict = {}
+            _absorb(legacy, f"{path}: ", settings, yaml_overrides)
+            settings.overrides = _merge(_merge(yaml_overrides, rest), extra_overrides)
+            # The file is folded in: load the packaged defaults (not $STRATACACHE_CONFIG).
+            settings.config_path = str(DEFAULT_PATH)
+    return settings
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+    try:
+        with open(os.path.expanduser(path), "r", encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"stratacache.config_path: cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"stratacache.config_path: {path} is not valid YAML: {exc}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"stratacache.config_path: {path} must hold a mapping at the top level")
+    return doc
+
+
+def kv_transfer_config(config_path: Optional[str] = None, **extra: Any) -> dict:
+    """The dict for ``LLM(kv_transfer_config=...)`` / ``--kv-transfer-config``.
+
+    ``extra`` entries become ``kv_connector_extra_config`` keys (schema paths
+    like ``connector.load_mode`` or legacy keys like ``chunk_size``; use
+    ``**{"tiers.shared.path": ...}`` for dotted names). Load failures are set
+    to recompute: StrataCache is a best-effort cache, so a chunk that vanished
+    or failed its checksum is recomputed rather than failing the request.
+    """
+    extra_config: dict[str, Any] = {}
+    if config_path is not None:
+        extra_config[PREFIX + CONFIG_PATH_KEY] = os.fspath(config_path)
+    for key, value in extra.items():
+        extra_config[key if key.startswith(PREFIX) else PREFIX + key] = value
+    # Validate now so a bad key fails here, naming itself, not in the engine core.
+    settings_from_extra_config(extra_config).load()
+    return {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": extra_config,
+    }

@@ -1,0 +1,289 @@
+"""The config schema: every key of config.yaml, its type, range and meaning.
+
+The schema is the single description of what a valid config is. Defaults live
+in the packaged ``default.yaml`` (the repo's config.yaml); the schema checks
+that file like any other, so the two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message starts with the offending key path."""
+
+
+# ----------------------------------------------------------------- value kinds
+
+_SIZE_RE = re.compile(r"^\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+
+
+def parse_size(value: Any) -> int:
+    """``4GiB`` / ``1.5GB`` / ``512`` -> bytes. Raises ValueError with the reason."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 4GiB or a number of bytes, got a bool")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise ValueError(f"a size in bytes must be a whole number, got {value!r}")
+        n = int(value)
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"expected a size like 4GiB, 512MiB, 1.5GB or 1024, got {value!r}")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    else:
+        raise ValueError(f"expected a size like 4GiB or a number of bytes, got {type(value).__name__} {value!r}")
+    if n < 0:
+        raise ValueError(f"a size must not be negative, got {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class Key:
+    """One leaf key: how to check and normalise its value, and what it means."""
+
+    kind: str                                  # bool|int|float|size|str|choice|file_mode|any
+    doc: str
+    nullable: bool = False
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    choices: tuple = ()
+    check: Optional[Callable[[Any], Optional[str]]] = None   # extra check -> error text
+
+    @property
+    def type_name(self) -> str:
+        name = {"size": "size (e.g. 4GiB)", "file_mode": "octal string (e.g. \"0600\")"}.get(self.kind, self.kind)
+        if self.kind == "choice":
+            name = " | ".join(_show(c) for c in self.choices)
+        return name + (" or null" if self.nullable else "")
+
+    def normalise(self, value: Any) -> Any:
+        """The validated value, or ValueError saying what is wrong with it."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise ValueError("got null, which is not allowed here")
+        out = _CONVERTERS[self.kind](self, value)
+        if self.minimum is not None and out < self.minimum:
+            raise ValueError(f"{_show(value)} is below the minimum {_show(self.minimum)}")
+        if self.maximum is not None and out > self.maximum:
+            raise ValueError(f"{_show(value)} is above the maximum {_show(self.maximum)}")
+        if self.check is not None:
+            problem = self.check(out)
+            if problem:
+                raise ValueError(problem)
+        return out
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _to_bool(key: Key, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {type(v).__name__} {_show(v)}")
+    return v
+
+
+def _to_int(key: Key, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected an integer, got {type(v).__name__} {_show(v)}")
+    return v
+
+
+def _to_float(key: Key, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"expected a number, got {type(v).__name__} {_show(v)}")
+    return float(v)
+
+
+def _to_str(key: Key, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {type(v).__name__} {_show(v)}")
+    if not v.strip():
+        raise ValueError(f"got the empty string {v!r}")
+    return v
+
+
+def _to_choice(key: Key, v: Any) -> Any:
+    for c in key.choices:
+        if type(c) is type(v) and c == v:
+            return c
+    raise ValueError(f"{_show(v)} is not one of {', '.join(_show(c) for c in key.choices)}")
+
+
+def _to_size(key: Key, v: Any) -> int:
+    return parse_size(v)
+
+
+def _to_file_mode(key: Key, v: Any) -> int:
+    if not isinstance(v, str) or not re.fullmatch(r"0?[0-7]{3}", v):
+        raise ValueError(f"expected an octal permission string such as \"0600\", got {_show(v)} "
+                         "(quote it in YAML so it stays a string)")
+    mode = int(v, 8)
+    if mode & 0o007:
+        raise ValueError(f"{v!r} gives access to all users; shared files must not be world-accessible")
+    return mode
+
+
+_CONVERTERS = {
+    "bool": _to_bool, "int": _to_int, "float": _to_float, "str": _to_str,
+    "choice": _to_choice, "size": _to_size, "file_mode": _to_file_mode,
+}
+
+
+def _dir_path(value: str) -> Optional[str]:
+    p = os.path.expanduser(value)
+    if os.path.exists(p) and not os.path.isdir(p):
+        return f"{value!r} exists and is not a directory"
+    return None
+
+
+def _region_path(value: str) -> Optional[str]:
+    p = os.path.expanduser(value)
+    if os.path.isdir(p):
+        return f"{value!r} is a directory; the shared region needs a file or DAX device path"
+    parent = os.path.dirname(os.path.abspath(p))
+    if not os.path.isdir(parent):
+        return f"the directory {parent!r} of {value!r} does not exist"
+    return None
+
+
+def _redis_url(value: str) -> Optional[str]:
+    if not re.match(r"^(redis|rediss|unix)://", value):
+        return f"{value!r} is not a redis://, rediss:// or unix:// URL"
+    return None
+
+
+def _existing_file(value: str) -> Optional[str]:
+    if not os.path.isfile(os.path.expanduser(value)):
+        return f"file {value!r} does not exist"
+    return None
+
+
+# ----------------------------------------------------------------- the schema
+
+_WRITE_POLICY = Key("choice", "how stores reach the next enabled tier below: write_through stores there "
+                    "before acknowledging; write_back acknowledges at once and a background flusher "
+                    "writes the object down", choices=("write_through", "write_back"))
+_PROMOTE = Key("bool", "copy an object found in a lower tier into this tier on a chain read")
+_DEMOTE = Key("bool", "write objects evicted from this tier into the next tier even under write_through")
+_POSITIVE_SIZE = dict(minimum=1)
+
+SCHEMA: dict = {
+    "tiers": {
+        "cpu": {
+            "enabled": Key("bool", "use the per-process CPU arena tier"),
+            "capacity": Key("size", "bytes of payload the CPU arena holds (reserved lazily)", **_POSITIVE_SIZE),
+            "eviction": Key("choice", "eviction policy: lru, or s3fifo (scan-resistant)", choices=("lru", "s3fifo")),
+            "pin_memory": Key("choice", "page-lock the arena for fast GPU copies: auto pins when CUDA is present",
+                              choices=("auto", True, False)),
+            "write_policy": _WRITE_POLICY,
+            "promote": _PROMOTE,
+            "demote_on_evict": _DEMOTE,
+        },
+        "shared": {
+            "enabled": Key("bool", "use the host-wide shared region tier (shm or CXL)"),
+            "path": Key("str", "/dev/shm file, file on a DAX filesystem, or /dev/daxX.Y device", check=_region_path),
+            "capacity": Key("size", "bytes of payload the shared region holds", **_POSITIVE_SIZE),
+            "max_objects": Key("int", "index slots in the region", minimum=1),
+            "numa_node": Key("int", "bind the region's memory to this NUMA node (CXL as a CPU-less node)",
+                             nullable=True, minimum=0),
+            "file_mode": Key("file_mode", "permissions of the region file: \"0600\", or \"0660\" to share with a group"),
+            "reset": Key("bool", "wipe the region at start-up instead of reusing its contents"),
+            "write_policy": _WRITE_POLICY,
+            "promote": _PROMOTE,
+            "demote_on_evict": _DEMOTE,
+        },
+        "disk": {
+            "enabled": Key("bool", "use the local-disk tier"),
+            "path": Key("str", "directory holding the tier's files (created 0700 if missing)", check=_dir_path),
+            "capacity": Key("size", "bytes of payload the directory may hold; never exceeded", **_POSITIVE_SIZE),
+            "eviction": Key("choice", "eviction policy: lru, or s3fifo (scan-resistant)", choices=("lru", "s3fifo")),
+            "io_threads": Key("int", "threads doing file I/O", minimum=1, maximum=256),
+            "write_policy": _WRITE_POLICY,
+            "promote": _PROMOTE,
+            "demote_on_evict": _DEMOTE,
+        },
+        "redis": {
+            "enabled": Key("bool", "use the Redis / Redis Cluster tier"),
+            "url": Key("str", "server URL: redis://host:port/db, rediss:// for TLS, or unix://path", check=_redis_url),
+            "cluster": Key("bool", "talk to a Redis Cluster (Valkey) instead of a single server"),
+            "username": Key("str", "ACL user name", nullable=True),
+            "password": Key("str", "password (prefer the URL or an ACL file in production)", nullable=True),
+            "tls": Key("bool", "use TLS"),
+            "tls_ca_file": Key("str", "CA bundle for TLS", nullable=True, check=_existing_file),
+            "tls_cert_file": Key("str", "client certificate for TLS", nullable=True, check=_existing_file),
+            "tls_key_file": Key("str", "client key for TLS", nullable=True, check=_existing_file),
+            "connect_timeout_s": Key("float", "seconds to wait for a connection", minimum=0.001),
+            "op_timeout_s": Key("float", "seconds to wait for one command", minimum=0.001),
+            "ttl_s": Key("float", "expire stored chunks after this many seconds (null: never)",
+                         nullable=True, minimum=0.001),
+            "max_connections": Key("int", "connection pool size", minimum=1, maximum=4096),
+            "retry_backoff_s": Key("float", "first back-off after a failure; doubles up to the max", minimum=0.0),
+            "retry_backoff_max_s": Key("float", "longest back-off after repeated failures", minimum=0.0),
+            "key_prefix": Key("str", "prefix of every Redis key this plane writes"),
+            "promote": _PROMOTE,
+        },
+    },
+    "lease_s": Key("float", "longest a pin or reader lease holds an object before it expires", minimum=0.001),
+    "writeback": {
+        "retry_backoff_s": Key("float", "first back-off of the write-back flusher after a failed write", minimum=0.0),
+        "retry_backoff_max_s": Key("float", "longest back-off of the write-back flusher", minimum=0.0),
+        "max_dirty_bytes": Key("size", "stores wait for the flusher when this much data is not yet written down",
+                               **_POSITIVE_SIZE),
+    },
+    "namespaces": {
+        kind: {
+            "quota": Key("size", f"most bytes {kind} objects may take in each tier (null: no quota)", nullable=True),
+            "priority": Key("int", f"eviction priority of {kind} objects: a lower-priority store never evicts them"),
+        }
+        for kind in ("kv", "params", "custom")
+    },
+    "telemetry": {
+        "prometheus": Key("bool", "serve Prometheus metrics over HTTP (no server starts unless true)"),
+        "host": Key("str", "address the metrics server binds (127.0.0.1: this host only)"),
+        "port": Key("int", "port of the metrics server", minimum=1, maximum=65535),
+    },
+    "connector": {
+        "chunk_size": Key("int", "tokens per stored KV chunk; a multiple of vLLM's block size", minimum=1),
+        "load_mode": Key("choice", "sync loads before the forward pass; async finishes through get_finished",
+                         choices=("sync", "async")),
+        "save_partial_chunks": Key("bool", "also store the last, partial chunk of a prompt"),
+        "verify_checksums": Key("bool", "reject a corrupt chunk at load time (vLLM recomputes it)"),
+        "log_stats": Key("bool", "log connector statistics"),
+        "log_every": Key("int", "log connector stats every N steps", minimum=1),
+        "log_min_interval_s": Key("float", "but not more often than this many seconds", minimum=0.0),
+        "debug": Key("bool", "verbose connector logging"),
+    },
+}
+
+# Checks between keys: (path of the key reported, predicate on the whole config, message)
+CROSS_CHECKS = [
+    ("tiers.redis.retry_backoff_max_s",
+     lambda c: c["tiers"]["redis"]["retry_backoff_max_s"] >= c["tiers"]["redis"]["retry_backoff_s"],
+     "must be >= tiers.redis.retry_backoff_s"),
+    ("writeback.retry_backoff_max_s",
+     lambda c: c["writeback"]["retry_backoff_max_s"] >= c["writeback"]["retry_backoff_s"],
+     "must be >= writeback.retry_backoff_s"),
+    ("tiers.redis.tls",
+     lambda c: c["tiers"]["redis"]["tls"] or not c["tiers"]["redis"]["url"].startswith("rediss://"),
+     "is false but tiers.redis.url uses rediss:// (set tls: true)"),
+]

@@ -1,0 +1,268 @@
+"""StorageEngine: the one public API of the storage plane.
+
+The engine turns payloads into (bytes view, ArtifactMeta), computes the
+checksum once, and drives the TierChain. It never raises for tier faults: a
+tier that fails is counted and treated as a miss or a failed store. It does
+raise for caller mistakes (a non-contiguous payload, a bad ``out``, an unknown
+mode or tier name), with a message naming the argument.
+
+Integrity: process-private tiers (the CPU arena) are trusted; an object read
+from a persistent tier (shared region, disk, Redis) is verified against its
+checksum unless that tier already verifies on read (``verifies_checksums``)
+or the caller passes ``verify=False``. A mismatch is a counted miss and the
+object is deleted from that tier.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from stratacache.core.artifact import Artifact, CorruptArtifact, as_bytes, meta_for
+from stratacache.core.keys import ArtifactKey
+from stratacache.tiering.chain import TierChain
+
+MODES = ("chain", "exact", "prefer")
+
+
+def _checksum64(data: torch.Tensor) -> int:
+    from stratacache.ops import checksum64
+    return checksum64(data) & _U64
+
+
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+class StorageEngine:
+    def __init__(self, cfg, tiers: Optional[Sequence[str]] = None, *, chain: Optional[TierChain] = None):
+        self.cfg = cfg
+        self.chain = chain if chain is not None else TierChain.from_config(cfg, tiers)
+        self._all = tuple(range(len(self.chain.tiers)))
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(("stores", "store_failures", "loads", "hits", "misses",
+                                      "corrupt", "lookups"), 0)
+        self._closed = False
+        self._exporter = None
+        if cfg is not None and cfg.telemetry.prometheus:
+            from stratacache.telemetry import PrometheusExporter
+            self._exporter = PrometheusExporter(self.stats)
+            self._exporter.start(cfg.telemetry.host, cfg.telemetry.port)
+        # prefix_lookup fast path: an in-process top tier counts resident leading keys itself.
+        self._top_prefix = getattr(self.chain.tiers[0], "prefix_count", None)
+
+    @classmethod
+    def from_config(cls, path=None, overrides=None, tiers: Optional[Sequence[str]] = None) -> "StorageEngine":
+        from stratacache.config import load_config
+        return cls(load_config(path, overrides), tiers)
+
+    @property
+    def tiers(self) -> list:
+        return self.chain.tiers
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _count(self, **n: int) -> None:
+        with self._lock:
+            for k, v in n.items():
+                self._counts[k] += v
+
+    def _order(self, mode: str, tier: Optional[str]) -> tuple[int, ...]:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if tier is None:
+            if mode != "chain":
+                raise ValueError(f"mode={mode!r} needs tier=NAME")
+            return self._all
+        try:
+            t = self.chain.index[tier]
+        except KeyError:
+            raise ValueError(f"tier {tier!r} is not in this engine; tiers are "
+                             f"{', '.join(self.chain.index)}") from None
+        if mode == "exact":
+            return (t,)
+        if mode == "prefer":
+            return (t,) + tuple(i for i in self._all if i != t)
+        return self._all[t:]
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def store(self, key: ArtifactKey, payload, *, checksum: Optional[int] = None,
+              tier: Optional[str] = None, mode: str = "chain") -> bool:
+        """True once stored in the first target tier (acknowledged)."""
+        order = self._order(mode, tier)
+        if not isinstance(key, ArtifactKey):
+            raise TypeError(f"key must be an ArtifactKey, got {type(key).__name__}")
+        data = as_bytes(payload)
+        meta = meta_for(payload, _checksum64(data) if checksum is None else int(checksum) & _U64)
+        ok = self.chain.store(key, data, meta, start=order[0], only=(mode == "exact"))
+        self._count(stores=1, store_failures=0 if ok else 1)
+        return ok
+
+    def store_many(self, items, *, checksums: Optional[Sequence[Optional[int]]] = None,
+                   tier: Optional[str] = None, mode: str = "chain") -> list[bool]:
+        items = list(items)
+        if checksums is not None and len(checksums) != len(items):
+            raise ValueError(f"checksums has {len(checksums)} entries for {len(items)} items")
+        cs = checksums if checksums is not None else [None] * len(items)
+        return [self.store(k, p, checksum=c, tier=tier, mode=mode) for (k, p), c in zip(items, cs)]
+
+    def delete(self, key: ArtifactKey) -> bool:
+        return self.chain.delete(key)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def load(self, key: ArtifactKey, *, out: Optional[torch.Tensor] = None, mode: str = "chain",
+             tier: Optional[str] = None, verify: bool = True) -> Optional[Artifact]:
+        order = self._order(mode, tier)
+        if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.uint8
+                                or out.dim() != 1 or not out.is_contiguous()):
+            raise ValueError("out must be a contiguous 1-D torch.uint8 tensor")
+        art, found = self._read(key, out, order, verify)
+        if art is not None and mode != "exact":
+            self.chain.promote(key, art, found, order)
+        self._count(loads=1, hits=art is not None, misses=art is None)
+        return art
+
+    def _read(self, key, out, order, verify) -> tuple[Optional[Artifact], int]:
+        chain = self.chain
+        for i in order:
+            tier = chain.tiers[i]
+            try:
+                art = tier.get(key, out)
+            except CorruptArtifact:
+                self._count(corrupt=1)
+                continue
+            except ValueError as exc:
+                if out is not None:
+                    raise   # the caller's buffer does not fit the object
+                chain.record_error(i, exc)
+                continue
+            except Exception as exc:
+                chain.record_error(i, exc)
+                continue
+            art = self._verified(i, key, art, verify)
+            if art is not None:
+                return art, i
+        return None, -1
+
+    def _verified(self, i: int, key: ArtifactKey, art: Optional[Artifact], verify: bool) -> Optional[Artifact]:
+        """``art`` unless it came from an untrusted tier and fails its checksum (then deleted there)."""
+        tier = self.chain.tiers[i]
+        if art is None or not verify or not tier.persistent or getattr(tier, "verifies_checksums", False):
+            return art
+        if _checksum64(art.data) == art.meta.checksum:
+            return art
+        self._count(corrupt=1)
+        self.chain._call(i, tier.delete, key)
+        return None
+
+    def load_many(self, keys: Sequence[ArtifactKey], *, outs=None, mode: str = "chain",
+                  tier: Optional[str] = None, verify: bool = True) -> list[Optional[Artifact]]:
+        outs = outs if outs is not None else [None] * len(keys)
+        if len(outs) != len(keys):
+            raise ValueError(f"outs has {len(outs)} entries for {len(keys)} keys")
+        return [self.load(k, out=o, mode=mode, tier=tier, verify=verify) for k, o in zip(keys, outs)]
+
+    @contextmanager
+    def pinned(self, key: ArtifactKey, *, mode: str = "chain",
+               tier: Optional[str] = None) -> Iterator[Optional[Artifact]]:
+        """A zero-copy view of ``key`` held under a lease for the with-block (None on a miss).
+
+        Tiers with ``pinned_get`` lease and view the same object atomically; for
+        others the view comes from ``pin`` + ``get``; where nothing can be pinned
+        (a remote tier) the artifact is an owned copy.
+        """
+        order = self._order(mode, tier)
+        chain = self.chain
+        for i in order:
+            t = chain.tiers[i]
+            leased = getattr(t, "pinned_get", None)
+            if leased is not None:
+                got = chain._call(i, leased, key)
+                if got is None:
+                    continue
+                art, release = got
+                art = self._verified(i, key, art, True)
+            elif chain._call(i, t.pin, key, default=False):
+                release = lambda i=i, t=t: chain._call(i, t.unpin, key)  # noqa: E731
+                art, _ = self._read(key, None, (i,), True)
+            else:
+                continue
+            try:
+                if art is not None:
+                    self._count(loads=1, hits=1)
+                    yield art
+                    return
+            finally:
+                release()
+        yield self.load(key, mode=mode, tier=tier)   # a miss, or found only where pins do not apply
+
+    def contains(self, key: ArtifactKey, *, mode: str = "chain", tier: Optional[str] = None) -> bool:
+        return self.chain.find(key, self._order(mode, tier)) is not None
+
+    def contains_many(self, keys: Sequence[ArtifactKey]) -> list[bool]:
+        keys = list(keys)
+        present = [False] * len(keys)
+        todo = list(range(len(keys)))
+        for i, tier in enumerate(self.chain.tiers):
+            if not todo:
+                break
+            hits = self.chain._call(i, tier.contains_many, [keys[j] for j in todo],
+                                    default=[False] * len(todo))
+            for j, hit in zip(todo, hits):
+                present[j] = present[j] or bool(hit)
+            todo = [j for j in todo if not present[j]]
+        return present
+
+    def prefix_lookup(self, keys: Sequence[ArtifactKey]) -> int:
+        """How many leading keys are present in some tier (stops at the first miss)."""
+        n = 0
+        if self._top_prefix is not None:
+            n = self.chain._call(0, self._top_prefix, keys, default=0)
+            if n == len(keys):
+                return n
+        rest = keys[n:]
+        present = self.contains_many(rest)
+        for hit in present:
+            if not hit:
+                break
+            n += 1
+        return n
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every write_back link has written its dirty objects down."""
+        return self.chain.flush(timeout)
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        if self._closed:
+            return True
+        self._closed = True
+        drained = self.chain.close(timeout)
+        if self._exporter is not None:
+            self._exporter.stop()
+        return drained
+
+    def __enter__(self) -> "StorageEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        chain = self.chain
+        tiers = {}
+        errors = chain.errors()
+        for i, t in enumerate(chain.tiers):
+            s = chain._call(i, t.stats, default={}) or {}
+            s = dict(s)
+            s["errors"] = s.get("errors", 0) + errors.get(t.name, 0)
+            tiers[t.name] = s
+        with self._lock:
+            engine = dict(self._counts)
+        return {"engine": engine, "tiers": tiers, "writeback": chain.flusher.stats(),
+                "prometheus_port": self._exporter.port if self._exporter else None}

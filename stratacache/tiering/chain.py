@@ -1,0 +1,236 @@
+"""TierChain: ordered memory layers with read-through, promotion and per-link write policies.
+
+Tiers are ordered fastest first. Link ``i`` joins tier ``i`` to tier ``i + 1``
+and follows tier ``i``'s ``write_policy``:
+
+* ``write_through``: a store reaches tier ``i + 1`` before it is acknowledged.
+* ``write_back``: the store is acknowledged by tier ``i``; the object is marked
+  dirty and the flusher writes it down (then continues down the chain).
+
+A chain read looks top-down; a hit in tier ``j`` is copied into every tier
+above it whose ``promote`` is set. When tier ``i`` evicts an object, it is
+written down if it is still dirty on a write_back link, or if tier ``i`` has
+``demote_on_evict``; otherwise it is simply dropped (a copy exists below).
+
+Every call into a tier goes through ``_call``: a tier that raises (a dead
+server, an I/O error) is counted as an error and treated as a miss or a
+failed store, so callers never see tier faults. No chain-wide lock exists;
+each tier protects itself and bytes are copied without any lock held.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from stratacache.core.artifact import Artifact, ArtifactMeta
+from stratacache.core.keys import ArtifactKey
+from stratacache.tiering.flusher import WriteBackFlusher
+
+log = logging.getLogger(__name__)
+
+# config name -> "module:Class"; imported only when the tier is enabled.
+TIER_CLASSES = {
+    "cpu": "stratacache.backends.cpu:CpuMemoryLayer",
+    "shared": "stratacache.backends.shared:SharedRegionLayer",
+    "disk": "stratacache.backends.disk:DiskMemoryLayer",
+    "redis": "stratacache.backends.redis:RedisMemoryLayer",
+}
+TIER_ORDER = ("cpu", "shared", "disk", "redis")
+
+
+def tier_class(name: str):
+    try:
+        module, cls = TIER_CLASSES[name].split(":")
+    except KeyError:
+        raise ValueError(f"unknown tier {name!r}; tiers are {', '.join(TIER_ORDER)}") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+@dataclass
+class TierSettings:
+    """How one tier takes part in the chain (from its config section)."""
+
+    write_policy: str = "write_through"   # of the link to the next tier below
+    promote: bool = True
+    demote_on_evict: bool = False
+
+    @classmethod
+    def from_config(cls, tier_cfg) -> "TierSettings":
+        return cls(write_policy=tier_cfg.get("write_policy", "write_through"),
+                   promote=tier_cfg.get("promote", True),
+                   demote_on_evict=tier_cfg.get("demote_on_evict", False))
+
+
+class TierChain:
+    def __init__(self, tiers: Sequence, settings: Optional[Sequence[TierSettings]] = None, *,
+                 retry_backoff_s: float = 0.1, retry_backoff_max_s: float = 10.0,
+                 max_dirty_bytes: int = 1 << 30):
+        self.tiers = list(tiers)
+        self.settings = list(settings) if settings is not None else [TierSettings() for _ in self.tiers]
+        if len(self.settings) != len(self.tiers):
+            raise ValueError("one TierSettings per tier is required")
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        self.index = {t.name: i for i, t in enumerate(self.tiers)}
+        self.flusher = WriteBackFlusher(self._flush_one, retry_backoff_s=retry_backoff_s,
+                                        retry_backoff_max_s=retry_backoff_max_s,
+                                        max_dirty_bytes=max_dirty_bytes)
+        self._errors = {t.name: 0 for t in self.tiers}
+        self._err_lock = threading.Lock()
+        self._last_log = 0.0
+        for i, tier in enumerate(self.tiers):
+            tier.on_evict = self._evict_handler(i)
+
+    @classmethod
+    def from_config(cls, cfg, names: Optional[Sequence[str]] = None) -> "TierChain":
+        enabled = [n for n in TIER_ORDER if cfg.tiers[n].enabled]
+        if names is None:
+            names = enabled
+        else:
+            names = list(names)
+            for n in names:
+                if n not in TIER_CLASSES:
+                    raise ValueError(f"tiers: unknown tier {n!r}; tiers are {', '.join(TIER_ORDER)}")
+                if n not in enabled:
+                    raise ValueError(f"tiers: tier {n!r} is not enabled (set tiers.{n}.enabled: true)")
+        if not names:
+            raise ValueError("tiers: no tier is enabled; enable at least one of " + ", ".join(TIER_ORDER))
+        tiers = []
+        try:
+            for n in names:
+                tiers.append(tier_class(n).from_config(cfg.tiers[n], cfg))
+        except BaseException:
+            for t in tiers:
+                t.close()
+            raise
+        wb = cfg.writeback
+        return cls(tiers, [TierSettings.from_config(cfg.tiers[n]) for n in names],
+                   retry_backoff_s=wb.retry_backoff_s, retry_backoff_max_s=wb.retry_backoff_max_s,
+                   max_dirty_bytes=wb.max_dirty_bytes)
+
+    # -- fault isolation ---------------------------------------------------------------
+
+    def _call(self, i: int, fn: Callable, *args, default=None):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self.record_error(i, exc)
+            return default
+
+    def record_error(self, i: int, exc: BaseException) -> None:
+        name = self.tiers[i].name
+        with self._err_lock:
+            self._errors[name] += 1
+            now = time.monotonic()
+            quiet = now - self._last_log < 5.0
+            if not quiet:
+                self._last_log = now
+        if not quiet:
+            log.warning("stratacache tier %s failed (%s: %s); treated as a miss / failed store",
+                        name, type(exc).__name__, exc)
+
+    def errors(self) -> dict:
+        with self._err_lock:
+            return dict(self._errors)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def store(self, key: ArtifactKey, data: torch.Tensor, meta: ArtifactMeta, *,
+              start: int = 0, only: bool = False) -> bool:
+        """Store into the first tier from ``start`` that takes it, then down the links."""
+        last = start + 1 if only else len(self.tiers)
+        for i in range(start, last):
+            if self._call(i, self.tiers[i].put, key, data, meta, default=False):
+                if not only:
+                    self._write_down_from(i, key, data, meta)
+                return True
+        return False
+
+    def _write_down_from(self, i: int, key: ArtifactKey, data: torch.Tensor, meta: ArtifactMeta) -> None:
+        """``key`` was just stored in tier ``i``: follow the links below it."""
+        while i + 1 < len(self.tiers):
+            if self.settings[i].write_policy == "write_back":
+                self.flusher.mark(i, key, meta.size)
+                return
+            if not self._call(i + 1, self.tiers[i + 1].put, key, data, meta, default=False):
+                return   # counted by the tier / _call; the upper copy stays
+            i += 1
+
+    def _flush_one(self, link: int, key: ArtifactKey, spilled: Optional[Artifact]) -> bool:
+        """Flusher callback: write ``key`` from tier ``link`` (or its spilled copy) down."""
+        upper, lower = self.tiers[link], self.tiers[link + 1]
+        if spilled is not None:
+            art, pinned = spilled, False
+        else:
+            pinned = bool(self._call(link, upper.pin, key, default=False))
+            art = self._call(link, upper.get, key) if pinned else None
+            if art is None:
+                if pinned:
+                    self._call(link, upper.unpin, key)
+                # Gone from the upper tier: deleted (nothing to do) or evicted (its
+                # eviction handler wrote it down or spilled it).
+                return True
+        try:
+            if self._call(link + 1, lower.put, key, art.data, art.meta, default=False):
+                self._write_down_from(link + 1, key, art.data, art.meta)
+                return True
+            return False
+        finally:
+            if pinned:
+                self._call(link, upper.unpin, key)
+
+    def _evict_handler(self, i: int):
+        def on_evict(key: ArtifactKey, art: Artifact) -> None:
+            if i + 1 >= len(self.tiers):
+                return
+            dirty = self.flusher.take(i, key)
+            if not (dirty or self.settings[i].demote_on_evict):
+                return
+            lower = self.tiers[i + 1]
+            if not dirty and self._call(i + 1, lower.contains, key, default=False):
+                return
+            if self._call(i + 1, lower.put, key, art.data, art.meta, default=False):
+                self._write_down_from(i + 1, key, art.data, art.meta)
+            elif dirty:
+                self.flusher.spill(i, key, art)
+        return on_evict
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def find(self, key: ArtifactKey, order: Sequence[int]) -> Optional[int]:
+        for i in order:
+            if self._call(i, self.tiers[i].contains, key, default=False):
+                return i
+        return None
+
+    def promote(self, key: ArtifactKey, art: Artifact, found: int, order: Sequence[int]) -> None:
+        """Copy a hit from tier ``found`` into the tiers before it in ``order`` that promote."""
+        for i in order:
+            if i == found:
+                return
+            if self.settings[i].promote:
+                self._call(i, self.tiers[i].put, key, art.data, art.meta, default=False)
+
+    def delete(self, key: ArtifactKey) -> bool:
+        self.flusher.forget(key)
+        removed = False
+        for i, tier in enumerate(self.tiers):
+            removed = bool(self._call(i, tier.delete, key, default=False)) or removed
+        return removed
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        return self.flusher.flush(timeout)
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        drained = self.flusher.close(timeout)
+        for i, tier in enumerate(self.tiers):
+            self._call(i, tier.close)
+        return drained

@@ -1,0 +1,151 @@
+"""``stratacache inspect`` on persistent tiers written by another process.
+
+A writer process stores random objects of several kinds and namespaces
+through the public StorageEngine and reports what it wrote and what its tier
+accounts; ``stratacache inspect --json`` (a third process, no vLLM) must
+report exactly that, and must not change the tier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from tests.test_cli import assert_one_line_error, cli
+
+WRITER = textwrap.dedent("""
+    import json, random, sys
+    import torch
+    from stratacache.core.keys import ArtifactKey
+    from stratacache.engine import StorageEngine
+
+    config, tier, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rng = random.Random(seed)
+    written = {}
+    with StorageEngine.from_config(path=config) as engine:
+        for i in range(rng.randrange(12, 30)):
+            kind = rng.choice(["kv", "kv", "params", "custom"])
+            namespace = rng.choice(["llama-a", "llama-b", "tenant-x"])
+            size = rng.randrange(1, 300_000)
+            payload = torch.randint(0, 256, (size,), dtype=torch.uint8,
+                                    generator=torch.Generator().manual_seed(seed * 1000 + i))
+            assert engine.store(ArtifactKey(kind, namespace, f"obj-{i}"), payload)
+            use = written.setdefault(kind, {}).setdefault(namespace, {"items": 0, "payload": 0})
+            use["items"] += 1
+            use["payload"] += size
+        engine.flush()
+        layer = next(t for t in engine.tiers if t.name == tier)
+        used = layer.used_bytes()
+    print(json.dumps({"written": written, "used_bytes": used}))
+""")
+
+
+def write_and_inspect(tmp_path: Path, tier: str, tier_section: dict, seed: int):
+    tiers = {"cpu": {"enabled": False}, "shared": {"enabled": False},
+             "disk": {"enabled": False}, "redis": {"enabled": False}}
+    tiers[tier] = {"enabled": True, **tier_section}
+    config = tmp_path / f"{tier}.yaml"
+    config.write_text(yaml.safe_dump({"tiers": tiers}))
+    writer = subprocess.run([sys.executable, "-c", WRITER, str(config), tier, str(seed)],
+                            capture_output=True, text=True, timeout=120)
+    assert writer.returncode == 0, writer.stderr[-3000:]
+    wrote = json.loads(writer.stdout.strip().splitlines()[-1])
+    result = cli("inspect", "--config", config, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert str(config) in report["config"]
+    by_tier = {r["tier"]: r for r in report["tiers"]}
+    assert by_tier["cpu"]["state"] == "disabled" and by_tier["redis"]["state"] == "disabled"
+    return config, wrote, by_tier[tier]
+
+
+def assert_reports_what_was_written(wrote: dict, got: dict, capacity: int) -> None:
+    written = wrote["written"]
+    assert got["state"] == "ok", got
+    assert got["persistent"] is True
+    assert got["items"] == sum(u["items"] for ns in written.values() for u in ns.values())
+    assert got["used_bytes"] == wrote["used_bytes"]
+    assert got["capacity_bytes"] == capacity
+    assert set(got["kinds"]) == set(written)
+    payload = 0
+    for kind, namespaces in written.items():
+        assert set(got["kinds"][kind]) == set(namespaces), kind
+        for namespace, use in namespaces.items():
+            seen = got["kinds"][kind][namespace]
+            assert seen["items"] == use["items"], (kind, namespace)
+            # Stored bytes are the payload plus a small per-object header/key record.
+            assert use["payload"] <= seen["bytes"] <= use["payload"] + 512 * use["items"]
+            payload += use["payload"]
+    assert sum(s["bytes"] for ns in got["kinds"].values() for s in ns.values()) == got["used_bytes"]
+
+
+def test_inspect_disk_tier_written_by_another_process(tmp_path):
+    capacity = 64 << 20
+    directory = tmp_path / "disk-tier"
+    config, wrote, got = write_and_inspect(
+        tmp_path, "disk", {"path": str(directory), "capacity": capacity}, seed=11)
+    before = sorted((p, p.stat().st_mtime_ns) for p in directory.rglob("*"))
+    assert_reports_what_was_written(wrote, got, capacity)
+    assert got["details"]["path"] == str(directory)
+    # Inspecting is read-only: running it again changes nothing on disk.
+    assert cli("inspect", "--config", config, "--json").returncode == 0
+    assert sorted((p, p.stat().st_mtime_ns) for p in directory.rglob("*")) == before
+    # The text form names every namespace.
+    text = cli("inspect", "--config", config, "--tier", "disk")
+    assert text.returncode == 0, text.stderr
+    for namespaces in wrote["written"].values():
+        for namespace in namespaces:
+            assert namespace in text.stdout
+
+
+def test_inspect_reports_a_tier_that_does_not_exist_yet(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"tiers": {
+        "disk": {"enabled": True, "path": str(tmp_path / "never-written")},
+        "shared": {"path": str(tmp_path / "no-region")}}}))
+    result = cli("inspect", "--config", config, "--json")
+    assert result.returncode == 0, result.stderr
+    by_tier = {r["tier"]: r for r in json.loads(result.stdout)["tiers"]}
+    assert by_tier["disk"]["state"] == by_tier["shared"]["state"] == "absent"
+    # Nothing was created by looking.
+    assert not (tmp_path / "never-written").exists() and not (tmp_path / "no-region").exists()
+
+
+def test_inspect_unreachable_redis_is_a_one_line_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"tiers": {"redis": {
+        "enabled": True, "url": f"redis://127.0.0.1:{port}/0", "connect_timeout_s": 0.2}}}))
+    result = cli("inspect", "--config", config, "--tier", "redis", "--json")
+    assert_one_line_error(result, "tier redis")
+    report = json.loads(result.stdout)
+    assert report["tiers"][0]["state"] == "error"
+
+
+def test_inspect_redis_tier_written_by_another_process(tmp_path):
+    from tests.redis_server import RedisServer
+
+    with RedisServer() as server:
+        _, wrote, got = write_and_inspect(
+            tmp_path, "redis", {"url": server.url, "key_prefix": "cli-test:"}, seed=12)
+        written = wrote["written"]
+        assert got["state"] == "ok", got
+        assert got["items"] == sum(u["items"] for ns in written.values() for u in ns.values())
+        assert set(got["kinds"]) == set(written)
+        for kind, namespaces in written.items():
+            assert set(got["kinds"][kind]) == set(namespaces)
+            for namespace, use in namespaces.items():
+                seen = got["kinds"][kind][namespace]
+                assert seen["items"] == use["items"]
+                assert use["payload"] <= seen["bytes"] <= use["payload"] + 512 * use["items"]
+        assert got["details"]["url"].startswith("redis://127.0.0.1:")

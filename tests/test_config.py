@@ -1,0 +1,161 @@
+"""Config loading: defaults, precedence, sizes, and bad configs that must name the bad key/value."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from stratacache.config import (DEFAULT_PATH, ConfigError, StrataConfig, describe_config, load_config,
+                                parse_size)
+from stratacache.config.schema import SCHEMA
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def test_defaults_load_and_normalise():
+    cfg = load_config()
+    assert isinstance(cfg, StrataConfig)
+    assert cfg.tiers.cpu.capacity == 2 << 30
+    assert cfg.tiers.shared.file_mode == 0o600
+    assert cfg.namespaces["params"].priority > cfg.namespaces["kv"].priority
+    assert cfg.connector.chunk_size == 256
+    assert cfg.telemetry.host == "127.0.0.1" and cfg.telemetry.prometheus is False
+    # to_dict is plain YAML and loads back to the same config
+    again = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    assert again["tiers"]["shared"]["file_mode"] == "0600"
+    assert again["tiers"]["cpu"]["capacity"] == 2 << 30
+
+
+def test_packaged_default_is_the_repo_config():
+    repo = os.path.join(os.path.dirname(__file__), "..", "config.yaml")
+    assert os.path.samefile(DEFAULT_PATH, repo)
+
+
+def test_precedence_defaults_file_env_overrides(tmp_path, monkeypatch):
+    f = write(tmp_path, """
+        tiers:
+          cpu: {capacity: 64MiB, eviction: lru}
+        lease_s: 5
+    """)
+    env = write(tmp_path, "tiers: {cpu: {capacity: 32MiB}}\n", "env.yaml")
+    monkeypatch.setenv("STRATACACHE_CONFIG", env)
+    assert load_config().tiers.cpu.capacity == 32 << 20               # env var used without path
+    cfg = load_config(f, overrides={"tiers": {"cpu": {"eviction": "s3fifo"}}, "connector.chunk_size": 128})
+    assert cfg.tiers.cpu.capacity == 64 << 20                         # the argument beats the env var
+    assert cfg.tiers.cpu.eviction == "s3fifo"                          # overrides beat the file
+    assert cfg.lease_s == 5.0 and isinstance(cfg.lease_s, float)
+    assert cfg.connector.chunk_size == 128
+    assert cfg.tiers.cpu.write_policy == "write_through"               # untouched default
+    assert cfg.source[-1] == "overrides"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("4GiB", 4 << 30), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("1024", 1024),
+    (4096, 4096), ("2 kib", 2048), ("7B", 7), ("1G", 1 << 30),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_describe_config_covers_every_key():
+    rows = describe_config()
+    paths = [r[0] for r in rows]
+    assert len(paths) == len(set(paths))
+
+    def leaves(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield prefix + k
+    assert set(paths) == set(leaves(SCHEMA))
+    assert all(doc for _p, _t, _d, doc in rows)
+    assert ("tiers.cpu.capacity", "size (e.g. 4GiB)", "2GiB") == rows[paths.index("tiers.cpu.capacity")][:3]
+
+
+def test_config_is_read_only():
+    cfg = load_config()
+    with pytest.raises(AttributeError):
+        cfg.tiers.cpu.capacity = 1
+    with pytest.raises(AttributeError, match="tiers.cpu.nope"):
+        cfg.tiers.cpu.nope
+
+
+# (YAML text or overrides dict, words the message must contain)
+BAD = [
+    ("tiers: {cpu: {capacty: 1GiB}}", ["tiers.cpu.capacty", "did you mean tiers.cpu.capacity"]),
+    ("tier: {}", ["tier", "did you mean tiers"]),
+    ("tiers: {cpu: {capacity: -1GiB}}", ["tiers.cpu.capacity", "-1GiB", "negative"]),
+    ("tiers: {cpu: {capacity: 4 parsecs}}", ["tiers.cpu.capacity", "4 parsecs"]),
+    ("tiers: {cpu: {capacity: 0}}", ["tiers.cpu.capacity", "minimum"]),
+    ("tiers: {cpu: {enabled: 'yes please'}}", ["tiers.cpu.enabled", "yes please"]),
+    ("tiers: {cpu: {eviction: fifo}}", ["tiers.cpu.eviction", "'fifo'", "lru", "s3fifo"]),
+    ("tiers: {cpu: {write_policy: writeback}}", ["tiers.cpu.write_policy", "writeback"]),
+    ("tiers: {disk: {io_threads: 0}}", ["tiers.disk.io_threads", "0"]),
+    ("tiers: {disk: {io_threads: 2.5}}", ["tiers.disk.io_threads", "2.5"]),
+    ("tiers: {shared: {file_mode: '0666'}}", ["tiers.shared.file_mode", "0666"]),
+    ("tiers: {shared: {file_mode: 600}}", ["tiers.shared.file_mode", "600"]),
+    ("tiers: {redis: {url: 'http://localhost:6379'}}", ["tiers.redis.url", "http://localhost:6379"]),
+    ("tiers: {redis: {tls_ca_file: /nonexistent/ca.pem}}", ["tiers.redis.tls_ca_file", "/nonexistent/ca.pem"]),
+    ("tiers: {redis: {retry_backoff_s: 5, retry_backoff_max_s: 1}}", ["tiers.redis.retry_backoff_max_s"]),
+    ("lease_s: -3", ["lease_s", "-3"]),
+    ("lease_s: null", ["lease_s", "null"]),
+    ("namespaces: {kv: {quota: lots}}", ["namespaces.kv.quota", "lots"]),
+    ("namespaces: {tensors: {quota: 1GiB}}", ["namespaces.tensors", "unknown key"]),
+    ("telemetry: {port: 70000}", ["telemetry.port", "70000"]),
+    ("connector: {chunk_size: '256'}", ["connector.chunk_size", "'256'"]),
+    ("connector: {load_mode: lazy}", ["connector.load_mode", "lazy"]),
+    ("tiers: {cpu: 4GiB}", ["tiers.cpu", "mapping"]),
+    ("- just\n- a list\n", ["top level must be a mapping"]),
+    ("tiers: {cpu: {capacity: 1GiB}\n", ["not valid YAML", "line"]),
+    ("writeback: {max_dirty_bytes: 0}", ["writeback.max_dirty_bytes", "0"]),
+    ("tiers: {cpu: {pin_memory: sometimes}}", ["tiers.cpu.pin_memory", "sometimes"]),
+]
+
+
+@pytest.mark.parametrize("text,words", BAD, ids=[b[0][:40] for b in BAD])
+def test_bad_config_file_names_key_and_value(tmp_path, text, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} missing from {msg!r}"
+
+
+def test_bad_disk_path_is_a_file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match=r"tiers\.disk\.path: .*afile.* not a directory"):
+        load_config(overrides={"tiers.disk.path": str(f)})
+
+
+def test_bad_shared_path_missing_parent(tmp_path):
+    with pytest.raises(ConfigError, match=r"tiers\.shared\.path: .*does not exist"):
+        load_config(overrides={"tiers": {"shared": {"path": str(tmp_path / "no" / "region")}}})
+
+
+def test_missing_file_and_bad_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="tiers.cpu.capacity: .*bool"):
+        load_config(overrides={"tiers.cpu.capacity": True})
+    with pytest.raises(ConfigError, match="did you mean tiers.disk"):
+        load_config(overrides={"tiers.dsk.enabled": True})
+
+
+def test_cli_style_error_has_no_internal_traceback(tmp_path):
+    """A user-facing load of a bad file fails with one clear line (no traceback frames of ours)."""
+    bad = write(tmp_path, "tiers: {cpu: {capacty: 1GiB}}\n")
+    code = ("import sys\nfrom stratacache.config import load_config, ConfigError\n"
+            "try:\n    load_config(sys.argv[1])\nexcept ConfigError as e:\n"
+            "    print(e); print(repr(e.__cause__), repr(e.__context__) if not e.__suppress_context__ else None)\n")
+    out = subprocess.run([sys.executable, "-c", code, bad], capture_output=True, text=True, check=True).stdout
+    assert "tiers.cpu.capacty: unknown key" in out
+    assert out.strip().endswith("None None")   # no chained internal exception

@@ -1,0 +1,143 @@
+"""CpuMemoryLayer: byte-exact round trips, exact capacity, zero-copy views, pins, concurrency."""
+
+import random
+import threading
+import warnings
+
+import pytest
+import torch
+
+from stratacache.backends.cpu import CpuMemoryLayer
+from stratacache.core.artifact import ArtifactMeta, as_bytes, meta_for
+from stratacache.core.keys import ArtifactKey
+
+
+def K(i, kind="kv"):
+    return ArtifactKey(kind, "model-a", f"chunk-{i}")
+
+
+def put(tier, key, payload):
+    data = as_bytes(payload)
+    return tier.put(key, data, meta_for(payload, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32, torch.int64])
+def test_round_trip_byte_exact_with_dtype_and_shape(dtype):
+    tier = CpuMemoryLayer(1 << 20, pin_memory=False)
+    g = torch.Generator().manual_seed(hash(str(dtype)) & 0xFFFF)
+    x = torch.randint(0, 255, (3, 5, 7), generator=g, dtype=torch.uint8)
+    x = x.to(dtype) if dtype != torch.bfloat16 else torch.randn(3, 5, 7, generator=g).to(dtype)
+    assert put(tier, K(1), x)
+    art = tier.get(K(1))
+    assert art.meta.dtype == dtype and art.meta.shape == (3, 5, 7)
+    assert torch.equal(art.tensor(), x)
+    out = torch.full((art.meta.size + 13,), 0xAB, dtype=torch.uint8)   # poisoned, larger than needed
+    art2 = tier.get(K(1), out=out)
+    assert torch.equal(out[:art.meta.size], as_bytes(x))
+    assert (out[art.meta.size:] == 0xAB).all()                         # nothing written past the object
+    assert art2.data.data_ptr() == out.data_ptr()
+
+
+def test_zero_copy_view_points_into_arena():
+    tier = CpuMemoryLayer(1 << 16, pin_memory=False)
+    put(tier, K(1), bytes(range(256)))
+    a, b = tier.get(K(1)), tier.get(K(1))
+    assert a.data.data_ptr() == b.data.data_ptr()
+    assert bytes(a.data.numpy()) == bytes(range(256))
+
+
+def test_exact_capacity_and_rejects_too_large():
+    tier = CpuMemoryLayer(1000, pin_memory=False, eviction="lru")
+    assert not put(tier, K(0), b"x" * 1001)
+    assert put(tier, K(1), b"a" * 600)
+    assert put(tier, K(2), b"b" * 400)
+    assert tier.used_bytes() == 1000
+    assert put(tier, K(3), b"c" * 1)                                   # evicts K(1) (LRU)
+    assert not tier.contains(K(1)) and tier.contains(K(2))
+    assert tier.used_bytes() == 401
+    s = tier.stats()
+    assert s["evictions"] == 1 and s["items"] == 2 and s["put_failures"] == 1
+    assert s["allocator"]["arena_bytes"] >= 1000
+
+
+def test_pinned_view_survives_pressure_until_lease_released():
+    tier = CpuMemoryLayer(4096, pin_memory=False, eviction="lru", lease_s=30)
+    payload = bytes(random.Random(1).randbytes(2048))
+    put(tier, K(1), payload)
+    assert tier.pin(K(1))
+    view = tier.get(K(1)).data
+    for i in range(2, 20):
+        put(tier, K(i), b"z" * 2048)                                   # heavy pressure
+    assert bytes(view.numpy()) == payload                              # still intact
+    tier.unpin(K(1))
+    put(tier, K(50), b"y" * 2048)
+    put(tier, K(51), b"y" * 2048)
+    assert not tier.contains(K(1))
+
+
+def test_pin_memory_true_without_cuda_warns_clearly():
+    if torch.cuda.is_available():
+        tier = CpuMemoryLayer(1 << 20, pin_memory=True)
+        assert put(tier, K(1), b"abc") and tier.stats()["pinned_bytes"] > 0
+        tier.close()
+        return
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        tier = CpuMemoryLayer(1 << 20, pin_memory=True)
+    assert any("not page-locked" in str(x.message) for x in w)
+    assert tier.stats()["pin_failures"] == 1 and tier.stats()["pin_memory"] is False
+
+
+def test_bad_out_is_a_clear_error():
+    tier = CpuMemoryLayer(1 << 16, pin_memory=False)
+    put(tier, K(1), b"q" * 100)
+    with pytest.raises(ValueError, match="at least 100 bytes"):
+        tier.get(K(1), out=torch.empty(10, dtype=torch.uint8))
+
+
+def test_thread_concurrency_stress():
+    """8 threads put/get/delete/pin overlapping keys; every read is byte-exact for its key."""
+    tier = CpuMemoryLayer(256 << 10, pin_memory=False, eviction="s3fifo", lease_s=5)
+    errors = []
+
+    def body(key_id):
+        n = 512 + (key_id * 977) % 8000
+        return torch.full((n,), key_id % 251, dtype=torch.uint8)
+
+    def worker(seed):
+        rng = random.Random(seed)
+        out = torch.empty(16 << 10, dtype=torch.uint8)
+        try:
+            for _ in range(1500):
+                i = rng.randrange(120)
+                op = rng.random()
+                if op < 0.4:
+                    b = body(i)
+                    tier.put(K(i), b, ArtifactMeta(size=b.numel(), checksum=0))
+                elif op < 0.7:
+                    art = tier.get(K(i), out=out)
+                    if art is not None and not torch.equal(art.data, body(i)):
+                        errors.append(f"bad bytes for {i}")
+                elif op < 0.8:
+                    tier.delete(K(i))
+                else:
+                    got = tier.pinned_get(K(i))
+                    if got is not None:
+                        art, release = got
+                        if not torch.equal(art.data, body(i)):
+                            errors.append(f"bad pinned bytes for {i}")
+                        release()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    s = tier.stats()
+    assert 0 <= s["used_bytes"] <= tier.capacity_bytes
+    assert s["used_bytes"] == sum(tier.get(k).meta.size for k in list(tier.keys()))
+    runs = tier._alloc.runs()
+    assert len(runs) == s["items"]                 # no leaked arena runs

@@ -1,0 +1,173 @@
+"""DiskMemoryLayer: restart recovery, corruption -> counted miss + removal, SIGKILL mid-write, hard cap."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from stratacache.backends.disk import DiskMemoryLayer, DiskTierError
+from stratacache.core.artifact import meta_for
+from stratacache.core.keys import ArtifactKey
+from stratacache.ops import checksum64
+
+U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def K(i, kind="kv"):
+    return ArtifactKey(kind, "disk-test", f"k{i}")
+
+
+def body(i, n):
+    g = torch.Generator().manual_seed(i)
+    return torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+
+
+def put(tier, key, t):
+    return tier.put(key, t.reshape(-1).view(torch.uint8), meta_for(t, checksum64(t) & U64))
+
+
+def files(path):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".sca"))
+
+
+def test_round_trip_restart_recovery_and_inspect(tmp_path):
+    d = str(tmp_path / "tier")
+    tier = DiskMemoryLayer(d, 1 << 20, io_threads=2)
+    x = torch.randn(4, 33).to(torch.bfloat16)
+    assert put(tier, K(0, "params"), x)
+    for i in range(1, 6):
+        assert put(tier, K(i), body(i, 1000 + i))
+    out = torch.full((5000,), 0xEE, dtype=torch.uint8)
+    art = tier.get(K(3), out=out)
+    assert torch.equal(out[:1003], body(3, 1003)) and (out[1003:] == 0xEE).all()
+    used = tier.used_bytes()
+    assert used == sum(os.path.getsize(f) for f in files(d))          # accounting == bytes on disk
+    assert all(os.stat(f).st_mode & 0o777 == 0o600 for f in files(d))
+    with pytest.raises(DiskTierError, match="in use by another"):
+        DiskMemoryLayer(d, 1 << 20)
+    tier.close()
+
+    before = sorted(os.listdir(d))
+    info = DiskMemoryLayer.inspect(d)                                  # read-only, without the lock
+    assert sorted(os.listdir(d)) == before
+    assert info["items"] == 6 and info["used_bytes"] == used and info["capacity_bytes"] == 1 << 20
+    assert info["by_kind"]["params"]["items"] == 1 and info["by_namespace"]["kv/disk-test"]["items"] == 5
+
+    again = DiskMemoryLayer(d, 1 << 20)
+    assert again.stats()["recovered_at_start"] == 6 and again.used_bytes() == used
+    art = again.get(K(0, "params"))
+    assert art.meta.dtype == torch.bfloat16 and torch.equal(art.tensor(), x)
+    for i in range(1, 6):
+        assert torch.equal(again.get(K(i)).data, body(i, 1000 + i))
+    again.close()
+
+
+@pytest.mark.parametrize("damage", ["flip_payload", "truncate", "garbage_header"])
+def test_corrupt_file_is_counted_miss_and_removed(tmp_path, damage):
+    d = str(tmp_path / "tier")
+    tier = DiskMemoryLayer(d, 1 << 20)
+    assert put(tier, K(1), body(1, 4096))
+    [f] = files(d)
+    raw = bytearray(open(f, "rb").read())
+    if damage == "flip_payload":
+        raw[-100] ^= 0x01
+    elif damage == "truncate":
+        raw = raw[:-10]
+    else:
+        raw[:4] = b"XXXX"
+    open(f, "wb").write(raw)
+    assert tier.get(K(1)) is None
+    s = tier.stats()
+    assert s["corrupt"] == 1 and s["misses"] == 1 and s["used_bytes"] == 0
+    assert not tier.contains(K(1)) and files(d) == []
+    tier.close()
+
+
+def test_restart_drops_corrupt_and_partial_files(tmp_path):
+    d = str(tmp_path / "tier")
+    tier = DiskMemoryLayer(d, 1 << 20)
+    for i in range(3):
+        put(tier, K(i), body(i, 2000))
+    tier.close()
+    fs = files(d)
+    with open(fs[0], "r+b") as f:
+        f.truncate(100)
+    open(fs[1] + ".tmp", "wb").write(b"half a chunk")
+    again = DiskMemoryLayer(d, 1 << 20)
+    s = again.stats()
+    assert s["recovered_at_start"] == 2 and s["dropped_at_start"] == 2
+    assert not any(n.endswith(".tmp") for _, _, ns in os.walk(d) for n in ns)
+    assert again.used_bytes() == sum(os.path.getsize(f) for f in files(d))
+    again.close()
+
+
+def test_cap_holds_under_ten_times_capacity_of_traffic(tmp_path):
+    d = str(tmp_path / "tier")
+    cap = 256 << 10
+    tier = DiskMemoryLayer(d, cap, eviction="s3fifo", io_threads=2)
+    written = 0
+    i = 0
+    while written < 10 * cap:
+        n = 1000 + (i * 7919) % 30000
+        t = body(i, n)
+        items = [(K(i), t, meta_for(t, checksum64(t) & U64))]
+        assert tier.put_many(items) == [True]
+        written += n
+        i += 1
+        on_disk = sum(os.path.getsize(f) for f in files(d))
+        assert on_disk <= cap and tier.used_bytes() == on_disk
+    keys = [K(j) for j in range(i)]
+    present = [k for k, hit in zip(keys, tier.contains_many(keys)) if hit]
+    arts = tier.get_many(present)
+    for k, a in zip(present, arts):
+        j = int(k.name[1:])
+        assert torch.equal(a.data, body(j, 1000 + (j * 7919) % 30000))
+    assert tier.stats()["evictions"] > 0
+    tier.close()
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from stratacache.backends.disk import DiskMemoryLayer
+    from stratacache.core.artifact import meta_for
+    from stratacache.core.keys import ArtifactKey
+    from stratacache.ops import checksum64
+    tier = DiskMemoryLayer(sys.argv[1], 1 << 40)
+    i = 0
+    while True:
+        t = torch.full((32 << 20,), i % 251, dtype=torch.uint8)
+        tier.put(ArtifactKey("kv", "kill", str(i)), t, meta_for(t, checksum64(t) & 0xFFFFFFFFFFFFFFFF))
+        print(i, flush=True)
+        i += 1
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_write_leaves_no_readable_partial_chunk(tmp_path):
+    d = str(tmp_path / "tier")
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, d], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "0"       # one chunk fully written
+        deadline = time.monotonic() + 60
+        caught_tmp = False
+        while time.monotonic() < deadline and not caught_tmp:
+            caught_tmp = any(n.endswith(".tmp") and os.path.getsize(os.path.join(r, n)) > 0
+                             for r, _, ns in os.walk(d) for n in ns)
+        assert caught_tmp, "never saw a write in progress"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    tier = DiskMemoryLayer(d, 1 << 40)
+    s = tier.stats()
+    assert s["recovered_at_start"] >= 1 and s["dropped_at_start"] >= 1
+    for key in list(tier.keys()):
+        art = tier.get(key)
+        assert art is not None and art.meta.size == 32 << 20
+        assert (art.data == int(key.name) % 251).all()
+    tier.close()

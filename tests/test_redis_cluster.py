@@ -1,0 +1,81 @@
+"""RedisMemoryLayer on a real 3-primary Redis Cluster on loopback (the two-"host"
+engine test is in test_redis_engine.py)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import torch
+
+from stratacache.backends.redis import RedisMemoryLayer
+from stratacache.core.keys import ArtifactKey
+from tests.redis_server import RedisCluster, free_port, random_chunks, tier_items
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with RedisCluster(3) as cl:
+        yield cl
+
+
+def test_cluster_round_trip_spreads_over_all_primaries(cluster):
+    lay = RedisMemoryLayer(cluster.url, cluster=True, key_prefix=f"cl{uuid.uuid4().hex[:6]}:")
+    pairs = random_chunks(11, 48)
+    assert lay.put_many(tier_items(pairs)) == [True] * 48
+    per_node = [s.admin_client().dbsize() for s in cluster.nodes]
+    assert all(n > 0 for n in per_node) and sum(per_node) >= 48
+    absent = ArtifactKey("kv", "llama-11", "absent")
+    got = lay.get_many([k for k, _ in pairs] + [absent])
+    assert got[-1] is None
+    for (k, t), art in zip(pairs, got):
+        assert art.meta.dtype == t.dtype and torch.equal(art.tensor(), t)
+    assert lay.contains_many([pairs[0][0], absent]) == [True, False]
+    assert set(lay.keys()) == {k for k, _ in pairs}
+    rep = RedisMemoryLayer.inspect(url=cluster.url, cluster=True,
+                                   key_prefix=lay.key_prefix.decode())
+    assert rep["items"] == 48 and rep["kinds"]["kv"]["llama-11"]["items"] == 48
+    assert lay.delete(pairs[0][0]) and lay.get(pairs[0][0]) is None
+    lay.close()
+
+
+def test_cluster_node_killed_then_restarted(cluster):
+    """Runs last in this module: one primary dies; the tier answers misses, then recovers."""
+    lay = RedisMemoryLayer(cluster.url, cluster=True, op_timeout_s=0.5, connect_timeout_s=0.2,
+                           retry_backoff_s=0.05, retry_backoff_max_s=0.2,
+                           key_prefix=f"kill{uuid.uuid4().hex[:6]}:")
+    pairs = random_chunks(3, 30)
+    assert all(lay.put_many(tier_items(pairs)))
+    victim = cluster.nodes[1]
+    victim.kill()
+    t0 = time.monotonic()
+    got = lay.get_many([k for k, _ in pairs])            # no exception reaches us
+    assert time.monotonic() - t0 < 1.0
+    assert got == [None] * len(pairs) and not lay.healthy
+    assert lay.put_many(tier_items(pairs[:2])) == [False, False]
+    assert lay.stats()["errors"] >= 1
+    victim.start()                                        # rejoins with its slots (nodes.conf)
+    deadline = time.monotonic() + 20
+    ok = [False]
+    while not all(ok) and time.monotonic() < deadline:
+        ok = lay.put_many(tier_items(pairs))
+        time.sleep(0.05)
+    assert all(ok) and lay.healthy
+    got = lay.get_many([k for k, _ in pairs])
+    assert all(a is not None and torch.equal(a.tensor(), t) for a, (_, t) in zip(got, pairs))
+    assert lay.stats()["recoveries"] >= 1
+    lay.close()
+
+
+def test_cluster_unreachable_at_startup_is_a_miss_not_an_error():
+    lay = RedisMemoryLayer(f"redis://127.0.0.1:{free_port()}/0", cluster=True,
+                           connect_timeout_s=0.2, retry_backoff_s=0.05, retry_backoff_max_s=0.1)
+    assert not lay.healthy
+    pairs = random_chunks(4, 2)
+    assert lay.put_many(tier_items(pairs)) == [False, False]
+    assert lay.get_many([k for k, _ in pairs]) == [None, None]
+    time.sleep(0.06)
+    assert lay.get(pairs[0][0]) is None                  # a probe after back-off: still a miss
+    assert lay.stats()["errors"] >= 2
+    lay.close()

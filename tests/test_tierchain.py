@@ -1,0 +1,110 @@
+"""TierChain: write-through reaches every tier, read-through + promotion, demotion on eviction, modes."""
+
+import pytest
+import torch
+
+from stratacache.backends.cpu import CpuMemoryLayer
+from stratacache.backends.disk import DiskMemoryLayer
+from stratacache.core.artifact import meta_for
+from stratacache.core.keys import ArtifactKey
+from stratacache.engine import StorageEngine
+from stratacache.ops import checksum64
+from stratacache.tiering import TierChain, TierSettings, tier_class
+
+
+def K(i):
+    return ArtifactKey("kv", "chain-test", f"c{i}")
+
+
+def body(i, n=3000):
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+
+
+def engine(tmp_path, *, top_cap=64 << 10, policy="write_through", promote=True, demote=False):
+    top = CpuMemoryLayer(top_cap, pin_memory=False, eviction="lru", name="cpu")
+    mid = CpuMemoryLayer(1 << 20, pin_memory=False, eviction="lru", name="mid")
+    disk = DiskMemoryLayer(str(tmp_path / "disk"), 4 << 20)
+    chain = TierChain([top, mid, disk], [TierSettings(policy, promote, demote),
+                                         TierSettings("write_through", promote, demote), TierSettings()])
+    return StorageEngine(None, chain=chain)
+
+
+def test_tier_classes_resolve_lazily():
+    assert tier_class("cpu") is CpuMemoryLayer and tier_class("disk") is DiskMemoryLayer
+    with pytest.raises(ValueError, match="unknown tier 'tape'"):
+        tier_class("tape")
+
+
+def test_write_through_reaches_every_tier(tmp_path):
+    e = engine(tmp_path)
+    assert e.store(K(1), body(1))
+    for name in ("cpu", "mid", "disk"):
+        assert e.contains(K(1), mode="exact", tier=name)
+        assert torch.equal(e.load(K(1), mode="exact", tier=name).data, body(1))
+    e.close()
+
+
+def test_read_through_promotes_only_where_enabled(tmp_path):
+    e = engine(tmp_path, promote=False)
+    assert e.store(K(2), body(2), mode="exact", tier="disk")
+    assert not e.contains(K(2), mode="exact", tier="cpu")
+    out = torch.full((4000,), 7, dtype=torch.uint8)
+    art = e.load(K(2), out=out)
+    assert torch.equal(out[:3000], body(2)) and art.data.data_ptr() == out.data_ptr()
+    assert not e.contains(K(2), mode="exact", tier="cpu")
+    e.close()
+    e = engine(tmp_path / "b", promote=True)
+    e.store(K(2), body(2), mode="exact", tier="disk")
+    assert torch.equal(e.load(K(2)).data, body(2))
+    assert e.contains(K(2), mode="exact", tier="cpu") and e.contains(K(2), mode="exact", tier="mid")
+    e.close()
+
+
+def test_modes_exact_and_prefer(tmp_path):
+    e = engine(tmp_path)
+    e.store(K(3), body(3), mode="exact", tier="mid")
+    assert e.load(K(3), mode="exact", tier="cpu") is None
+    assert e.load(K(3), mode="prefer", tier="disk") is not None       # falls back to the chain
+    with pytest.raises(ValueError, match="mode must be one of"):
+        e.load(K(3), mode="fastest")
+    with pytest.raises(ValueError, match="tier 'tape' is not in this engine"):
+        e.load(K(3), mode="exact", tier="tape")
+    e.close()
+
+
+def test_demote_on_evict_writes_evicted_objects_down(tmp_path):
+    e = engine(tmp_path, top_cap=8 << 10, demote=True)
+    for i in range(10):
+        assert e.store(K(i), body(i), mode="exact", tier="cpu")      # only in the top tier
+    for i in range(10):                                                # evicted ones were demoted
+        assert torch.equal(e.load(K(i), mode="prefer", tier="cpu").data, body(i))
+    assert e.stats()["tiers"]["cpu"]["evictions"] > 0
+    e.close()
+    e = engine(tmp_path / "b", top_cap=8 << 10, demote=False)
+    for i in range(10):
+        e.store(K(i), body(i), mode="exact", tier="cpu")
+    assert sum(e.load(K(i)) is not None for i in range(10)) < 10       # without demotion they are gone
+    e.close()
+
+
+def test_prefix_lookup_and_contains_many(tmp_path):
+    e = engine(tmp_path)
+    for i in (0, 1, 2, 4):
+        e.store(K(i), body(i, 100))
+    e.store(K(3), body(3, 100), mode="exact", tier="disk")             # only in the lowest tier
+    keys = [K(i) for i in range(6)]
+    assert e.prefix_lookup(keys) == 5
+    assert e.prefix_lookup(keys[5:]) == 0
+    assert e.prefix_lookup([]) == 0
+    assert e.contains_many(keys) == [True] * 5 + [False]
+    e.delete(K(2))
+    assert e.prefix_lookup(keys) == 2
+    e.close()
+
+
+def test_checksum_of_stored_payload_is_kept(tmp_path):
+    e = engine(tmp_path)
+    x = torch.randn(10, 10)
+    e.store(K(9), x)
+    assert e.load(K(9), tier="disk", mode="exact").meta.checksum == checksum64(x) & 0xFFFFFFFFFFFFFFFF
+    e.close()

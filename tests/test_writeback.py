@@ -1,0 +1,159 @@
+"""Write-back links: dirty tracking, flush/close drain, and no acknowledged data lost to a failing tier."""
+
+import random
+import threading
+import time
+
+import torch
+
+from stratacache.backends.cpu import CpuMemoryLayer
+from stratacache.backends.disk import DiskMemoryLayer
+from stratacache.core.keys import ArtifactKey
+from stratacache.engine import StorageEngine
+from stratacache.tiering import TierChain, TierSettings
+
+
+def K(i):
+    return ArtifactKey("kv", "wb-test", f"w{i}")
+
+
+def body(i, n=2048):
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+
+
+class FlakyTier:
+    """A real CPU tier behind a switch: while down, every call raises like a dead server."""
+
+    def __init__(self, inner):
+        self.inner, self.down, self.calls_while_down = inner, False, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            if self.down:
+                self.calls_while_down += 1
+                raise ConnectionError("tier is down")
+            return attr(*args, **kwargs)
+        return call
+
+    def __setattr__(self, name, value):
+        if name == "on_evict":
+            self.inner.on_evict = value
+        else:
+            object.__setattr__(self, name, value)
+
+
+def make(top_cap=1 << 20, lower=None, backoff=0.01):
+    top = CpuMemoryLayer(top_cap, pin_memory=False, eviction="lru", name="cpu")
+    lower = lower or CpuMemoryLayer(16 << 20, pin_memory=False, name="lower")
+    chain = TierChain([top, lower], [TierSettings("write_back"), TierSettings()],
+                      retry_backoff_s=backoff, retry_backoff_max_s=0.05)
+    return StorageEngine(None, chain=chain), top, lower
+
+
+def test_write_back_acknowledges_then_flushes_down():
+    lower = CpuMemoryLayer(16 << 20, pin_memory=False, name="lower")
+    gate = threading.Event()
+    real_put = lower.put
+
+    def slow_put(*a):
+        gate.wait(5)
+        return real_put(*a)
+    lower.put = slow_put
+    e, top, _ = make(lower=lower)
+    for i in range(5):
+        assert e.store(K(i), body(i))
+    assert e.stats()["writeback"]["dirty_items"] >= 4                  # acknowledged, not yet below
+    gate.set()
+    assert e.flush(timeout=10)
+    for i in range(5):
+        assert torch.equal(lower.get(K(i)).data, body(i))
+    wb = e.stats()["writeback"]
+    assert wb["dirty_items"] == 0 and wb["flushed"] == 5
+    e.close()
+
+
+def test_failing_lower_tier_loses_no_acknowledged_data_after_recovery():
+    flaky = FlakyTier(CpuMemoryLayer(16 << 20, pin_memory=False, name="lower"))
+    flaky.down = True
+    e, top, _ = make(top_cap=32 << 10, lower=flaky)                   # 16 objects fit above
+    acked = [i for i in range(60) if e.store(K(i), body(i))]
+    assert len(acked) == 60
+    time.sleep(0.2)                                                    # the flusher keeps failing ...
+    wb = e.stats()["writeback"]
+    assert wb["flush_failures"] > 0 and wb["flusher_alive"]
+    assert wb["spilled_items"] > 0                                     # ... evicted dirty objects were kept
+    assert not e.flush(timeout=0.2)                                    # cannot drain while down
+    flaky.down = False                                                 # recovery
+    assert e.flush(timeout=10)
+    for i in acked:
+        art = e.load(K(i))
+        assert art is not None and torch.equal(art.data, body(i)), f"lost acknowledged object {i}"
+        assert torch.equal(flaky.inner.get(K(i)).data, body(i))
+    assert e.stats()["tiers"]["lower"]["errors"] > 0                   # faults were counted, not raised
+    e.close()
+
+
+def test_flusher_survives_exceptions_and_close_drains(tmp_path):
+    flaky = FlakyTier(DiskMemoryLayer(str(tmp_path / "d"), 16 << 20, name="lower"))
+    e, top, _ = make(lower=flaky)
+    flaky.down = True
+    for i in range(10):
+        e.store(K(i), body(i))
+    time.sleep(0.1)
+    flaky.down = False
+    assert e.close(timeout=10)                                         # close drains dirty data
+    reopened = DiskMemoryLayer(str(tmp_path / "d"), 16 << 20)
+    assert all(torch.equal(reopened.get(K(i)).data, body(i)) for i in range(10))
+    reopened.close()
+
+
+def test_deleted_dirty_object_is_not_written_down():
+    lower = CpuMemoryLayer(16 << 20, pin_memory=False, name="lower")
+    lower_put = lower.put
+    gate = threading.Event()
+    lower.put = lambda *a: gate.wait(5) and lower_put(*a)
+    e, top, _ = make(lower=lower)
+    e.store(K(1), body(1))
+    e.store(K(2), body(2))
+    e.delete(K(2))
+    gate.set()
+    assert e.flush(timeout=10)
+    assert lower.contains(K(1)) and not lower.contains(K(2)) and not e.contains(K(2))
+    e.close()
+
+
+def test_concurrent_writers_and_readers_under_write_back():
+    e, top, lower = make(top_cap=64 << 10)
+    errors = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        out = torch.empty(4096, dtype=torch.uint8)
+        for _ in range(300):
+            i = rng.randrange(80)
+            r = rng.random()
+            if r < 0.5:
+                if not e.store(K(i), body(i, 1024 + i)):
+                    errors.append(f"store {i} failed")
+            elif r < 0.8:
+                art = e.load(K(i), out=out)
+                if art is not None and not torch.equal(art.data, body(i, 1024 + i)):
+                    errors.append(f"bad bytes {i}")
+            else:
+                with e.pinned(K(i)) as art:                          # a view, safe under a lease
+                    if art is not None and not torch.equal(art.data, body(i, 1024 + i)):
+                        errors.append(f"bad pinned bytes {i}")
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    assert e.flush(timeout=10)
+    for k in list(top.keys()):                                         # everything above is also below
+        assert lower.contains(k)
+    e.close()
