@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -56,32 +55,20 @@ def make_engine(kind: str, workdir: Path):
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"
+    from bench_ops import cpu_device_name          # benchmarks/ is on sys.path when run as a script
+    return f"{cpu_device_name()}, no GPU"
 
 
-def timed(model, ids, repeats: int, device: torch.device):
-    """Median forward latency (s) after one warm-up call, and the warm-up output."""
-    def once():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        out = model(ids).logits
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0, out
-
+def forward_once(model, ids, device: torch.device):
+    """(latency in s, logits) of one forward pass."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
     with torch.inference_mode():
-        _, out = once()
-        times = [once()[0] for _ in range(repeats)]
-    return statistics.median(times), out.float().cpu()
+        out = model(ids).logits
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, out.float().cpu()
 
 
 def run(args) -> dict:
@@ -96,50 +83,49 @@ def run(args) -> dict:
     total_bytes = sum(p.nbytes for p in base.parameters())
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
-    rows, outputs, engines = {}, {}, []
-
-    def record(name, model, **extra):
-        latency, out = timed(model, ids, args.repeats, device)
-        rows[name] = {"latency_s": latency, **extra}
-        outputs[name] = out
-        print(f"{name:34s} {latency * 1e3:9.2f} ms", flush=True)
-
+    variants, handles, engines = {}, {}, []
     try:
-        resident = copy.deepcopy(base).to(device)
-        record("resident", resident)
-        del resident
-
+        variants["resident"] = copy.deepcopy(base).to(device)
         for tier in args.tiers:
             engine, region = make_engine(tier, workdir)
             engines.append((engine, region))
-            model = copy.deepcopy(base)
-            handle = offload(model, engine, prefetch=args.prefetch, device=device)
-            handle.reset_peak()
-            record(f"stratacache_{tier}", model, prefetch=args.prefetch, zero_copy=handle.zero_copy)
-            unit_total = handle.offloaded_bytes
-            rest = total_bytes - unit_total
-            rows[f"stratacache_{tier}"]["peak_param_fraction"] = (rest + handle.peak_resident_bytes) / total_bytes
-            rows[f"stratacache_{tier}"]["peak_layer_fraction"] = handle.peak_resident_bytes / unit_total
-            handle.close()
-            del model
-
+            for prefetch in (args.prefetch, 0) if tier == args.tiers[0] else (args.prefetch,):
+                name = f"stratacache_{tier}" + ("" if prefetch == args.prefetch else "_no_prefetch")
+                variants[name] = copy.deepcopy(base)
+                handles[name] = offload(variants[name], engine, prefetch=prefetch, device=device,
+                                        model_id=f"bench/{name}")
         for tier in args.tiers:
             folder = (shm_dir if tier == "shared" else workdir) / "accelerate"
-            model = copy.deepcopy(base)
+            model = variants[f"accelerate_disk_offload_{tier}"] = copy.deepcopy(base)
             for i, layer in enumerate(model.model.layers):    # the same units StrataCache offloads
                 disk_offload(layer, str(folder / f"layer{i}"), execution_device=device)
             _move_non_layers(model, device)
-            record(f"accelerate_disk_offload_{tier}", model)
-            del model
-
         if device.type == "cuda":
-            model = copy.deepcopy(base)
+            model = variants["accelerate_cpu_offload"] = copy.deepcopy(base)
             for layer in model.model.layers:
                 cpu_offload(layer, execution_device=device)
             _move_non_layers(model, device)
-            record("accelerate_cpu_offload", model)
-            del model
+
+        # Round-robin over the variants so that load from other work on the machine
+        # falls on all of them alike; the first round is a warm-up.
+        outputs = {name: forward_once(m, ids, device)[1] for name, m in variants.items()}
+        for h in handles.values():
+            h.reset_peak()
+        times = {name: [] for name in variants}
+        for _ in range(args.repeats):
+            for name, model in variants.items():
+                times[name].append(forward_once(model, ids, device)[0])
+        rows = {name: {"latency_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
+        for name, h in handles.items():
+            rows[name].update(prefetch=h.prefetch, zero_copy=h.zero_copy, prefetch_hits=h.prefetch_hits,
+                              peak_param_fraction=(total_bytes - h.offloaded_bytes + h.peak_resident_bytes)
+                              / total_bytes,
+                              peak_layer_fraction=h.peak_resident_bytes / h.offloaded_bytes)
+        for name, row in rows.items():
+            print(f"{name:40s} {row['latency_s'] * 1e3:9.2f} ms (min {row['min_s'] * 1e3:.2f})", flush=True)
     finally:
+        for h in handles.values():
+            h.close()
         for engine, region in engines:
             engine.close()
             if os.path.exists(region):
@@ -159,6 +145,7 @@ def run(args) -> dict:
         "peak_param_fraction": ours["peak_param_fraction"],
         "peak_layer_fraction": ours["peak_layer_fraction"],
         "bound_layer_fraction": (args.prefetch + 1) / args.layers,
+        "prefetch_speedup": lat[f"stratacache_{main_tier}_no_prefetch"] / ours["latency_s"],
     }
     for tier in args.tiers[1:]:
         summary[f"offload_vs_resident_{tier}"] = lat[f"stratacache_{tier}"] / lat["resident"]
@@ -189,7 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--tokens", type=int, default=16, help="tokens per forward (decode-sized by default)")
+    p.add_argument("--tokens", type=int, default=1,
+                   help="tokens per forward: 1 is the weight traffic of one decode step")
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu")

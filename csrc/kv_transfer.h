@@ -1,61 +1,138 @@
-// Argument validation and copy plans shared by the CPU and CUDA KV transfer
-// kernels. Every check raises a c10::Error (a Python exception) that names
-// the offending argument, before any byte is written.
+// Torch-free CPU kernels of the KV transfer ops: plans (raw addresses and
+// byte strides, already validated) and the copy loops over them.
+//
+// Kept free of torch headers so the C++ tests (csrc/tests) build them in
+// seconds under AddressSanitizer/UBSan; kv_transfer_ops.cpp validates tensors
+// into these plans and runs the loops on torch's thread pool.
+//
+// Flat layout of a block transfer: bytes [n_blocks, n_layers, page_bytes], so
+// the chunk of blocks [c*chunk_blocks, (c+1)*chunk_blocks) is one contiguous
+// byte range. A token transfer's flat layout: [n_tokens, n_layers,
+// token_bytes], a token's bytes being its (kv, head) rows in that order.
 #pragma once
 
-#include <ATen/ATen.h>
-
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
+
+#include "checksum.h"
 
 namespace stratacache {
 
-inline uint8_t* byte_ptr(const at::Tensor& t) { return static_cast<uint8_t*>(t.data_ptr()); }
-
-// `t` must be contiguous (its bytes are read as one flat run).
-void check_contiguous_bytes(const at::Tensor& t, const char* name);
-
-// A block-granular transfer between L paged layers and a flat [n, L, P] buffer.
 struct BlockPlan {
-  int64_t n_blocks = 0;       // len(block_ids)
-  int64_t n_layers = 0;       // L
-  int64_t page_bytes = 0;     // P
-  int64_t chunk_blocks = 0;   // 0: no checksums
+  int64_t n_blocks = 0;      // len(block_ids)
+  int64_t n_layers = 0;      // L
+  int64_t page_bytes = 0;    // P
+  int64_t chunk_blocks = 0;  // 0: no checksums
   int64_t n_chunks = 0;
-  std::vector<uint8_t*> layer_base;       // layers[l].data_ptr()
+  int64_t num_blocks = 0;    // smallest block count over the layers
+  std::vector<uint8_t*> layer_base;         // address of block 0 of layer l
   std::vector<int64_t> layer_block_stride;  // bytes between consecutive blocks of layer l
-  int64_t num_blocks = 0;    // smallest size(0) over the layers
   int64_t chunk_bytes() const { return chunk_blocks * n_layers * page_bytes; }
+  int64_t chunk_len(int64_t c) const {
+    return std::min(chunk_blocks, n_blocks - c * chunk_blocks) * n_layers * page_bytes;
+  }
 };
 
-// Validates gather/scatter arguments. `flat` is `out` (gather) or `src`
-// (scatter), named `flat_name`; `allow_flat_device` is the device kind the
-// flat buffer may live on besides the layers' device (CPU for the CUDA
-// kernels, which read pinned host memory).
-BlockPlan plan_blocks(at::TensorList layers, const at::Tensor& block_ids, const at::Tensor& flat,
-                      const char* flat_name, int64_t chunk_blocks, const char* op);
-
-// Block ids as host int64 values (copied from the device when needed), each
-// checked against the layers' block count.
-std::vector<int64_t> host_block_ids(const at::Tensor& block_ids, int64_t num_blocks);
-
-// A token-granular transfer. Each layer is a [KV, B, N, H, D] element view
-// (D contiguous); a token's bytes in the flat buffer are its (kv, h, d)
-// elements in that order.
 struct TokenPlan {
   int64_t n_tokens = 0, n_layers = 0;
   int64_t kv = 0, num_blocks = 0, block_size = 0, heads = 0;
-  int64_t row_bytes = 0;      // D * element size: one contiguous run
-  int64_t token_bytes = 0;    // kv * heads * row_bytes
+  int64_t row_bytes = 0;    // head_dim * element size: one contiguous run
+  int64_t token_bytes = 0;  // kv * heads * row_bytes
   std::vector<uint8_t*> layer_base;
   // Byte strides of the KV, block, token-in-block and head dims, per layer.
   std::vector<int64_t> s_kv, s_block, s_tok, s_head;
 };
 
-TokenPlan plan_tokens(at::TensorList layers, const at::Tensor& slot_mapping, const at::Tensor& flat,
-                      const char* flat_name, const char* op);
+enum class Direction { kGather, kScatter };
 
-// Slots as host values; -1 marks a padding token that is skipped.
-std::vector<int64_t> host_slots(const at::Tensor& slot_mapping, int64_t num_slots);
+// Pages are copied in segments of at most this many bytes (a multiple of 8,
+// so a segment boundary is a checksum word boundary) so that a few large
+// pages still spread over all threads.
+constexpr int64_t kSegmentBytes = int64_t{1} << 18;
+
+// Copies every (block, layer) page between the layers and `flat` (ids must be
+// in range). With `with_sums` (needs page_bytes % 8 == 0 and chunk_blocks > 0)
+// returns each chunk's checksum word-term sum, computed in the copy loop.
+// `parallel_for(begin, end, grain, fn(b, e))` runs the work, e.g. at::parallel_for.
+template <class ParallelFor>
+std::vector<uint64_t> copy_pages(const BlockPlan& p, const int64_t* ids, uint8_t* flat, Direction dir,
+                                 bool with_sums, ParallelFor&& parallel_for) {
+  const int64_t P = p.page_bytes, L = p.n_layers;
+  const int64_t segs = std::max<int64_t>((P + kSegmentBytes - 1) / kSegmentBytes, 1);
+  const int64_t items = p.n_blocks * L * segs;
+  std::vector<uint64_t> item_sums(with_sums ? items : 0, 0);
+  // About 1 MiB of copying per task keeps scheduling overhead negligible.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(std::min(P, kSegmentBytes), 1));
+  parallel_for(int64_t{0}, items, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t page = it / segs, seg = it % segs;
+      const int64_t i = page / L, l = page % L;
+      const int64_t off = seg * kSegmentBytes;
+      const size_t len = static_cast<size_t>(std::min(kSegmentBytes, P - off));
+      uint8_t* paged = p.layer_base[l] + ids[i] * p.layer_block_stride[l] + off;
+      uint8_t* linear = flat + page * P + off;
+      uint8_t* dst = dir == Direction::kGather ? linear : paged;
+      const uint8_t* src = dir == Direction::kGather ? paged : linear;
+      if (with_sums) {
+        const int64_t chunk_start = (i / p.chunk_blocks) * p.chunk_bytes();
+        const uint64_t first_word = static_cast<uint64_t>(page * P + off - chunk_start) / 8;
+        item_sums[it] = checksum::copy_sum_range(dst, src, len, first_word);
+      } else if (len) {
+        std::memcpy(dst, src, len);
+      }
+    }
+  });
+  std::vector<uint64_t> chunk_sums(with_sums ? p.n_chunks : 0, 0);
+  const int64_t per_block = L * segs;
+  for (int64_t it = 0; with_sums && it < items; ++it) chunk_sums[(it / per_block) / p.chunk_blocks] += item_sums[it];
+  return chunk_sums;
+}
+
+// checksum64 of each chunk of `flat` (a separate pass: used when pages are not
+// a multiple of 8 bytes and so would split checksum words).
+template <class ParallelFor>
+std::vector<uint64_t> chunk_checksums_of(const BlockPlan& p, const uint8_t* flat, ParallelFor&& parallel_for) {
+  std::vector<uint64_t> v(p.n_chunks);
+  parallel_for(int64_t{0}, p.n_chunks, int64_t{1}, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const size_t len = static_cast<size_t>(p.chunk_len(c));
+      v[c] = checksum::finalize(checksum::sum_range(flat + c * p.chunk_bytes(), len, 0), len);
+    }
+  });
+  return v;
+}
+
+// Copies each token's KV x heads rows between the layers and `flat`; slot -1
+// is skipped (its flat rows are left as they are).
+template <class ParallelFor>
+void copy_tokens(const TokenPlan& p, const int64_t* slots, uint8_t* flat, Direction dir, ParallelFor&& parallel_for) {
+  const int64_t L = p.n_layers;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(p.token_bytes, 1));
+  parallel_for(int64_t{0}, p.n_tokens * L, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t t = it / L, l = it % L;
+      const int64_t slot = slots[t];
+      if (slot < 0) continue;
+      uint8_t* tok = p.layer_base[l] + (slot / p.block_size) * p.s_block[l] + (slot % p.block_size) * p.s_tok[l];
+      uint8_t* linear = flat + it * p.token_bytes;
+      // Heads are one run when they are adjacent (NHD order).
+      const bool merged = p.heads == 1 || p.s_head[l] == p.row_bytes;
+      const int64_t runs = merged ? 1 : p.heads, run_bytes = merged ? p.heads * p.row_bytes : p.row_bytes;
+      for (int64_t kv = 0; kv < p.kv; ++kv) {
+        for (int64_t h = 0; h < runs; ++h) {
+          uint8_t* paged = tok + kv * p.s_kv[l] + h * p.s_head[l];
+          uint8_t* lin = linear + (kv * runs + h) * run_bytes;
+          if (dir == Direction::kGather) {
+            std::memcpy(lin, paged, run_bytes);
+          } else {
+            std::memcpy(paged, lin, run_bytes);
+          }
+        }
+      }
+    }
+  });
+}
 
 }  // namespace stratacache

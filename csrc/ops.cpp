@@ -11,11 +11,14 @@ TORCH_LIBRARY(stratacache, m) {
   m.def("chunk_checksums(Tensor data, int chunk_bytes) -> Tensor");
   // Pages of block_ids from every layer into out (uint8 [n, L, page_bytes]);
   // returns int64 checksums, one per chunk of chunk_blocks blocks.
-  m.def("gather_blocks(Tensor[] layers, Tensor block_ids, Tensor(a!) out, int chunk_blocks=0) -> Tensor");
+  // transfer picks the CUDA host path ("auto", "uva" or "staging"); the CPU kernels ignore it.
+  m.def(
+      "gather_blocks(Tensor[] layers, Tensor block_ids, Tensor(a!) out, int chunk_blocks=0, "
+      "str transfer=\"auto\") -> Tensor");
   // The inverse; with expected checksums returns bool [n_chunks] (True: chunk intact).
   m.def(
       "scatter_blocks(Tensor src, Tensor block_ids, Tensor(a!)[] layers, int chunk_blocks=0, "
-      "Tensor? expected=None) -> Tensor");
+      "Tensor? expected=None, str transfer=\"auto\") -> Tensor");
   // Token rows by slot mapping; layers are [KV, blocks, block_size, heads, head_dim] views,
   // out / src uint8 [n_tokens, L, KV * heads * head_dim * itemsize].
   m.def("gather_tokens(Tensor[] layers, Tensor slot_mapping, Tensor(a!) out) -> ()");

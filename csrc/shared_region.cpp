@@ -662,7 +662,10 @@ int64_t SharedRegion::lookup_locked(std::string_view key, uint64_t hash, uint64_
 
 void SharedRegion::bucket_insert_locked(uint32_t slot, uint64_t hash) {
   const uint64_t nb = hdr_->bucket_count;
-  if ((hdr_->items + hdr_->tombstones + 1) * 4 > nb * 3) rebuild_buckets_locked();
+  if ((hdr_->items + hdr_->tombstones + 1) * 4 > nb * 3) {
+    rebuild_buckets_locked();  // re-inserts every READY entry, this one included
+    if (entry(slot)->state == kReady) return;
+  }
   uint64_t* b = buckets();
   for (uint64_t probe = 0; probe < nb; ++probe) {
     uint64_t p = (hash + probe) & (nb - 1);
@@ -760,45 +763,59 @@ void SharedRegion::retire_or_free_locked(uint32_t slot, uint64_t now) {
   free_entry_locked(slot);
 }
 
-bool SharedRegion::evict_one_locked(uint64_t need_units, uint64_t* run_start) {
+// Advances the CLOCK hand (at most two sweeps). Space nobody can use any more
+// (a dead writer's reservation, a retired version no reader holds) is freed on
+// the way: the hand stops there and reports the freed range. Otherwise it stops
+// at an unpinned READY entry whose reference bit is clear and returns it.
+SharedRegion::ClockStop SharedRegion::clock_step_locked(uint64_t now) {
   const uint64_t n = hdr_->max_objects;
-  const uint64_t now = now_ns();
   for (uint64_t step = 0; step < 2 * n + 1; ++step) {
     uint32_t i = uint32_t(hdr_->clock_hand % n);
     hdr_->clock_hand = (i + 1) % n;
     Entry* e = entry(i);
     uint32_t st = e->state;
-    if (st == kFree) continue;
     if (st == kReady) {
       if (pinned_locked(e, now)) continue;
       if (e->ref) {
         e->ref = 0;
         continue;
       }
-      uint64_t pos;
-      if (lookup_locked(entry_key(e), e->hash, &pos) == int64_t(i)) {
-        store_release(buckets()[pos], kTomb);
-        ++hdr_->tombstones;
-      }
-      bump(hdr_->evictions);
-    } else if (st == kRetired) {
-      if (pinned_locked(e, now)) continue;
-    } else if (st == kWriting) {
-      if (owner_alive(e->owner_pid, e->owner_start)) continue;
-      bump(hdr_->reclaimed_writers);
+      return ClockStop{int64_t(i), 0, 0, false};
     }
-    uint64_t unit = e->unit, units = e->units;
-    free_entry_locked(i);
-    *run_start = need_units ? run_around(unit, units, need_units) : kNone;
-    return true;
+    bool dead_writer = st == kWriting && !owner_alive(e->owner_pid, e->owner_start);
+    if (dead_writer || (st == kRetired && !pinned_locked(e, now))) {
+      if (dead_writer) bump(hdr_->reclaimed_writers);
+      ClockStop stop{-1, e->unit, e->units, true};
+      free_entry_locked(i);
+      return stop;
+    }
   }
-  return false;
+  return ClockStop{};
+}
+
+bool SharedRegion::evict_one_locked(uint64_t need_units, uint64_t* run_start) {
+  ClockStop stop = clock_step_locked(now_ns());
+  if (stop.victim >= 0) {
+    uint32_t i = uint32_t(stop.victim);
+    Entry* e = entry(i);
+    uint64_t pos;
+    if (lookup_locked(entry_key(e), e->hash, &pos) == stop.victim) {
+      store_release(buckets()[pos], kTomb);
+      ++hdr_->tombstones;
+    }
+    bump(hdr_->evictions);
+    stop = ClockStop{-1, e->unit, e->units, true};
+    free_entry_locked(i);
+  }
+  if (!stop.freed) return false;
+  *run_start = need_units ? run_around(stop.unit, stop.units, need_units) : kNone;
+  return true;
 }
 
 // ---------------------------------------------------------------- writers
 
 std::optional<Reservation> SharedRegion::reserve(std::string_view key, uint64_t size,
-                                                 std::string_view aux) {
+                                                 std::string_view aux, bool evict) {
   if (key.empty() || key.size() > hdr_->max_key_bytes)
     throw std::invalid_argument("key of " + std::to_string(key.size()) +
                                 " bytes does not fit the shared region's max_key_bytes=" +
@@ -816,15 +833,15 @@ std::optional<Reservation> SharedRegion::reserve(std::string_view key, uint64_t 
   }
   while (hdr_->free_top == 0) {
     uint64_t ignored;
-    if (!evict_one_locked(0, &ignored)) {
-      bump(hdr_->put_failures);
+    if (!evict || !evict_one_locked(0, &ignored)) {
+      if (evict) bump(hdr_->put_failures);
       return std::nullopt;
     }
   }
   uint64_t unit = find_free_run(units);
   while (unit == kNone) {
-    if (!evict_one_locked(units, &unit)) {
-      bump(hdr_->put_failures);
+    if (!evict || !evict_one_locked(units, &unit)) {
+      if (evict) bump(hdr_->put_failures);
       return std::nullopt;
     }
   }
@@ -893,11 +910,42 @@ bool SharedRegion::put(std::string_view key, const void* src, uint64_t size, std
 
 // ---------------------------------------------------------------- readers
 
-std::optional<ReadHandle> SharedRegion::acquire(std::string_view key, double lease_s, bool count_stats) {
-  const uint64_t hash = hash_key(key);
-  const uint64_t now = now_ns();
+ReadHandle SharedRegion::handle_locked(uint32_t slot) const {
+  const Entry* e = entry(slot);
+  return ReadHandle{slot, e->gen, e->unit * hdr_->block_bytes, e->size,
+                    std::string(reinterpret_cast<const char*>(e->aux), e->aux_len)};
+}
+
+// Adds (or extends) this process's lease on the entry. False when all lease
+// records belong to other live readers: the caller reads without a lease and
+// relies on the generation re-check after its copy.
+bool SharedRegion::add_lease_locked(Entry* e, uint64_t now, double lease_s) {
   const uint64_t expiry = now + uint64_t(std::max(lease_s, 0.0) * 1e9);
   const uint32_t pid = uint32_t(getpid());
+  Lease* empty = nullptr;
+  for (Lease& l : e->leases) {
+    if (l.count && l.pid == pid) {
+      ++l.count;
+      l.expiry_ns = std::max(l.expiry_ns, expiry);
+      return true;
+    }
+    if (!l.count && !empty) empty = &l;
+  }
+  if (!empty) {  // all records taken: drop dead and expired ones
+    pinned_locked(e, now);
+    for (Lease& l : e->leases)
+      if (!l.count) {
+        empty = &l;
+        break;
+      }
+  }
+  if (!empty) return false;
+  *empty = Lease{pid, 1, self_start_time(), expiry};
+  return true;
+}
+
+std::optional<ReadHandle> SharedRegion::acquire(std::string_view key, double lease_s, bool count_stats) {
+  const uint64_t hash = hash_key(key);
   REGION_LOCKED;
   int64_t idx = lookup_locked(key, hash, nullptr);
   if (idx < 0) {
@@ -906,37 +954,22 @@ std::optional<ReadHandle> SharedRegion::acquire(std::string_view key, double lea
   }
   Entry* e = entry(uint32_t(idx));
   e->ref = 1;
-  Lease* mine = nullptr;
-  Lease* empty = nullptr;
-  for (Lease& l : e->leases) {
-    if (l.count && l.pid == pid) mine = &l;
-    if (!l.count && !empty) empty = &l;
-  }
-  if (!mine && !empty) {  // all lease records taken: drop dead and expired ones
-    pinned_locked(e, now);
-    for (Lease& l : e->leases)
-      if (!l.count) {
-        empty = &l;
-        break;
-      }
-  }
-  if (!mine && !empty) {
-    // Too many distinct readers at once: no lease; the reader's generation
-    // re-check after its copy still catches a reuse.
-    if (count_stats) bump(hdr_->hits);
-    ReadHandle h{uint32_t(idx), e->gen, e->unit * hdr_->block_bytes, e->size,
-                 std::string(reinterpret_cast<char*>(e->aux), e->aux_len)};
-    return h;
-  }
-  if (mine) {
-    ++mine->count;
-    mine->expiry_ns = std::max(mine->expiry_ns, expiry);
-  } else {
-    *empty = Lease{pid, 1, self_start_time(), expiry};
-  }
+  add_lease_locked(e, now_ns(), lease_s);
   if (count_stats) bump(hdr_->hits);
-  return ReadHandle{uint32_t(idx), e->gen, e->unit * hdr_->block_bytes, e->size,
-                    std::string(reinterpret_cast<char*>(e->aux), e->aux_len)};
+  return handle_locked(uint32_t(idx));
+}
+
+std::optional<std::pair<std::string, ReadHandle>> SharedRegion::pick_victim(double lease_s) {
+  REGION_LOCKED;
+  const uint64_t now = now_ns();
+  for (uint64_t tries = 0; tries <= hdr_->max_objects; ++tries) {
+    ClockStop stop = clock_step_locked(now);
+    if (stop.victim >= 0 && add_lease_locked(entry(uint32_t(stop.victim)), now, lease_s))
+      return std::make_pair(std::string(entry_key(entry(uint32_t(stop.victim)))),
+                            handle_locked(uint32_t(stop.victim)));
+    if (stop.victim < 0 && !stop.freed) break;
+  }
+  return std::nullopt;
 }
 
 bool SharedRegion::release(uint32_t slot, uint64_t gen) {
@@ -1003,6 +1036,20 @@ bool SharedRegion::erase(std::string_view key) {
   return true;
 }
 
+bool SharedRegion::erase_version(uint32_t slot, uint64_t gen, bool evicted) {
+  if (slot >= hdr_->max_objects) return false;
+  REGION_LOCKED;
+  Entry* e = entry(slot);
+  if (e->gen != gen || e->state != kReady) return false;
+  uint64_t pos;
+  if (lookup_locked(entry_key(e), e->hash, &pos) != int64_t(slot)) return false;
+  store_release(buckets()[pos], kTomb);
+  ++hdr_->tombstones;
+  retire_or_free_locked(slot, now_ns());
+  bump(evicted ? hdr_->evictions : hdr_->deletes);
+  return true;
+}
+
 std::vector<std::string> SharedRegion::keys() {
   std::vector<std::string> out;
   REGION_LOCKED;
@@ -1019,6 +1066,7 @@ void SharedRegion::clear() {
     if (entry(i)->state != kFree) free_entry_locked(i);
   memset(buckets(), 0, uint64_t(hdr_->bucket_count) * 8);
   hdr_->tombstones = 0;
+  hdr_->alloc_cursor = 0;  // an empty region starts packing from the front again
 }
 
 std::vector<ObjectInfo> SharedRegion::snapshot() const {

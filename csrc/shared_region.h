@@ -29,6 +29,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace stratacache {
@@ -97,7 +98,10 @@ class SharedRegion {
   // data() + offset with no lock held, then commit (publish, replacing any
   // older version) or abort. reserve returns nullopt when there is no room
   // (object larger than the region, or everything left is pinned/being written).
-  std::optional<Reservation> reserve(std::string_view key, uint64_t size, std::string_view aux);
+  // With evict=false nothing is evicted (the caller hands victims to a lower
+  // tier first, see pick_victim).
+  std::optional<Reservation> reserve(std::string_view key, uint64_t size, std::string_view aux,
+                                     bool evict = true);
   bool commit(const Reservation& r);
   void abort(const Reservation& r);
   // reserve + memcpy + commit in one call.
@@ -117,6 +121,15 @@ class SharedRegion {
   // One lock for the whole batch; out[i] = 1 if keys[i] is present.
   void contains_many(const std::string_view* keys, size_t n, uint8_t* out);
   bool erase(std::string_view key);
+  // Erases the object only if (slot, gen) is still its current version, so a
+  // reader that found a bad copy never deletes a newer good one.
+  bool erase_version(uint32_t slot, uint64_t gen, bool evicted = false);
+  // For callers that must see what is evicted (to write it to a lower tier):
+  // advances the CLOCK hand like eviction but leases the chosen object and
+  // returns (key, handle) instead of freeing it; the caller copies it out,
+  // then erase_version(..., evicted=true) and release. nullopt: nothing is
+  // evictable.
+  std::optional<std::pair<std::string, ReadHandle>> pick_victim(double lease_s);
   std::vector<std::string> keys();
   void clear();
 
@@ -168,9 +181,17 @@ class SharedRegion {
   void bucket_insert_locked(uint32_t slot, uint64_t hash);
   void rebuild_buckets_locked();
   bool pinned_locked(Entry* e, uint64_t now);
+  bool add_lease_locked(Entry* e, uint64_t now, double lease_s);
+  ReadHandle handle_locked(uint32_t slot) const;
   bool owner_alive(uint32_t pid, uint64_t start) const;
   void free_entry_locked(uint32_t slot);
   void retire_or_free_locked(uint32_t slot, uint64_t now);
+  struct ClockStop {
+    int64_t victim = -1;  // an evictable READY entry, or -1
+    uint64_t unit = 0, units = 0;
+    bool freed = false;  // the hand freed this range of unusable space instead
+  };
+  ClockStop clock_step_locked(uint64_t now);
   bool evict_one_locked(uint64_t need_units, uint64_t* run_start);
 
   uint64_t find_free_run(uint64_t need) const;

@@ -20,6 +20,13 @@ std::string_view view_of(const py::bytes& b) {
   return {p, size_t(n)};
 }
 
+// The payload copy, spread over torch's intra-op threads like Tensor.copy_.
+void parallel_copy(uint8_t* dst, const uint8_t* src, uint64_t n) {
+  at::parallel_for(0, int64_t(n), int64_t(1) << 18, [&](int64_t begin, int64_t end) {
+    memcpy(dst + begin, src + begin, size_t(end - begin));
+  });
+}
+
 py::object handle_tuple(const std::optional<ReadHandle>& h) {
   if (!h) return py::none();
   return py::make_tuple(h->slot, h->gen, h->offset, h->size, py::bytes(h->aux));
@@ -59,29 +66,56 @@ void bind_shared_region(py::module_& m) {
       .def_property_readonly("read_only", &SharedRegion::read_only)
       .def_property_readonly("mapping_address", [](SharedRegion& r) { return uintptr_t(r.mapping()); })
       .def_property_readonly("mapping_bytes", &SharedRegion::mapping_bytes)
-      .def("reserve",
-           [](SharedRegion& r, const py::bytes& key, uint64_t size, const py::bytes& aux) -> py::object {
+      .def("put_tensor",
+           [](SharedRegion& r, const py::bytes& key, const py::bytes& aux, const at::Tensor& src,
+              bool evict) -> py::object {
+             TORCH_CHECK(src.device().is_cpu() && src.is_contiguous(), "put_tensor: src must be a contiguous CPU tensor");
              auto k = view_of(key);
              auto a = view_of(aux);
+             const auto* from = static_cast<const uint8_t*>(src.data_ptr());
+             const uint64_t n = uint64_t(src.nbytes());
              std::optional<Reservation> res;
+             bool ok = false;
              {
                py::gil_scoped_release nogil;
-               res = r.reserve(k, size, a);
+               res = r.reserve(k, n, a, evict);
+               if (res) {
+                 parallel_copy(r.data() + res->offset, from, n);
+                 ok = r.commit(*res);
+               }
              }
              if (!res) return py::none();
-             return py::make_tuple(res->slot, res->gen, res->offset);
+             return py::bool_(ok);
            },
-           "Reserve space for an object: (slot, gen, offset) or None when there is no room.")
-      .def("commit",
-           [](SharedRegion& r, uint32_t slot, uint64_t gen) {
-             py::gil_scoped_release nogil;
-             return r.commit(Reservation{slot, gen, 0, 0});
-           })
-      .def("abort",
-           [](SharedRegion& r, uint32_t slot, uint64_t gen) {
-             py::gil_scoped_release nogil;
-             r.abort(Reservation{slot, gen, 0, 0});
-           })
+           py::arg("key"), py::arg("aux"), py::arg("src"), py::arg("evict") = true,
+           "Reserve, copy src in (no lock held) and commit: True, False (commit lost), None (no room).")
+      .def("get_into",
+           [](SharedRegion& r, const py::bytes& key, double lease_s, const at::Tensor& out) -> py::object {
+             TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.scalar_type() == at::kByte,
+                         "get_into: out must be a contiguous CPU uint8 tensor");
+             auto k = view_of(key);
+             auto* to = static_cast<uint8_t*>(out.data_ptr());
+             const uint64_t cap = uint64_t(out.numel());
+             std::optional<ReadHandle> h;
+             bool current = false;
+             {
+               py::gil_scoped_release nogil;
+               h = r.acquire(k, lease_s);
+               if (h && h->size <= cap) {
+                 parallel_copy(to, r.data() + h->offset, h->size);
+                 current = r.release(h->slot, h->gen);
+               } else if (h) {
+                 r.release(h->slot, h->gen);
+               }
+             }
+             if (!h) return py::none();
+             if (h->size > cap)
+               throw py::value_error("out holds " + std::to_string(cap) + " bytes but the object has " +
+                                     std::to_string(h->size));
+             return py::make_tuple(h->slot, h->gen, h->size, py::bytes(h->aux), current);
+           },
+           py::arg("key"), py::arg("lease_s"), py::arg("out"),
+           "Lease, copy into out (no lock held), release: (slot, gen, size, aux, still_current) or None.")
       .def("acquire",
            [](SharedRegion& r, const py::bytes& key, double lease_s, bool count_stats) {
              auto k = view_of(key);
@@ -138,6 +172,19 @@ void bind_shared_region(py::module_& m) {
              py::gil_scoped_release nogil;
              return r.erase(k);
            })
+      .def("erase_version", &SharedRegion::erase_version, py::arg("slot"), py::arg("gen"),
+           py::arg("evicted") = false, py::call_guard<py::gil_scoped_release>())
+      .def("pick_victim",
+           [](SharedRegion& r, double lease_s) -> py::object {
+             std::optional<std::pair<std::string, ReadHandle>> v;
+             {
+               py::gil_scoped_release nogil;
+               v = r.pick_victim(lease_s);
+             }
+             if (!v) return py::none();
+             return py::make_tuple(py::bytes(v->first), handle_tuple(v->second));
+           },
+           "Lease the next CLOCK victim without freeing it: (key, handle) or None.")
       .def("keys",
            [](SharedRegion& r) {
              std::vector<std::string> ks;

@@ -84,10 +84,14 @@ class RedisServer:
         self.tls = tls
         self.extra_args = list(extra_args)
         self.port = port or free_port(bus=cluster)
-        self.dir = tempfile.mkdtemp(prefix="sc-redis-test-")
+        self.dir: Optional[str] = None      # made by start(), removed by close()
         self.proc: Optional[subprocess.Popen] = None
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
 
     # -- lifecycle ---------------------------------------------------------
     @property
@@ -134,6 +138,8 @@ class RedisServer:
         """Start (or restart after ``kill``/``stop``) on the same port; waits for PING."""
         if self.proc and self.proc.poll() is None:
             return self
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="sc-redis-test-")
         self.proc = subprocess.Popen(self._argv(), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -195,7 +201,9 @@ class RedisServer:
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
     def __enter__(self) -> "RedisServer":
         return self

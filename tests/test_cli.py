@@ -85,7 +85,7 @@ def _usage_cases(tmp: Path) -> list[tuple[list, tuple[str, ...], int | None]]:
         (["serve", "--config", bad_key, "org/model"], ("tiers.cpu.capasity",), 1),
         (["serve", "org/model", "--kv-transfer-config", "{}"], ("--kv-transfer-config",), 2),
         (["serve", "org/model", "--model", "x"], ("MODEL",), 2),
-        (["--no-such-flag"], ("--no-such-flag",), 2),
+        (["config", "show", "--no-such-flag"], ("--no-such-flag",), 2),
     ]
 
 
@@ -242,7 +242,8 @@ def test_serve_starts_a_local_server_that_answers(tmp_path):
         # It listens on loopback only.
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
                                    text=True).stdout
-        assert "127.0.0.1:" in listening and "0.0.0.0:" not in listening, listening
+        assert f"127.0.0.1:{port} " in listening, listening
+        assert f"0.0.0.0:{port} " not in listening and f"*:{port} " not in listening, listening
         body = json.dumps({"model": str(model), "prompt": sample_text(300, seed=5),
                            "max_tokens": 8, "temperature": 0}).encode()
         texts = []
@@ -261,3 +262,21 @@ def test_serve_starts_a_local_server_that_answers(tmp_path):
             server.wait()
         log.close()
         Path(f"/dev/shm/stratacache-cli-test-{os.getpid()}.region").unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ bench
+
+@pytest.mark.slow
+def test_bench_runs_a_benchmark_and_writes_json_and_chart(tmp_path):
+    result = cli("bench", "ops", "--quick", "--out", tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    document = json.loads((tmp_path / "ops.json").read_text())
+    assert isinstance(document["device"], str) and isinstance(document["summary"], dict)
+    # The printed summary table holds every numeric summary entry.
+    numeric = {k: v for k, v in document["summary"].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric, document["summary"]
+    for key in numeric:
+        assert key in result.stdout
+    assert (tmp_path / "ops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"JSON: {tmp_path / 'ops.json'}" in result.stdout

@@ -159,3 +159,9 @@ def test_cli_style_error_has_no_internal_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, bad], capture_output=True, text=True, check=True).stdout
     assert "tiers.cpu.capacty: unknown key" in out
     assert out.strip().endswith("None None")   # no chained internal exception
+
+
+def test_docs_config_table_is_current():
+    from stratacache.config import config_table_markdown
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "config.md")).read()
+    assert config_table_markdown() in docs, "docs/config.md is stale: regenerate its table"

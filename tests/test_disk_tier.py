@@ -67,11 +67,12 @@ def test_round_trip_restart_recovery_and_inspect(tmp_path):
     again.close()
 
 
+@pytest.mark.parametrize("size", [4096, 2 << 20], ids=["read", "mapped"])
 @pytest.mark.parametrize("damage", ["flip_payload", "truncate", "garbage_header"])
-def test_corrupt_file_is_counted_miss_and_removed(tmp_path, damage):
+def test_corrupt_file_is_counted_miss_and_removed(tmp_path, damage, size):
     d = str(tmp_path / "tier")
-    tier = DiskMemoryLayer(d, 1 << 20)
-    assert put(tier, K(1), body(1, 4096))
+    tier = DiskMemoryLayer(d, 4 << 20)
+    assert put(tier, K(1), body(1, size))
     [f] = files(d)
     raw = bytearray(open(f, "rb").read())
     if damage == "flip_payload":

@@ -52,7 +52,7 @@ def test_s3fifo_is_scan_resistant():
                 t.release(e, NOFREE)
         for i in range(1000):
             put(t, K(f"scan{i}"), 1)
-        return sum(k in t.entries for k in hot)
+        return sum(k in t for k in hot)
     assert run("s3fifo") == 20
     assert run("lru") == 0
 
@@ -67,11 +67,11 @@ def test_capacity_never_exceeded_and_pins_respected(policy, ops):
     for i, size, op in ops:
         k = K(i)
         if op == "put":
-            before_pinned = {p for p in pinned if p in t.entries and p != k}
+            before_pinned = {p for p in pinned if p in t and p != k}
             ok = put(t, k, size)
-            assert before_pinned <= set(t.entries), "a pinned object was evicted"
+            assert all(p in t for p in before_pinned), "a pinned object was evicted"
             if ok:
-                assert k in t.entries
+                assert k in t
         elif op == "get":
             e = t.acquire(k)
             if e:
@@ -107,7 +107,7 @@ def test_leases_expire_so_a_leaked_pin_cannot_fill_the_tier():
     assert t.pin(K(1))                                             # never unpinned
     assert not put(t, K(2), 10)
     time.sleep(0.08)
-    assert put(t, K(2), 10) and K(1) not in t.entries
+    assert put(t, K(2), 10) and K(1) not in t
 
 
 def test_unpin_releases_early():
@@ -124,7 +124,7 @@ def test_quota_evicts_only_the_same_kind():
     for i in range(10):
         assert put(t, K(i), 10)
         assert t.used_by_kind["kv"] <= 30
-    assert K(0, "params") in t.entries
+    assert K(0, "params") in t
     assert not put(t, K(99), 31)                                   # larger than the quota
 
 
@@ -134,7 +134,7 @@ def test_kv_never_evicts_higher_priority_params():
         assert put(t, K(i, "params"), 10)
     for i in range(50):
         put(t, K(i), 10)
-    assert all(K(i, "params") in t.entries for i in range(8))
+    assert all(K(i, "params") in t for i in range(8))
     assert t.used_by_kind["kv"] <= 20
     assert put(t, K(100, "params"), 10)                            # params may evict kv
     assert not put(t, K(101), 30)                                  # kv may not evict params

@@ -61,6 +61,27 @@ def test_engine_survives_server_kill_and_restart():
         eng.close()
 
 
+def test_engine_batched_forms_through_redis():
+    with RedisServer() as srv:
+        eng = StorageEngine(redis_only_config(srv.url))
+        pairs = random_chunks(7, 16)
+        keys = [k for k, _ in pairs]
+        assert eng.store_many(pairs) == [True] * 16
+        missing = random_chunks(8, 1)[0][0]
+        assert eng.contains_many(keys[:3] + [missing]) == [True, True, True, False]
+        assert eng.prefix_lookup(keys[:5] + [missing] + keys[5:]) == 5
+        outs = [torch.full((t.numel() * t.element_size() + 3,), 0xEE, dtype=torch.uint8)
+                for _, t in pairs]
+        arts = eng.load_many(keys + [missing], outs=outs + [None])
+        assert arts[-1] is None
+        for art, out, (_, t) in zip(arts, outs, pairs):
+            assert art.data.data_ptr() == out.data_ptr() and torch.equal(art.tensor(), t)
+            assert bool((out[-3:] == 0xEE).all())
+        st = eng.stats()["tiers"]["redis"]
+        assert st["hits"] == 16 and st["puts"] == 16 and st["errors"] == 0
+        eng.close()
+
+
 def test_engine_counts_a_corrupt_redis_chunk_as_a_miss():
     with RedisServer() as srv:
         cfg = redis_only_config(srv.url)

@@ -11,24 +11,26 @@ import random
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-import stratacache.ops as ops
+from stratacache.backends.base import MemoryLayer
 from stratacache.backends.redis import RedisMemoryLayer, RedisTierConfigError
 from stratacache.config import load_config
 from stratacache.core.artifact import ArtifactMeta, as_bytes, meta_for
 from stratacache.core.keys import ArtifactKey
-from tests.redis_server import RedisServer, make_tls_files
+from tests.redis_server import (RedisServer, RedisServerError, free_port, make_tls_files,
+                                tier_items)
 
 DTYPES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.int64]
 
 
 def item(payload):
     """(data, meta) as the engine would hand them to a tier."""
-    data = as_bytes(payload)
-    return data, meta_for(payload, ops.checksum64(data))
+    _, data, meta = tier_items([(None, payload)])[0]
+    return data, meta
 
 
 def rand_tensor(rng: random.Random, max_elems: int = 50_000) -> torch.Tensor:
@@ -57,6 +59,7 @@ def layer(server):
 
 
 def test_round_trip_random_payloads_byte_exact(layer):
+    assert isinstance(layer, MemoryLayer) and layer.persistent and layer.name == "redis"
     rng = random.Random(1234)
     stored = {}
     for i in range(25):
@@ -332,7 +335,7 @@ def test_from_config_and_inspect(server):
     assert rep["bytes"] == 1307 + 4 * hlen
     assert server.admin_client().ttl(b"insp:" + ArtifactKey("kv", "m2", "0").encode()) > 50
     lay.close()
-    down = RedisMemoryLayer.inspect(url=f"redis://127.0.0.1:{RedisServer(start=False).port}/0",
+    down = RedisMemoryLayer.inspect(url=f"redis://127.0.0.1:{free_port()}/0",
                                     connect_timeout_s=0.2)
     assert down["healthy"] is False
 
@@ -340,18 +343,24 @@ def test_from_config_and_inspect(server):
 def test_tls_server_round_trip_and_options_reach_the_pool():
     with tempfile.TemporaryDirectory(prefix="sc-redis-tls-") as d:
         files = make_tls_files(d)
-        with RedisServer(tls=files) as srv:
+        with RedisServer(tls=dict(files, require_client_cert=True)) as srv:
+            # mutual TLS: the test certificate doubles as the client certificate
             lay = RedisMemoryLayer(srv.url.replace("rediss://", "redis://"), tls=True,
-                                   tls_ca_file=files["ca"])
+                                   tls_ca_file=files["ca"], tls_cert_file=files["cert"],
+                                   tls_key_file=files["key"])
             kw = lay._client.connection_pool.connection_kwargs
             assert kw["ssl_ca_certs"] == files["ca"] and kw["ssl_cert_reqs"] == "required"
+            assert kw["ssl_certfile"] == files["cert"] and kw["ssl_keyfile"] == files["key"]
             k = unique_key()
             t = torch.randint(0, 256, (70_000,), dtype=torch.uint8)
             assert lay.put(k, *item(t)) and torch.equal(lay.get(k).data, t)
             lay.close()
-            # the server's certificate cannot be verified without our CA: clear error
+            # no client certificate, or a server certificate we cannot verify: clear errors
             with pytest.raises(RedisTierConfigError, match="TLS"):
-                RedisMemoryLayer(srv.url, tls=True, tls_ca_file=_other_ca(d))
+                RedisMemoryLayer(srv.url, tls=True, tls_ca_file=files["ca"])
+            with pytest.raises(RedisTierConfigError, match="TLS"):
+                RedisMemoryLayer(srv.url, tls=True, tls_ca_file=_other_ca(d),
+                                 tls_cert_file=files["cert"], tls_key_file=files["key"])
 
 
 def _other_ca(d: str) -> str:
@@ -387,8 +396,6 @@ def test_full_server_under_noeviction_refuses_puts_but_stays_healthy():
 
 
 def test_concurrent_threads_share_a_small_pool(server):
-    from concurrent.futures import ThreadPoolExecutor
-
     lay = RedisMemoryLayer(server.url, max_connections=2, key_prefix=f"thr{uuid.uuid4().hex[:6]}:")
 
     def worker(seed):
@@ -417,3 +424,8 @@ def test_unix_socket_url():
             t = torch.randint(0, 256, (500_000,), dtype=torch.uint8)
             assert lay.put(k, *item(t)) and torch.equal(lay.get(k).data, t)
             lay.close()
+
+
+def test_server_helper_fails_loudly_when_redis_cannot_start():
+    with pytest.raises(RedisServerError, match="exited"):
+        RedisServer(extra_args=["--maxmemory-policy", "no-such-policy"])

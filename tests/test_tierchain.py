@@ -108,3 +108,24 @@ def test_checksum_of_stored_payload_is_kept(tmp_path):
     e.store(K(9), x)
     assert e.load(K(9), tier="disk", mode="exact").meta.checksum == checksum64(x) & 0xFFFFFFFFFFFFFFFF
     e.close()
+
+
+def test_batched_forms_mix_tiers_misses_and_write_back(tmp_path):
+    e = engine(tmp_path, policy="write_back")
+    items = [(K(i), body(i, 500 + i)) for i in range(6)]
+    assert e.store_many(items[:3]) == [True] * 3                        # cpu now, mid + disk after flush
+    assert e.store_many(items[3:5], mode="exact", tier="disk") == [True] * 2
+    assert e.flush(timeout=10)
+    assert all(e.contains(K(i), mode="exact", tier="disk") for i in range(5))
+    keys = [K(i) for i in range(6)]
+    outs = [torch.full((1000,), 0xCC, dtype=torch.uint8) for _ in keys]
+    arts = e.load_many(keys, outs=outs)
+    assert arts[5] is None and (outs[5] == 0xCC).all()
+    for i in range(5):
+        assert torch.equal(outs[i][:500 + i], body(i, 500 + i)) and arts[i].data.data_ptr() == outs[i].data_ptr()
+    assert e.contains(K(4), mode="exact", tier="cpu")                    # promoted by the batched read
+    with pytest.raises(ValueError, match="outs has 1 entries for 6 keys"):
+        e.load_many(keys, outs=outs[:1])
+    s = e.stats()["engine"]
+    assert s["hits"] >= 5 and s["misses"] >= 1
+    e.close()

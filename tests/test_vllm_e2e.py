@@ -53,9 +53,9 @@ PROMPTS = {
     "unique": _tokens(700, 12),
     "long_chunked": FAM["shared"] + _tokens(900, 13),  # 1924 tokens: 4 prefill steps of 512
 }
-# Preemption: 8 concurrent prompts of 600 tokens growing 160 tokens each need
-# 48 blocks of the 40 available, so vLLM must preempt and resume.
-PREEMPT = [FAM["shared"][:256] + _tokens(344, 20 + i) for i in range(8)]
+# Preemption: 8 concurrent distinct prompts of 600 tokens growing 160 tokens each
+# need 48 blocks of the 40 available, so vLLM must preempt and resume them.
+PREEMPT = [_tokens(600, 20 + i) for i in range(8)]
 PREEMPT_MAX_TOKENS = 160
 STORED_BY_A = ["a_shared", "b_shared", "store_diverge", "store_delete", "store_corrupt",
                "store_garbage", "unique"]

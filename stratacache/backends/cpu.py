@@ -15,7 +15,6 @@ view take a lease with ``pin`` (the engine's ``pinned()`` does this).
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from typing import Optional
 
@@ -75,40 +74,23 @@ class CpuMemoryLayer(TableBackedLayer):
 
     # -- MemoryLayer -------------------------------------------------------------------
 
-    def put(self, key: ArtifactKey, data: torch.Tensor, meta: ArtifactMeta) -> bool:
-        t0 = time.perf_counter()
-        if data.numel() != meta.size:
-            raise ValueError(f"payload has {data.numel()} bytes but meta.size is {meta.size}")
-        entry = self._table.admit(key, meta, self._place, self._free_loc, self.on_evict, self._view)
-        if entry is None:
-            self.counters.add("put_failures")
-            return False
+    def _admit(self, key: ArtifactKey, meta: ArtifactMeta) -> Optional[Entry]:
+        return self._table.admit(key, meta, self._place, self._free_loc, self.on_evict, self._view)
+
+    def _write(self, entry: Entry, data: torch.Tensor) -> bool:
         self._ensure_pinned(self._alloc.high_water)
-        if meta.size:
-            self._arena[entry.loc:entry.loc + meta.size].copy_(data)
-        self._table.publish(entry, self._free_loc)
-        self.counters.add_many(puts=1, bytes_in=meta.size)
-        self.counters.observe("put", time.perf_counter() - t0)
+        if entry.size:
+            self._arena.narrow(0, entry.loc, entry.size).copy_(data)
         return True
 
-    def get(self, key: ArtifactKey, out: Optional[torch.Tensor] = None) -> Optional[Artifact]:
-        t0 = time.perf_counter()
-        entry = self._table.acquire(key)
-        if entry is None:
-            self.counters.add("misses")
-            return None
-        try:
-            view = self._arena[entry.loc:entry.loc + entry.size]
-            if out is not None:
-                _check_out(out, entry.size)
-                out[:entry.size].copy_(view)
-                view = out[:entry.size]
-            art = Artifact(entry.meta, view)
-        finally:
-            self._table.release(entry, self._free_loc)
-        self.counters.add_many(hits=1, bytes_out=entry.size)
-        self.counters.observe("get", time.perf_counter() - t0)
-        return art
+    def _read(self, entry: Entry, out: Optional[torch.Tensor]) -> Artifact:
+        view = self._arena.narrow(0, entry.loc, entry.size)
+        if out is not None:
+            if out.numel() != entry.size:
+                out = out.narrow(0, 0, entry.size)
+            out.copy_(view)
+            view = out
+        return Artifact(entry.meta, view)
 
     def pinned_get(self, key: ArtifactKey, lease_s: Optional[float] = None):
         """Atomically lease and view the object: (Artifact, release) or None.
@@ -146,7 +128,7 @@ class CpuMemoryLayer(TableBackedLayer):
         return self._alloc.alloc(size)
 
     def _view(self, entry: Entry) -> Artifact:
-        return Artifact(entry.meta, self._arena[entry.loc:entry.loc + entry.size])
+        return Artifact(entry.meta, self._arena.narrow(0, entry.loc, entry.size))
 
     def _ensure_pinned(self, upto: int) -> None:
         if not self._pin or upto <= self._pinned_upto:
@@ -168,8 +150,3 @@ class CpuMemoryLayer(TableBackedLayer):
                     return
                 self._pinned_upto = start + n
 
-
-def _check_out(out: torch.Tensor, size: int) -> None:
-    if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < size:
-        raise ValueError(f"out must be a 1-D uint8 tensor of at least {size} bytes, "
-                         f"got {out.dtype} {tuple(out.shape)}")

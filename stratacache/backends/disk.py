@@ -12,8 +12,9 @@ new file, so a reader of the previous version never sees the new one half-way.
 * Every byte of every file (header, key and payload) is charged to the
   capacity in the ``ObjectTable`` before the file is written; the table is the
   single source of truth, so the directory never grows past its cap.
-* Reads verify the payload checksum; a bad or truncated file is a counted
-  miss and is removed.
+* Reads verify the payload checksum (for large payloads in the same pass as
+  the copy: the file is mapped and copied by the native gather op); a bad or
+  truncated file is a counted miss and is removed.
 * On start the index is rebuilt from the files (headers only), so objects
   survive restarts. One process owns a directory at a time (an flock on
   ``.lock``); ``DiskMemoryLayer.inspect(path)`` reads one without opening it.
@@ -26,10 +27,11 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
-import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -39,6 +41,7 @@ from stratacache.backends.base import EvictCallback
 from stratacache.backends.residency import Entry, ObjectTable, TableBackedLayer
 from stratacache.core.artifact import Artifact, ArtifactMeta, CorruptArtifact
 from stratacache.core.keys import ArtifactKey
+from stratacache.ops import checksum64, gather_blocks
 from stratacache.telemetry.metrics import TierCounters
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ SUFFIX = ".sca"
 TMP_MARK = ".tmp"
 INFO_FILE = "stratacache-disk.json"
 _KEYLEN = struct.Struct("<I")
+MMAP_MIN_BYTES = 1 << 20   # payloads this large are read through a mapping with a fused copy+checksum
+_BLOCK0 = torch.zeros(1, dtype=torch.int64)
 _MAX_KEY = 1 << 16
 _HEAD_READ = ArtifactMeta.header_size(16) + _KEYLEN.size + _MAX_KEY
 
@@ -56,7 +61,6 @@ class DiskTierError(RuntimeError):
 
 
 def _checksum64(data: torch.Tensor) -> int:
-    from stratacache.ops import checksum64
     return checksum64(data) & 0xFFFFFFFFFFFFFFFF
 
 
@@ -89,6 +93,7 @@ class DiskMemoryLayer(TableBackedLayer):
                                 "StrataCache process") from None
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="stratacache-disk")
         self._tmp_seq = 0
+        self._subdirs: set[str] = set()
         self._tmp_lock = threading.Lock()
         self._write_info()
         self.recovered, self.dropped_at_start = self._rebuild()
@@ -102,52 +107,26 @@ class DiskMemoryLayer(TableBackedLayer):
 
     # -- MemoryLayer -------------------------------------------------------------------
 
-    def put(self, key: ArtifactKey, data: torch.Tensor, meta: ArtifactMeta) -> bool:
-        t0 = time.perf_counter()
-        if data.numel() != meta.size:
-            raise ValueError(f"payload has {data.numel()} bytes but meta.size is {meta.size}")
+    def _admit(self, key: ArtifactKey, meta: ArtifactMeta) -> Optional[Entry]:
         head = _record_head(key, meta)
         final = self._new_file_for(key)
-        entry = self._table.admit(key, meta, lambda _size: final, self._free_loc, self.on_evict,
-                                  self._evict_view, overhead=len(head))
-        if entry is None:
-            self.counters.add("put_failures")
-            return False
-        try:
-            self._write_file(final, head, data)
-        except OSError as exc:
-            self._table.abort(entry, lambda e: None)
-            self.counters.add_many(put_failures=1, errors=1)
-            log.warning("disk tier: writing %s failed: %s", final, exc)
-            return False
-        self._table.publish(entry, self._free_loc)
-        self.counters.add_many(puts=1, bytes_in=meta.size)
-        self.counters.observe("put", time.perf_counter() - t0)
-        return True
+        return self._table.admit(key, meta, lambda _size: final, self._free_loc, self.on_evict,
+                                 self._evict_view, overhead=len(head))
 
-    def get(self, key: ArtifactKey, out: Optional[torch.Tensor] = None) -> Optional[Artifact]:
-        t0 = time.perf_counter()
-        entry = self._table.acquire(key)
-        if entry is None:
-            self.counters.add("misses")
-            return None
+    def _write(self, entry: Entry, data: torch.Tensor) -> bool:
         try:
-            if out is not None and (out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < entry.meta.size):
-                raise ValueError(f"out must be a 1-D uint8 tensor of at least {entry.meta.size} bytes")
-            art = self._read_file(entry, out)
+            self._write_file(entry.loc, _record_head(entry.key, entry.meta), data)
+            return True
+        except OSError as exc:
+            log.warning("disk tier: writing %s failed: %s", entry.loc, exc)
+            return False
+
+    def _read(self, entry: Entry, out: Optional[torch.Tensor]) -> Optional[Artifact]:
+        try:
+            return self._read_file(entry, out)
         except (OSError, CorruptArtifact) as exc:
-            art = None
             log.warning("disk tier: dropping unreadable %s (%s)", entry.loc, exc)
-            self.counters.add("corrupt")
-        finally:
-            self._table.release(entry, self._free_loc)
-        if art is None:
-            self._drop_if_same(entry)
-            self.counters.add("misses")
             return None
-        self.counters.add_many(hits=1, bytes_out=entry.meta.size)
-        self.counters.observe("get", time.perf_counter() - t0)
-        return art
 
     def put_many(self, items):
         items = list(items)
@@ -227,16 +206,16 @@ class DiskMemoryLayer(TableBackedLayer):
 
     def _write_file(self, final: str, head: bytes, data: torch.Tensor) -> None:
         tmp = final + TMP_MARK
-        os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+        subdir = os.path.dirname(final)
+        if subdir not in self._subdirs:
+            os.makedirs(subdir, mode=0o700, exist_ok=True)
+            self._subdirs.add(subdir)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
-                f.write(head)
+                _write_all(f, head)
                 if data.numel():
-                    view = memoryview(data.numpy())
-                    done = 0
-                    while done < len(view):
-                        done += f.write(view[done:])
+                    _write_all(f, data.numpy())
             os.replace(tmp, final)
         except BaseException:
             try:
@@ -247,32 +226,30 @@ class DiskMemoryLayer(TableBackedLayer):
 
     def _read_file(self, entry: Entry, out: Optional[torch.Tensor]) -> Artifact:
         meta = entry.meta
+        head_len = entry.size - meta.size
         with open(entry.loc, "rb", buffering=0) as f:
-            head = f.read(entry.size - meta.size)
-            if head != _record_head(entry.key, meta):
+            if f.read(head_len) != _record_head(entry.key, meta):
                 raise CorruptArtifact("header or key does not match the index")
-            dest = out[:meta.size] if out is not None else torch.empty(meta.size, dtype=torch.uint8)
-            if meta.size:
+            if os.fstat(f.fileno()).st_size != entry.size:
+                raise CorruptArtifact("file size does not match its header")
+            dest = out.narrow(0, 0, meta.size) if out is not None else torch.empty(meta.size, dtype=torch.uint8)
+            if meta.size >= MMAP_MIN_BYTES:
+                got = _copy_and_checksum(f.fileno(), head_len, dest)
+            else:
                 view = memoryview(dest.numpy())
-                got = 0
-                while got < meta.size:
-                    n = f.readinto(view[got:])
+                done = 0
+                while done < meta.size:
+                    n = f.readinto(view[done:])
                     if not n:
-                        raise CorruptArtifact(f"file truncated at {got} of {meta.size} payload bytes")
-                    got += n
-            if f.read(1):
-                raise CorruptArtifact("file longer than its header says")
-        if _checksum64(dest) != meta.checksum:
+                        raise CorruptArtifact(f"file truncated at {done} of {meta.size} payload bytes")
+                    done += n
+                got = _checksum64(dest)
+        if got != meta.checksum:
             raise CorruptArtifact("payload checksum mismatch")
         return Artifact(meta, dest)
 
     def _evict_view(self, entry: Entry) -> Artifact:
         return self._read_file(entry, None)
-
-    def _drop_if_same(self, entry: Entry) -> None:
-        with self._table.lock:
-            if self._table.entries.get(entry.key) is entry:
-                self._table.remove(entry.key, self._free_loc)
 
     def _unlink(self, entry: Entry) -> None:
         try:
@@ -326,6 +303,32 @@ def _key_hash(key: ArtifactKey) -> str:
     return hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
 
 
+def _copy_and_checksum(fd: int, offset: int, dest: torch.Tensor) -> int:
+    """Copy the payload at ``offset`` of the file into ``dest`` and checksum it in the same pass.
+
+    The file is mapped (pre-faulted) and copied by the native gather op, which
+    computes checksum64 while copying, so verification costs no second pass.
+    """
+    size = dest.numel()
+    with mmap.mmap(fd, offset + size, prot=mmap.PROT_READ,
+                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as mapped:
+        with warnings.catch_warnings():   # read-only mapping: the op only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.frombuffer(mapped, dtype=torch.uint8, count=size, offset=offset)
+        try:
+            sums = gather_blocks([src.view(1, size)], _BLOCK0, dest, 1)
+        finally:
+            del src
+    return int(sums[0]) & 0xFFFFFFFFFFFFFFFF
+
+
+def _write_all(f, buf) -> None:
+    view = memoryview(buf)
+    done = 0
+    while done < len(view):
+        done += f.write(view[done:])
+
+
 def _record_head(key: ArtifactKey, meta: ArtifactMeta) -> bytes:
     k = key.encode()
     return meta.pack() + _KEYLEN.pack(len(k)) + k
@@ -347,8 +350,9 @@ def _read_head(fpath: str) -> tuple[ArtifactKey, ArtifactMeta, int]:
         key = ArtifactKey.decode(bytes(raw[start:start + klen]))
     except ValueError as exc:
         raise CorruptArtifact(str(exc)) from None
-    if nbytes != start + klen + meta.size:
-        raise CorruptArtifact(f"file has {nbytes} bytes, header says {start + klen + meta.size}")
+    expect = start + klen + meta.size
+    if nbytes != expect:
+        raise CorruptArtifact(f"file has {nbytes} bytes, header says {expect}")
     return key, meta, nbytes
 
 

@@ -11,7 +11,8 @@ and mark the tier unhealthy. While unhealthy every operation answers at once
 (miss / not stored) without touching the network; after a back-off that
 doubles from ``retry_backoff_s`` up to ``retry_backoff_max_s``, one caller
 probes the server with its real request and the tier recovers on success.
-Configuration mistakes that Redis reports at start-up (wrong password, unknown
+In a cluster each primary has its own health, so one dead primary costs only
+the keys it holds. Configuration mistakes that Redis reports at start-up (wrong password, unknown
 user, TLS certificate rejected) are raised by the constructor as
 ``RedisTierConfigError`` naming the problem.
 
@@ -21,14 +22,17 @@ redis-py's pooled connections, because redis-py's own path copies every value
 hiredis' read buffer). ``put`` frames the header and the payload as one bulk
 string and hands the payload's memory to ``sendall`` (no user-space copy);
 ``get`` reads the header, then ``recv_into`` the destination (``out`` when
-given, else a new tensor) directly, so the only copy is the kernel's, and
-verifies the checksum there. EXISTS, DEL, SCAN and INFO go through redis-py.
+given, else a new tensor) directly, so the only copy is the kernel's; each
+payload's checksum is checked there after the round trip. EXISTS and DEL are
+framed the same way (one code path for routing and faults); SCAN, STRLEN and
+INFO go through redis-py.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 import time
 from collections import Counter
@@ -42,6 +46,7 @@ from redis.retry import Retry
 
 from stratacache.core.artifact import Artifact, ArtifactMeta, CorruptArtifact
 from stratacache.core.keys import ArtifactKey
+from stratacache.ops import checksum64
 from stratacache.telemetry.metrics import TierCounters
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ log = logging.getLogger(__name__)
 # whole value if shorter) before it knows where the payload starts.
 _MAX_HEADER = ArtifactMeta.header_size(16)
 
-# Server faults: the tier goes unhealthy and answers misses until a probe succeeds.
+# Server faults: the server (or cluster primary) backs off; its keys are misses until a probe succeeds.
 _FAULTS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
            redis.exceptions.RedisClusterException, OSError)
 _AUTH_WORDS = ("WRONGPASS", "NOAUTH", "NOPERM", "invalid username-password")
@@ -58,6 +63,56 @@ _AUTH_WORDS = ("WRONGPASS", "NOAUTH", "NOPERM", "invalid username-password")
 
 class RedisTierConfigError(ValueError):
     """The Redis tier cannot work as configured (bad credentials, TLS files, URL)."""
+
+
+class _Backoff:
+    """Health of one server: after a fault, callers are turned away until a back-off
+    (doubling from ``lo`` up to ``hi``) has passed; then one caller probes."""
+
+    __slots__ = ("lo", "hi", "delay", "retry_at", "healthy", "probing", "lock")
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi, self.delay = lo, hi, lo
+        self.retry_at = 0.0
+        self.healthy = True
+        self.probing = False
+        self.lock = threading.Lock()
+
+    def admit(self) -> bool:
+        if self.healthy:
+            return True
+        with self.lock:
+            if self.healthy:
+                return True
+            if self.probing or time.monotonic() < self.retry_at:
+                return False
+            self.probing = True
+            return True
+
+    def ok(self) -> bool:
+        """Record a success; True when this ends an outage."""
+        if self.healthy:
+            return False
+        with self.lock:
+            recovered = not self.healthy
+            self.healthy, self.probing, self.delay = True, False, self.lo
+            return recovered
+
+    def abandon(self) -> None:
+        """The probe ended without an answer either way (a caller error): let another try."""
+        self.probing = False
+
+    def fault(self) -> tuple[bool, float]:
+        """Record a fault; (was it healthy until now, seconds until the next probe)."""
+        with self.lock:
+            was_healthy = self.healthy
+            if was_healthy:
+                self.delay = self.lo
+            self.healthy, self.probing = False, False
+            self.retry_at = time.monotonic() + self.delay
+            retry_in = self.delay
+            self.delay = min(self.delay * 2 or self.lo, self.hi)
+            return was_healthy, retry_in
 
 
 class RedisMemoryLayer:
@@ -105,14 +160,11 @@ class RedisMemoryLayer:
         self.verify = verify
         self.on_evict = None
         self.capacity_bytes = 0
-        self._backoff_min = retry_backoff_s
-        self._backoff_max = retry_backoff_max_s
-        self._backoff = retry_backoff_s
-        self._retry_at = 0.0
-        self._healthy = True
-        self._probing = False
+        self._backoff_range = (retry_backoff_s, retry_backoff_max_s)
+        # The client and (in a cluster) the slot map; for a single server, the server.
+        self._health = _Backoff(*self._backoff_range)
+        self._node_health: dict[str, _Backoff] = {}   # cluster primaries, by "host:port"
         self._refresh_topology = False
-        self._health_lock = threading.Lock()
         self._client_lock = threading.Lock()
         self.counters = TierCounters(self.name)
         self._extra = Counter()   # redis-only counters: fast_misses, timeouts, recoveries
@@ -191,14 +243,12 @@ class RedisMemoryLayer:
                     f"keys under tiers.redis.key_prefix {self.key_prefix!r}") from None
             raise RedisTierConfigError(f"tiers.redis: {_redact(self.url)}: {exc}") from None
         except _FAULTS as exc:
-            if "certificate verify failed" in str(exc) or "wrong version number" in str(exc):
+            if _is_tls_failure(exc):
                 raise RedisTierConfigError(
                     f"tiers.redis: TLS handshake with {_redact(self.url)} failed ({exc}); "
                     "check tiers.redis.tls and tls_ca_file / tls_cert_file / tls_key_file"
                 ) from None
-            log.warning("redis tier: %s unreachable at start-up (%s); serving misses and "
-                        "retrying in %.1fs", _redact(self.url), exc, self._backoff)
-            self._fault(exc)
+            self._fault(self._health, exc, " at start-up")
 
     def _read_capacity(self) -> None:
         """capacity_bytes: the server's maxmemory (summed over cluster primaries); 0 = no limit."""
@@ -211,45 +261,38 @@ class RedisMemoryLayer:
         self.capacity_bytes = sum(int(i.get("maxmemory", 0)) for i in infos)
 
     # -- health --------------------------------------------------------------
-    def _admit(self) -> bool:
+    def _count(self, name: str) -> None:
+        with self._extra_lock:
+            self._extra[name] += 1
+
+    def _admit(self, health: "_Backoff") -> bool:
         """May this call use the network? False (and counted) while backing off."""
-        if self._healthy:
+        if health.admit():
             return True
-        with self._health_lock:
-            if self._healthy:
-                return True
-            if self._probing or time.monotonic() < self._retry_at:
-                with self._extra_lock:
-                    self._extra["fast_misses"] += 1
-                return False
-            self._probing = True
-            return True
+        self._count("fast_misses")
+        return False
 
-    def _ok(self) -> None:
-        if self._healthy:
-            return
-        with self._health_lock:
-            if not self._healthy:
-                log.info("redis tier: %s is back", _redact(self.url))
-                with self._extra_lock:
-                    self._extra["recoveries"] += 1
-            self._healthy, self._probing = True, False
-            self._backoff = self._backoff_min
+    def _ok(self, health: "_Backoff", what: str = "") -> None:
+        if health.ok():
+            log.info("redis tier: %s%s is back", _redact(self.url), what)
+            self._count("recoveries")
 
-    def _fault(self, exc: BaseException) -> None:
+    def _fault(self, health: "_Backoff", exc: BaseException, what: str = "",
+               pool=None) -> None:
+        """Count a server fault, back off, and drop idle sockets to that server."""
         self.counters.add("errors")
         if isinstance(exc, (redis.TimeoutError, TimeoutError)):
-            with self._extra_lock:
-                self._extra["timeouts"] += 1
-        with self._health_lock:
-            if self._healthy:
-                log.warning("redis tier: %s failed (%s: %s); serving misses, retry in %.1fs",
-                            _redact(self.url), type(exc).__name__, exc, self._backoff)
-                self._backoff = self._backoff_min
-            self._healthy, self._probing = False, False
-            self._retry_at = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2 or self._backoff_min, self._backoff_max)
-        self._reset_connections()
+            self._count("timeouts")
+        was_healthy, retry_in = health.fault()
+        if was_healthy:
+            log.warning("redis tier: %s%s failed (%s: %s); serving misses, retry in %.2fs",
+                        _redact(self.url), what, type(exc).__name__, exc, retry_in)
+        if self.cluster:
+            self._refresh_topology = True   # a failover may have moved the dead node's slots
+        if pool is not None:
+            pool.disconnect(inuse_connections=False)
+        else:
+            self._reset_connections()
 
     def _reset_connections(self) -> None:
         """Close idle pooled sockets so a restarted server is not met with stale ones."""
@@ -265,21 +308,25 @@ class RedisMemoryLayer:
             pool.disconnect(inuse_connections=False)
 
     def _remote(self, fn):
-        """``fn()`` against the server, or _DOWN: at once while backing off (no network
-        call), or after a fault (counted; the tier goes unhealthy)."""
-        if not self._admit():
+        """``fn()`` through redis-py, or _DOWN: at once while backing off (no network
+        call), or after a fault (counted; the tier backs off)."""
+        if not self._admit(self._health):
             return _DOWN
         try:
             result = fn()
         except _FAULTS as exc:
-            self._fault(exc)
+            self._fault(self._health, exc)
             return _DOWN
-        self._ok()
+        except BaseException:
+            self._health.abandon()
+            raise
+        self._ok(self._health)
         return result
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        """No fault is being backed off from (the server, or every cluster primary)."""
+        return self._health.healthy and all(h.healthy for h in list(self._node_health.values()))
 
     @property
     def verifies_checksums(self) -> bool:
@@ -290,36 +337,65 @@ class RedisMemoryLayer:
     def _rkey(self, key: ArtifactKey) -> bytes:
         return self.key_prefix + key.encode()
 
-    def _route(self, rkeys: Sequence[bytes]) -> dict:
-        """Connection pool -> indices of the keys it serves (one pool unless clustered)."""
+    def _route(self, rkeys: Sequence[bytes]) -> list:
+        """[(health, pool, indices of the keys that server holds)]: one server, or one
+        group per cluster primary (the slot map is refreshed first when it went stale)."""
         if not self.cluster:
-            return {self._client.connection_pool: list(range(len(rkeys)))}
-        groups: dict = {}
-        for i, rk in enumerate(rkeys):
-            node = self._client.get_node_from_key(rk)
-            groups.setdefault(node.redis_connection.connection_pool, []).append(i)
-        return groups
-
-    def _exchange(self, rkeys: Sequence[bytes], request, reply) -> list:
-        """One pipelined round trip per server: send every ``request(i)``, then read
-        each ``reply(i, reader)`` straight off the socket, in order."""
-        results: list = [None] * len(rkeys)
-        for pool, idxs in self._route(rkeys).items():
-            conn = pool.get_connection()
-            try:
-                conn.send_packed_command(_coalesce(c for i in idxs for c in request(i)),
-                                         check_health=False)
-                reader = _RespReader(conn)
-                for i in idxs:
-                    results[i] = reply(i, reader)
-            except BaseException:
-                conn.disconnect()
-                raise
-            finally:
-                pool.release(conn)
+            return [(self._health, self._client.connection_pool, list(range(len(rkeys))))]
+        client = self._client
         if self._refresh_topology:
             self._refresh_topology = False
-            self._client.nodes_manager.initialize()
+            client.nodes_manager.initialize()
+        groups: dict = {}
+        for i, rk in enumerate(rkeys):
+            node = client.get_node_from_key(rk)
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        out = []
+        for name, (node, idxs) in groups.items():
+            health = self._node_health.get(name)
+            if health is None:
+                health = self._node_health.setdefault(name, _Backoff(*self._backoff_range))
+            out.append((health, node.redis_connection.connection_pool, idxs))
+        return out
+
+    def _exchange(self, rkeys: Sequence[bytes], request, reply) -> list:
+        """One pipelined round trip per server: send every ``request(i)``, then read each
+        ``reply(i, reader)`` straight off the socket, in order. Keys on a server that is
+        backing off or fails now come back as _DOWN; other servers' keys are unaffected."""
+        results: list = [_DOWN] * len(rkeys)
+        if self.cluster:   # making the client and routing need the slot map
+            routes = self._remote(lambda: self._route(rkeys))
+            if routes is _DOWN:
+                return results
+        else:
+            routes = self._route(rkeys)
+        for health, pool, idxs in routes:
+            if not self._admit(health):
+                continue
+            where = f" ({pool.connection_kwargs.get('host')}:" \
+                    f"{pool.connection_kwargs.get('port')})" if self.cluster else ""
+            try:
+                conn = pool.get_connection()
+                try:
+                    conn.send_packed_command(_coalesce(c for i in idxs for c in request(i)),
+                                             check_health=False)
+                    reader = _RespReader(conn)
+                    for i in idxs:
+                        results[i] = reply(i, reader)
+                except BaseException:
+                    conn.disconnect()
+                    raise
+                finally:
+                    pool.release(conn)
+            except _FAULTS as exc:
+                for i in idxs:
+                    results[i] = _DOWN
+                self._fault(health, exc, where, pool)
+                continue
+            except BaseException:
+                health.abandon()
+                raise
+            self._ok(health, where)
         return results
 
     def _server_reply_error(self, err: bytes, op: str) -> None:
@@ -368,21 +444,33 @@ class RedisMemoryLayer:
             return False
 
         t0 = time.perf_counter()
-        ok = self._remote(lambda: self._exchange(rkeys, request, reply))
-        if ok is _DOWN:
-            self.counters.add("put_failures", len(items))
-            return [False] * len(items)
+        ok = [r is True for r in self._exchange(rkeys, request, reply)]
         stored = sum(m.size for (_, _, m), good in zip(items, ok) if good)
         self.counters.add_many(puts=sum(ok), put_failures=len(ok) - sum(ok), bytes_in=stored)
         self.counters.observe("put", time.perf_counter() - t0)
         return ok
 
     def delete(self, key: ArtifactKey) -> bool:
-        n = self._remote(lambda: self._client.delete(self._rkey(key)))
-        if n is _DOWN:
-            return False
+        n = self._integer_replies(b"DEL", [self._rkey(key)])[0]
         self.counters.add("deletes", n)
         return n > 0
+
+    def _integer_replies(self, command: bytes, rkeys: Sequence[bytes]) -> list[int]:
+        """``command key`` for each key, pipelined; 0 for a key whose server is down."""
+        def request(i):
+            return (_bulk_array(command, rkeys[i]),)
+
+        def reply(i, reader):
+            line = reader.line()
+            if line[:1] == b":":
+                return int(line[1:])
+            if line[:1] != b"-":
+                raise redis.ConnectionError(f"unexpected reply to {command.decode()}: "
+                                            f"{line[:80]!r}")
+            self._server_reply_error(line[1:], command.decode())
+            return 0
+
+        return [0 if r is _DOWN else r for r in self._exchange(rkeys, request, reply)]
 
     # -- reads ----------------------------------------------------------------
     def get(self, key: ArtifactKey, out: Optional[torch.Tensor] = None) -> Optional[Artifact]:
@@ -406,7 +494,7 @@ class RedisMemoryLayer:
             return (_bulk_array(b"GET", rkeys[i]),)
 
         def reply(i, reader):
-            """-> Artifact (unverified), None (miss) or _CORRUPT."""
+            """-> Artifact (not yet verified), None (miss) or _CORRUPT."""
             line = reader.line()
             if line[:1] == b"-":
                 if line.startswith(b"-WRONGTYPE"):   # someone else's key under our prefix
@@ -444,22 +532,19 @@ class RedisMemoryLayer:
             return Artifact(meta, dest)
 
         t0 = time.perf_counter()
-        got = self._remote(lambda: self._exchange(rkeys, request, reply))
-        if got is _DOWN:
-            self.counters.add("misses", len(keys))
-            return [None] * len(keys)
+        got = self._exchange(rkeys, request, reply)
         if too_small:
             raise ValueError("get: " + "; ".join(too_small))
         results, bad = [], []
         for key, rk, art in zip(keys, rkeys, got):
+            # Verified after the round trip, so the connection is not held meanwhile.
             if isinstance(art, Artifact) and self.verify \
-                    and _checksum(art.data) != art.meta.checksum:
+                    and checksum64(art.data) != art.meta.checksum:
                 log.warning("redis tier: dropping %s: payload checksum mismatch", key)
                 art = _CORRUPT
             if art is _CORRUPT:
                 bad.append(rk)
-                art = None
-            results.append(art)
+            results.append(art if isinstance(art, Artifact) else None)
         hits = [a for a in results if a is not None]
         self.counters.add_many(hits=len(hits), misses=len(keys) - len(hits), corrupt=len(bad),
                                bytes_out=sum(a.meta.size for a in hits))
@@ -468,15 +553,8 @@ class RedisMemoryLayer:
             self._delete_quietly(bad)
         return results
 
-    def _pipelined(self, command: str, rkeys: Sequence[bytes]) -> list:
-        """One redis-py pipeline running ``command`` on each key (replies or exceptions)."""
-        pipe = self._client.pipeline(transaction=False)
-        for rk in rkeys:
-            getattr(pipe, command)(rk)
-        return pipe.execute(raise_on_error=False)
-
     def _delete_quietly(self, rkeys: list[bytes]) -> None:
-        self._remote(lambda: self._pipelined("delete", rkeys))
+        self._integer_replies(b"DEL", rkeys)
 
     def contains(self, key: ArtifactKey) -> bool:
         return self.contains_many([key])[0]
@@ -485,10 +563,7 @@ class RedisMemoryLayer:
         """EXISTS per key, pipelined (one reply each, also across cluster slots)."""
         if not keys:
             return []
-        replies = self._remote(lambda: self._pipelined("exists", [self._rkey(k) for k in keys]))
-        if replies is _DOWN:
-            return [False] * len(keys)
-        return [r == 1 for r in replies]
+        return [n == 1 for n in self._integer_replies(b"EXISTS", [self._rkey(k) for k in keys])]
 
     def pin(self, key: ArtifactKey, lease_s: Optional[float] = None) -> bool:
         """Reads always copy out of Redis, so no view can go stale: pinning only checks presence."""
@@ -503,8 +578,9 @@ class RedisMemoryLayer:
         return self._client.scan_iter(match=pattern, count=1000)
 
     def keys(self) -> Iterator[ArtifactKey]:
-        """Every well-formed key under key_prefix (SCAN: read-only, not a snapshot)."""
-        if not self._admit():
+        """Every well-formed key under key_prefix (SCAN: read-only, not a snapshot).
+        Nothing while the tier is backing off (a listing is never the recovery probe)."""
+        if not self._health.healthy:
             return
         n = len(self.key_prefix)
         try:
@@ -514,7 +590,7 @@ class RedisMemoryLayer:
                 except ValueError:
                     continue
         except _FAULTS as exc:
-            self._fault(exc)
+            self._fault(self._health, exc)
 
     def used_bytes(self) -> int:
         """Server-side memory in use (INFO used_memory, summed over cluster primaries)."""
@@ -529,7 +605,7 @@ class RedisMemoryLayer:
         out = self.counters.snapshot()
         with self._extra_lock:
             out.update({k: self._extra[k] for k in ("fast_misses", "timeouts", "recoveries")})
-        out.update(tier=self.name, healthy=self._healthy, url=_redact(self.url),
+        out.update(tier=self.name, healthy=self.healthy, url=_redact(self.url),
                    cluster=self.cluster, capacity_bytes=self.capacity_bytes)
         return out
 
@@ -540,7 +616,10 @@ class RedisMemoryLayer:
         batch: list[bytes] = []
 
         def flush():
-            for rk, size in zip(batch, self._pipelined("strlen", batch)):
+            pipe = self._client.pipeline(transaction=False)
+            for rk in batch:
+                pipe.strlen(rk)
+            for rk, size in zip(batch, pipe.execute(raise_on_error=False)):
                 if not isinstance(size, int) or size == 0:
                     continue
                 try:
@@ -566,7 +645,7 @@ class RedisMemoryLayer:
 
     @classmethod
     def inspect(cls, tier_cfg=None, **kwargs) -> dict:
-        """Read-only report for ``stratacache inspect``: usage, server memory, counters.
+        """Read-only report for ``stratacache inspect``: usage per kind/namespace, server memory.
 
         Pass the validated ``tiers.redis`` section, or the constructor's keyword
         arguments (``url=...``). Raises RedisTierConfigError for bad credentials;
@@ -707,9 +786,14 @@ def _check_out(out: Optional[torch.Tensor]) -> None:
         raise ValueError("out must be a contiguous 1-D uint8 CPU tensor")
 
 
-def _checksum(data: torch.Tensor) -> int:
-    from stratacache.ops import checksum64
-    return checksum64(data) & 0xFFFFFFFFFFFFFFFF
+def _is_tls_failure(exc: BaseException) -> bool:
+    """A TLS handshake was refused (certificate, protocol): a set-up error, not an outage."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, ssl.SSLError) or "[SSL" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _redact(url: str) -> str:

@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+import torch
+
 from stratacache.backends.base import BatchDefaults
 from stratacache.backends.eviction import make_policy
 from stratacache.core.artifact import Artifact, ArtifactMeta
@@ -32,14 +34,13 @@ key_tuple = operator.attrgetter("kind", "namespace", "name")
 
 
 class Entry:
-    __slots__ = ("key", "meta", "loc", "size", "refs", "leases", "visible")
+    __slots__ = ("key", "kt", "meta", "loc", "size", "refs", "leases")
 
-    def __init__(self, key: ArtifactKey, meta: ArtifactMeta, loc: Any, size: int):
-        self.key, self.meta, self.loc = key, meta, loc
+    def __init__(self, key: ArtifactKey, kt: tuple, meta: ArtifactMeta, loc: Any, size: int):
+        self.key, self.kt, self.meta, self.loc = key, kt, meta, loc
         self.size = size                  # bytes charged: the payload plus any per-object overhead
         self.refs = 0
         self.leases: list[float] = []     # monotonic deadlines of pins
-        self.visible = False
 
     def busy(self, now: float) -> bool:
         if self.leases and self.leases[0] <= now:
@@ -48,18 +49,21 @@ class Entry:
 
 
 class ObjectTable:
-    """Index + accounting + eviction for one tier. All methods take ``self.lock``."""
+    """Index + accounting + eviction for one tier. All methods take ``self.lock``.
+
+    Internally objects are keyed by ``key_tuple(key)``, whose hash and equality
+    run in C; the dataclass ``ArtifactKey`` would cost a Python call per probe.
+    """
 
     def __init__(self, capacity_bytes: int, eviction: str = "lru", lease_s: float = 30.0,
                  quotas: Optional[dict] = None, priorities: Optional[dict] = None):
         self.capacity = int(capacity_bytes)
         self.lease_s = float(lease_s)
-        self.quotas = dict(quotas or {})
+        self.quotas = {k: v for k, v in (quotas or {}).items() if v is not None}
         self.priorities = dict(priorities or {})
         self.policy = make_policy(eviction, self.capacity)
         self.lock = threading.RLock()
-        self.entries: dict[ArtifactKey, Entry] = {}
-        self.present: set[tuple] = set()        # key_tuple of every visible entry (fast lookups)
+        self.entries: dict[tuple, Entry] = {}   # key_tuple -> visible entry
         self.used = 0
         self.used_by_kind: dict[str, int] = {}
         self._detached: set[Entry] = set()      # out of the index, space still held by a reader/lease
@@ -79,33 +83,32 @@ class ObjectTable:
         ``free_loc`` releases one. With ``on_evict``, victims are handed to it
         with the lock released and their space is reused only afterwards.
         ``overhead`` bytes (e.g. a file header) are charged on top of the payload.
+        An object already stored under ``key`` stays readable until ``publish``.
         """
         size = meta.size + overhead
         kind = key.kind
         quota = self.quotas.get(kind)
         if size > self.capacity or (quota is not None and size > quota):
             return None
-        prio = self.priorities.get(kind, 0)
         while True:
             held: list[Entry] = []
             with self.lock:
-                old = self.entries.get(key)
-                if old is not None:
-                    self._detach(old, free_loc)
-                self._reap(free_loc)
+                if self._detached:
+                    self._reap(free_loc)
                 while True:
-                    if self._fits(kind, size, quota):
+                    if self.used + size <= self.capacity and \
+                            (quota is None or self.used_by_kind.get(kind, 0) + size <= quota):
                         loc = place(size)
                         if loc is not None:
-                            entry = Entry(key, meta, loc, size)
-                            self._account(entry, +1)
+                            entry = Entry(key, key_tuple(key), meta, loc, size)
+                            self._account(kind, size)
                             return entry
                     pending = sum(e.size for e in held)
                     need_quota = quota is not None and \
                         self.used_by_kind.get(kind, 0) - pending + size > quota
                     if held and not need_quota and self.used - pending + size <= self.capacity:
                         break   # enough is being evicted; place after the write-down
-                    victim = self._pick_victim(kind, prio, need_quota)
+                    victim = self._pick_victim(kind, need_quota)
                     if victim is None:
                         if held:
                             break
@@ -125,15 +128,13 @@ class ObjectTable:
                     self.release(victim, free_loc)
 
     def publish(self, entry: Entry, free_loc: Callable[[Entry], None]) -> None:
-        """Make an admitted entry visible (replacing any object published meanwhile)."""
+        """Make an admitted entry visible, replacing the object previously stored under its key."""
         with self.lock:
-            old = self.entries.get(entry.key)
+            old = self.entries.get(entry.kt)
             if old is not None:
                 self._detach(old, free_loc)
-            entry.visible = True
-            self.entries[entry.key] = entry
-            self.present.add(key_tuple(entry.key))
-            self.policy.insert(entry.key, entry.size)
+            self.entries[entry.kt] = entry
+            self.policy.insert(entry.kt, entry.size)
 
     def abort(self, entry: Entry, free_loc: Callable[[Entry], None]) -> None:
         """Give back an admitted entry whose bytes could not be written."""
@@ -142,21 +143,22 @@ class ObjectTable:
 
     # -- readers and leases --------------------------------------------------------
 
-    def acquire(self, key: ArtifactKey, touch: bool = True) -> Optional[Entry]:
+    def acquire(self, key: ArtifactKey) -> Optional[Entry]:
         """The entry with a reader reference held (release it), or None."""
+        kt = key_tuple(key)
         with self.lock:
-            entry = self.entries.get(key)
+            entry = self.entries.get(kt)
             if entry is None:
                 return None
             entry.refs += 1
-            if touch:
-                self.policy.touch(key)
+            self.policy.touch(kt)
             return entry
 
     def release(self, entry: Entry, free_loc: Callable[[Entry], None]) -> None:
         with self.lock:
             entry.refs -= 1
-            self._free_if_idle(entry, free_loc)
+            if self._detached:
+                self._free_if_idle(entry, free_loc)
 
     def pin(self, key: ArtifactKey, lease_s: Optional[float] = None) -> Optional[tuple[Entry, float]]:
         """Lease the object now stored under ``key``: (entry, deadline), or None on a miss.
@@ -164,13 +166,15 @@ class ObjectTable:
         Leases last at most the table's ``lease_s``, so a leaked pin cannot hold space forever.
         """
         lease = self.lease_s if lease_s is None else min(float(lease_s), self.lease_s)
+        kt = key_tuple(key)
         with self.lock:
-            entry = self.entries.get(key)
+            entry = self.entries.get(kt)
             if entry is None:
                 return None
             deadline = time.monotonic() + lease
             entry.leases.append(deadline)
             entry.leases.sort()
+            self.policy.touch(kt)
             return entry, deadline
 
     def release_lease(self, entry: Entry, deadline: float, free_loc: Callable[[Entry], None]) -> None:
@@ -184,17 +188,41 @@ class ObjectTable:
 
     def unpin(self, key: ArtifactKey, free_loc: Callable[[Entry], None]) -> None:
         with self.lock:
-            entry = self.entries.get(key)
+            entry = self.entries.get(key_tuple(key))
             if entry is not None and entry.leases:
                 entry.leases.pop()
             self._reap(free_loc)
 
-    # -- removal -------------------------------------------------------------------
+    # -- lookups and removal -----------------------------------------------------------
+
+    def get(self, key: ArtifactKey) -> Optional[Entry]:
+        return self.entries.get(key_tuple(key))
+
+    def __contains__(self, key: ArtifactKey) -> bool:
+        return key_tuple(key) in self.entries
+
+    def prefix_count(self, keys) -> int:
+        """How many leading ``keys`` are resident (lock-free: a dict probe is atomic)."""
+        entries = self.entries
+        n = 0
+        for kt in map(key_tuple, keys):
+            if kt not in entries:
+                break
+            n += 1
+        return n
 
     def remove(self, key: ArtifactKey, free_loc: Callable[[Entry], None]) -> bool:
         with self.lock:
-            entry = self.entries.get(key)
+            entry = self.entries.get(key_tuple(key))
             if entry is None:
+                return False
+            self._detach(entry, free_loc)
+            return True
+
+    def remove_entry(self, entry: Entry, free_loc: Callable[[Entry], None]) -> bool:
+        """Remove ``entry`` only if it is still the object stored under its key."""
+        with self.lock:
+            if self.entries.get(entry.kt) is not entry:
                 return False
             self._detach(entry, free_loc)
             return True
@@ -204,16 +232,6 @@ class ObjectTable:
             for entry in list(self.entries.values()):
                 self._detach(entry, free_loc)
 
-    def prefix_count(self, keys) -> int:
-        """How many leading ``keys`` are resident (lock-free: set membership is atomic)."""
-        present = self.present
-        n = 0
-        for t in map(key_tuple, keys):
-            if t not in present:
-                break
-            n += 1
-        return n
-
     def pinned_count(self) -> int:
         now = time.monotonic()
         with self.lock:
@@ -221,36 +239,24 @@ class ObjectTable:
 
     # -- internals (lock held) -------------------------------------------------------
 
-    def _fits(self, kind: str, size: int, quota: Optional[int]) -> bool:
-        if self.used + size > self.capacity:
-            return False
-        return quota is None or self.used_by_kind.get(kind, 0) + size <= quota
-
-    def _pick_victim(self, kind: str, prio: int, same_kind_only: bool) -> Optional[Entry]:
+    def _pick_victim(self, kind: str, same_kind_only: bool) -> Optional[Entry]:
         now = time.monotonic()
         entries, priorities = self.entries, self.priorities
+        prio = priorities.get(kind, 0)
 
-        def eligible(k: ArtifactKey) -> bool:
-            e = entries[k]
-            if e.busy(now):
+        def eligible(kt: tuple) -> bool:
+            if entries[kt].busy(now):
                 return False
             if same_kind_only:
-                return k.kind == kind
-            return priorities.get(k.kind, 0) <= prio
+                return kt[0] == kind
+            return priorities.get(kt[0], 0) <= prio
 
-        key = self.policy.victim(eligible)
-        if key is None:
-            return None
-        entry = entries.pop(key)
-        self.present.discard(key_tuple(key))
-        entry.visible = False
-        return entry
+        kt = self.policy.victim(eligible)
+        return None if kt is None else entries.pop(kt)
 
     def _detach(self, entry: Entry, free_loc) -> None:
-        del self.entries[entry.key]
-        self.present.discard(key_tuple(entry.key))
-        self.policy.remove(entry.key)
-        entry.visible = False
+        del self.entries[entry.kt]
+        self.policy.remove(entry.kt)
         if entry.busy(time.monotonic()):
             self._detached.add(entry)
         else:
@@ -262,21 +268,18 @@ class ObjectTable:
             self._free(entry, free_loc)
 
     def _reap(self, free_loc) -> None:
-        if not self._detached:
-            return
         now = time.monotonic()
         for entry in [e for e in self._detached if not e.busy(now)]:
             self._detached.discard(entry)
             self._free(entry, free_loc)
 
     def _free(self, entry: Entry, free_loc) -> None:
-        self._account(entry, -1)
+        self._account(entry.kt[0], -entry.size)
         free_loc(entry)
 
-    def _account(self, entry: Entry, sign: int) -> None:
-        self.used += sign * entry.size
-        kind = entry.key.kind
-        self.used_by_kind[kind] = self.used_by_kind.get(kind, 0) + sign * entry.size
+    def _account(self, kind: str, delta: int) -> None:
+        self.used += delta
+        self.used_by_kind[kind] = self.used_by_kind.get(kind, 0) + delta
 
 
 class TableBackedLayer(BatchDefaults):
@@ -288,12 +291,53 @@ class TableBackedLayer(BatchDefaults):
 
     _table: ObjectTable
 
+    # put / get are templates: a tier supplies _admit (reserve space), _write
+    # (copy bytes in, no lock held) and _read (copy or view bytes out, or None
+    # when the stored object turns out to be unreadable).
+
+    def put(self, key: ArtifactKey, data, meta: ArtifactMeta) -> bool:
+        t0 = time.perf_counter()
+        if data.numel() != meta.size:
+            raise ValueError(f"payload has {data.numel()} bytes but meta.size is {meta.size}")
+        entry = self._admit(key, meta)
+        if entry is None:
+            self.counters.add("put_failures")
+            return False
+        if not self._write(entry, data):
+            self._table.abort(entry, self._free_loc)
+            self.counters.add_many(put_failures=1, errors=1)
+            return False
+        self._table.publish(entry, self._free_loc)
+        self.counters.record("put", time.perf_counter() - t0, puts=1, bytes_in=meta.size)
+        return True
+
+    def get(self, key: ArtifactKey, out=None) -> Optional[Artifact]:
+        t0 = time.perf_counter()
+        entry = self._table.acquire(key)
+        if entry is None:
+            self.counters.add("misses")
+            return None
+        size = entry.meta.size
+        try:
+            if out is not None and (out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < size):
+                raise ValueError(f"out must be a 1-D uint8 tensor of at least {size} bytes, "
+                                 f"got {out.dtype} {tuple(out.shape)}")
+            art = self._read(entry, out)
+        finally:
+            self._table.release(entry, self._free_loc)
+        if art is None:
+            self._table.remove_entry(entry, self._free_loc)
+            self.counters.add_many(misses=1, corrupt=1)
+            return None
+        self.counters.record("get", time.perf_counter() - t0, hits=1, bytes_out=size)
+        return art
+
     def contains(self, key: ArtifactKey) -> bool:
-        return key in self._table.entries
+        return key in self._table
 
     def contains_many(self, keys) -> list[bool]:
-        present = self._table.present
-        return [t in present for t in map(key_tuple, keys)]
+        entries = self._table.entries
+        return [kt in entries for kt in map(key_tuple, keys)]
 
     def prefix_count(self, keys) -> int:
         """Leading ``keys`` resident here, at set-probe cost (the engine's prefix_lookup fast path)."""
@@ -313,10 +357,10 @@ class TableBackedLayer(BatchDefaults):
 
     def keys(self):
         with self._table.lock:
-            return iter(list(self._table.entries))
+            return iter([e.key for e in self._table.entries.values()])
 
     def meta(self, key: ArtifactKey) -> Optional[ArtifactMeta]:
-        entry = self._table.entries.get(key)
+        entry = self._table.get(key)
         return None if entry is None else entry.meta
 
     def used_bytes(self) -> int:

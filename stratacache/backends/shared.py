@@ -4,11 +4,13 @@ a device-DAX CXL device such as /dev/dax0.0).
 
 The index, allocator, eviction, locking and crash repair live in C++
 (``csrc/shared_region.{h,cpp}``, bound as ``stratacache._C.SharedRegion``).
-This module moves bytes: a put reserves space (the object stays invisible),
-copies the payload in with torch outside any lock, then commits; a get leases
-the current version, copies (or views) it, and re-checks the version
-afterwards, so neither a concurrent overwrite nor a killed writer can hand
-out a torn object. ``ArtifactMeta.pack()`` travels with each object, so any
+This module is the MemoryLayer face of it. A put is one native call that
+reserves space (the object stays invisible), copies the payload in on torch's
+intra-op threads with no lock held, then commits; a get with ``out`` leases
+the current version, copies it out, releases and re-checks the version, so
+neither a concurrent overwrite nor a killed writer can hand out a torn object.
+A get without ``out`` returns a view into the mapping (hold it under ``pin``
+or ``pinned_get``). ``ArtifactMeta.pack()`` travels with each object, so any
 process can rebuild the caller's dtype and shape.
 """
 
@@ -78,24 +80,36 @@ class SharedRegionLayer(BatchDefaults):
         src = as_bytes(data)
         if src.numel() != meta.size:
             raise ValueError(f"payload has {src.numel()} bytes but meta.size is {meta.size}")
-        res = self._region.reserve(key.encode(), meta.size, meta.pack())
-        if res is None:
-            self.counters.add("put_failures")
-            return False
-        slot, gen, offset = res
-        try:
-            if meta.size:
-                self._data[offset:offset + meta.size].copy_(src)
-        except BaseException:
-            self._region.abort(slot, gen)
-            raise
-        ok = self._region.commit(slot, gen)
+        raw, aux = key.encode(), meta.pack()
+        # One native call reserves, copies (no lock held) and commits. With
+        # on_evict set, this process's evictions go through it first.
+        ok = self._region.put_tensor(raw, aux, src, evict=self.on_evict is None)
+        while ok is None and self.on_evict is not None and self._hand_off_victim():
+            ok = self._region.put_tensor(raw, aux, src, evict=False)
         if ok:
             self.counters.add_many(puts=1, bytes_in=meta.size)
             self.counters.observe("put", time.perf_counter() - t0)
         else:
             self.counters.add("put_failures")
-        return ok
+        return bool(ok)
+
+    def _hand_off_victim(self) -> bool:
+        """Lease the next CLOCK victim, give it to on_evict, then drop it. Evictions
+        that other processes cause are theirs to hand down."""
+        victim = self._region.pick_victim(self.lease_s)
+        if victim is None:
+            return False
+        raw, (slot, gen, offset, size, aux) = victim
+        try:
+            key = ArtifactKey.decode(raw)
+            meta, _ = ArtifactMeta.unpack(aux)
+            self.on_evict(key, Artifact(meta, self._data[offset:offset + size]))
+        except Exception:  # noqa: BLE001 - a failed hand-off must not block the put
+            log.exception("stratacache shared tier: on_evict failed for %r; evicting anyway", raw[:80])
+        finally:
+            self._region.erase_version(slot, gen, evicted=True)
+            self._region.release(slot, gen)
+        return True
 
     def delete(self, key: ArtifactKey) -> bool:
         gone = self._region.erase(key.encode())
@@ -106,29 +120,27 @@ class SharedRegionLayer(BatchDefaults):
     # -- reads -------------------------------------------------------------------------
 
     def get(self, key: ArtifactKey, out: Optional[torch.Tensor] = None) -> Optional[Artifact]:
+        if out is None:
+            got = self.pinned_get(key)
+            if got is None:
+                return None
+            art, release = got
+            release()   # the view stays valid until the object is overwritten or evicted
+            return art
         t0 = time.perf_counter()
-        handle = self._region.acquire(key.encode(), self.lease_s)
-        if handle is None:
+        _check_out(out)
+        # One native call leases, copies (no lock held), releases and re-checks the version.
+        found = self._region.get_into(key.encode(), self.lease_s, out)
+        if found is None:
             self.counters.add("misses")
             return None
-        slot, gen, offset, size, aux = handle
-        try:
-            meta = self._meta(key, aux, size)
-            if meta is None:
-                return None
-            view = self._data[offset:offset + size]
-            if out is not None:
-                _check_out(out, size)
-                dst = out[:size]
-                dst.copy_(view)
-            else:
-                dst = view
-            if not self._intact(key, slot, gen, dst, meta):
-                return None
-        finally:
-            current = self._region.release(slot, gen)
+        slot, gen, size, aux, current = found
         if not current:   # the version changed under a lease that expired mid-copy
             self.counters.add("misses")
+            return None
+        meta = self._meta(key, slot, gen, aux, size)
+        dst = out[:size]
+        if meta is None or not self._verified(key, slot, gen, dst, meta):
             return None
         self.counters.add_many(hits=1, bytes_out=size)
         self.counters.observe("get", time.perf_counter() - t0)
@@ -141,9 +153,9 @@ class SharedRegionLayer(BatchDefaults):
             self.counters.add("misses")
             return None
         slot, gen, offset, size, aux = handle
-        meta = self._meta(key, aux, size)
+        meta = self._meta(key, slot, gen, aux, size)
         view = self._data[offset:offset + size]
-        if meta is None or not self._intact(key, slot, gen, view, meta):
+        if meta is None or not self._verified(key, slot, gen, view, meta):
             self._region.release(slot, gen)
             return None
         self.counters.add_many(hits=1, bytes_out=size)
@@ -271,7 +283,7 @@ class SharedRegionLayer(BatchDefaults):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _meta(self, key: ArtifactKey, aux: bytes, size: int) -> Optional[ArtifactMeta]:
+    def _meta(self, key: ArtifactKey, slot: int, gen: int, aux: bytes, size: int) -> Optional[ArtifactMeta]:
         try:
             meta, _ = ArtifactMeta.unpack(aux)
             if meta.size != size:
@@ -280,30 +292,27 @@ class SharedRegionLayer(BatchDefaults):
         except CorruptArtifact as exc:
             log.warning("stratacache shared tier: dropping %s: %s", key, exc)
             self.counters.add("corrupt")
-            self._region.erase(key.encode())
+            self._region.erase_version(slot, gen)
             return None
 
-    def _intact(self, key: ArtifactKey, slot: int, gen: int, data: torch.Tensor,
-                meta: ArtifactMeta) -> bool:
-        """Generation re-check after the copy, plus the checksum when configured."""
-        if not self._region.is_current(slot, gen):
-            self.counters.add("misses")
-            return False
+    def _verified(self, key: ArtifactKey, slot: int, gen: int, data: torch.Tensor,
+                  meta: ArtifactMeta) -> bool:
+        """The checksum check, when configured; a corrupt object is dropped (a miss)."""
         if self.verifies_checksums:
             from stratacache.ops import checksum64
             if (checksum64(data) & 0xFFFFFFFFFFFFFFFF) != meta.checksum:
                 log.warning("stratacache shared tier: %s failed its checksum; dropped", key)
                 self.counters.add("corrupt")
-                self._region.erase(key.encode())
+                self._region.erase_version(slot, gen)
                 return False
         return True
 
 
-def _check_out(out: torch.Tensor, size: int) -> None:
-    if out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous 1-D uint8 tensor, got {out.dtype} {tuple(out.shape)}")
-    if out.numel() < size:
-        raise ValueError(f"out holds {out.numel()} bytes but the object has {size}")
+def _check_out(out: torch.Tensor) -> None:
+    if (out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous()
+            or out.device.type != "cpu"):
+        raise ValueError(f"out must be a contiguous 1-D uint8 CPU tensor, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
 
 
 def _want_cuda(register_cuda) -> bool:

@@ -141,6 +141,9 @@ def run(args) -> int:
     print(f"\nSpeed-up of repeat questions in the same engine: {summary['speedup_same_engine']:.2f}x; "
           f"in a fresh engine reusing the shared-region KV: {summary['speedup_fresh_engine']:.2f}x. "
           f"Outputs identical: {'yes' if summary['outputs_identical'] else 'NO'}.")
+    if summary["fresh_engine_cached_fraction"] == 0:
+        print(f"warning: the fresh engine found no KV in StrataCache; see "
+              f"{workdir / 'strata.log'} and {workdir / 'fresh.log'}")
     print(f"Chart: {chart}")
     report["chart"] = str(chart)
     report["region"] = str(region)
@@ -224,7 +227,7 @@ def _run_engine(key: str, label: str, model_dir: Path, queries: list[dict], max_
     cmd = [sys.executable, "-m", "stratacache.cli.demo_engine", str(spec_path), str(result_path)]
     tail: deque[str] = deque(maxlen=5)
     bar = tqdm(total=len(queries) + 1, desc=f"{label:<40.40}", unit="step", leave=True,
-               bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+               bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
     bar.set_postfix_str("starting engine")
     with open(log_path, "w") as log, subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

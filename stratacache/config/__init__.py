@@ -19,8 +19,8 @@ import yaml
 
 from stratacache.config.schema import CROSS_CHECKS, SCHEMA, ConfigError, Key, parse_size
 
-__all__ = ["ConfigError", "StrataConfig", "Section", "load_config", "describe_config", "parse_size",
-           "ENV_VAR", "DEFAULT_PATH"]
+__all__ = ["ConfigError", "StrataConfig", "Section", "load_config", "describe_config", "config_table_markdown",
+           "parse_size", "ENV_VAR", "DEFAULT_PATH"]
 
 ENV_VAR = "STRATACACHE_CONFIG"
 DEFAULT_PATH = Path(__file__).with_name("default.yaml")
@@ -127,6 +127,15 @@ def describe_config() -> list[tuple[str, str, Any, str]]:
 
     walk(SCHEMA, defaults, "")
     return rows
+
+
+def config_table_markdown() -> str:
+    """The README / docs/config.md table of every key (generated, so it cannot drift)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for path, type_name, default, doc in describe_config():
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        lines.append(f"| `{path}` | {type_name.replace('|', '&#124;')} | `{shown}` | {doc} |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------- internals

@@ -185,6 +185,7 @@ _WRITE_POLICY = Key("choice", "how stores reach the next enabled tier below: wri
                     "writes the object down", choices=("write_through", "write_back"))
 _PROMOTE = Key("bool", "copy an object found in a lower tier into this tier on a chain read")
 _DEMOTE = Key("bool", "write objects evicted from this tier into the next tier even under write_through")
+_EVICTION = Key("choice", "eviction policy: lru, or s3fifo (scan-resistant)", choices=("lru", "s3fifo"))
 _POSITIVE_SIZE = dict(minimum=1)
 
 SCHEMA: dict = {
@@ -192,7 +193,7 @@ SCHEMA: dict = {
         "cpu": {
             "enabled": Key("bool", "use the per-process CPU arena tier"),
             "capacity": Key("size", "bytes of payload the CPU arena holds (reserved lazily)", **_POSITIVE_SIZE),
-            "eviction": Key("choice", "eviction policy: lru, or s3fifo (scan-resistant)", choices=("lru", "s3fifo")),
+            "eviction": _EVICTION,
             "pin_memory": Key("choice", "page-lock the arena for fast GPU copies: auto pins when CUDA is present",
                               choices=("auto", True, False)),
             "write_policy": _WRITE_POLICY,
@@ -216,7 +217,7 @@ SCHEMA: dict = {
             "enabled": Key("bool", "use the local-disk tier"),
             "path": Key("str", "directory holding the tier's files (created 0700 if missing)", check=_dir_path),
             "capacity": Key("size", "bytes of payload the directory may hold; never exceeded", **_POSITIVE_SIZE),
-            "eviction": Key("choice", "eviction policy: lru, or s3fifo (scan-resistant)", choices=("lru", "s3fifo")),
+            "eviction": _EVICTION,
             "io_threads": Key("int", "threads doing file I/O", minimum=1, maximum=256),
             "write_policy": _WRITE_POLICY,
             "promote": _PROMOTE,

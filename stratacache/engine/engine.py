@@ -16,12 +16,13 @@ object is deleted from that tier.
 from __future__ import annotations
 
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 import torch
 
-from stratacache.core.artifact import Artifact, CorruptArtifact, as_bytes, meta_for
+from stratacache.core.artifact import Artifact, ArtifactMeta, CorruptArtifact, as_bytes
 from stratacache.core.keys import ArtifactKey
 from stratacache.tiering.chain import TierChain
 
@@ -34,6 +35,33 @@ def _checksum64(data: torch.Tensor) -> int:
 
 
 _U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _check_out(out) -> None:
+    if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.uint8
+                            or out.dim() != 1 or not out.is_contiguous() or out.is_cuda):
+        raise ValueError("out must be a contiguous 1-D torch.uint8 CPU tensor")
+
+
+def _prepare(key: ArtifactKey, payload, checksum: Optional[int]) -> tuple[torch.Tensor, ArtifactMeta]:
+    """Flat bytes and metadata of a payload; the checksum is computed unless given."""
+    if not isinstance(key, ArtifactKey):
+        raise TypeError(f"key must be an ArtifactKey, got {type(key).__name__}")
+    data = _flat_bytes(payload)
+    cs = _checksum64(data) if checksum is None else int(checksum) & _U64
+    if isinstance(payload, torch.Tensor):
+        return data, ArtifactMeta(data.numel(), cs, payload.dtype, tuple(payload.shape))
+    return data, ArtifactMeta(data.numel(), cs)
+
+
+def _flat_bytes(payload) -> torch.Tensor:
+    """``as_bytes`` with a shortcut for what the connector stores: flat contiguous uint8 CPU tensors."""
+    if isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8 and payload.dim() == 1 \
+            and payload.is_contiguous() and not payload.is_cuda:
+        return payload
+    with warnings.catch_warnings():   # read-only bytes: tiers only ever read a payload
+        warnings.simplefilter("ignore", UserWarning)
+        return as_bytes(payload)
 
 
 class StorageEngine:
@@ -92,22 +120,25 @@ class StorageEngine:
     def store(self, key: ArtifactKey, payload, *, checksum: Optional[int] = None,
               tier: Optional[str] = None, mode: str = "chain") -> bool:
         """True once stored in the first target tier (acknowledged)."""
-        order = self._order(mode, tier)
-        if not isinstance(key, ArtifactKey):
-            raise TypeError(f"key must be an ArtifactKey, got {type(key).__name__}")
-        data = as_bytes(payload)
-        meta = meta_for(payload, _checksum64(data) if checksum is None else int(checksum) & _U64)
-        ok = self.chain.store(key, data, meta, start=order[0], only=(mode == "exact"))
+        start = 0 if tier is None and mode == "chain" else self._order(mode, tier)[0]
+        data, meta = _prepare(key, payload, checksum)
+        ok = self.chain.store(key, data, meta, start=start, only=(mode == "exact"))
         self._count(stores=1, store_failures=0 if ok else 1)
         return ok
 
     def store_many(self, items, *, checksums: Optional[Sequence[Optional[int]]] = None,
                    tier: Optional[str] = None, mode: str = "chain") -> list[bool]:
+        """Batched ``store``: one ``put_many`` per tier (pipelined by remote tiers)."""
         items = list(items)
         if checksums is not None and len(checksums) != len(items):
             raise ValueError(f"checksums has {len(checksums)} entries for {len(items)} items")
+        start = 0 if tier is None and mode == "chain" else self._order(mode, tier)[0]
         cs = checksums if checksums is not None else [None] * len(items)
-        return [self.store(k, p, checksum=c, tier=tier, mode=mode) for (k, p), c in zip(items, cs)]
+        prepared = [(k, *_prepare(k, p, c)) for (k, p), c in zip(items, cs)]
+        ok = self.chain.store_many(prepared, start=start, only=(mode == "exact"))
+        failed = ok.count(False)
+        self._count(stores=len(ok) - failed, store_failures=failed)
+        return ok
 
     def delete(self, key: ArtifactKey) -> bool:
         return self.chain.delete(key)
@@ -117,9 +148,7 @@ class StorageEngine:
     def load(self, key: ArtifactKey, *, out: Optional[torch.Tensor] = None, mode: str = "chain",
              tier: Optional[str] = None, verify: bool = True) -> Optional[Artifact]:
         order = self._order(mode, tier)
-        if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.uint8
-                                or out.dim() != 1 or not out.is_contiguous()):
-            raise ValueError("out must be a contiguous 1-D torch.uint8 tensor")
+        _check_out(out)
         art, found = self._read(key, out, order, verify)
         if art is not None and mode != "exact":
             self.chain.promote(key, art, found, order)
@@ -161,14 +190,48 @@ class StorageEngine:
 
     def load_many(self, keys: Sequence[ArtifactKey], *, outs=None, mode: str = "chain",
                   tier: Optional[str] = None, verify: bool = True) -> list[Optional[Artifact]]:
-        outs = outs if outs is not None else [None] * len(keys)
-        if len(outs) != len(keys):
-            raise ValueError(f"outs has {len(outs)} entries for {len(keys)} keys")
-        return [self.load(k, out=o, mode=mode, tier=tier, verify=verify) for k, o in zip(keys, outs)]
+        """Batched ``load``: one ``get_many`` per tier for the keys still missing."""
+        keys = list(keys)
+        order = self._order(mode, tier)
+        if outs is not None:
+            outs = list(outs)
+            if len(outs) != len(keys):
+                raise ValueError(f"outs has {len(outs)} entries for {len(keys)} keys")
+            for o in outs:
+                _check_out(o)
+        chain = self.chain
+        results: list[Optional[Artifact]] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for i in order:
+            if not todo:
+                break
+            sub_outs = None if outs is None else [outs[j] for j in todo]
+            try:
+                arts = chain.tiers[i].get_many([keys[j] for j in todo], sub_outs)
+            except ValueError as exc:
+                if outs is not None and not isinstance(exc, CorruptArtifact):
+                    raise   # a caller buffer does not fit its object
+                chain.record_error(i, exc)
+                continue
+            except Exception as exc:
+                chain.record_error(i, exc)
+                continue
+            missing = []
+            for j, art in zip(todo, arts):
+                art = self._verified(i, keys[j], art, verify)
+                if art is None:
+                    missing.append(j)
+                else:
+                    results[j] = art
+                    if mode != "exact":
+                        chain.promote(keys[j], art, i, order)
+            todo = missing
+        self._count(loads=len(keys), hits=len(keys) - len(todo), misses=len(todo))
+        return results
 
     @contextmanager
     def pinned(self, key: ArtifactKey, *, mode: str = "chain",
-               tier: Optional[str] = None) -> Iterator[Optional[Artifact]]:
+               tier: Optional[str] = None, verify: bool = True) -> Iterator[Optional[Artifact]]:
         """A zero-copy view of ``key`` held under a lease for the with-block (None on a miss).
 
         Tiers with ``pinned_get`` lease and view the same object atomically; for
@@ -185,10 +248,10 @@ class StorageEngine:
                 if got is None:
                     continue
                 art, release = got
-                art = self._verified(i, key, art, True)
+                art = self._verified(i, key, art, verify)
             elif chain._call(i, t.pin, key, default=False):
                 release = lambda i=i, t=t: chain._call(i, t.unpin, key)  # noqa: E731
-                art, _ = self._read(key, None, (i,), True)
+                art, _ = self._read(key, None, (i,), verify)
             else:
                 continue
             try:
@@ -198,7 +261,7 @@ class StorageEngine:
                     return
             finally:
                 release()
-        yield self.load(key, mode=mode, tier=tier)   # a miss, or found only where pins do not apply
+        yield self.load(key, mode=mode, tier=tier, verify=verify)   # a miss, or found only where pins do not apply
 
     def contains(self, key: ArtifactKey, *, mode: str = "chain", tier: Optional[str] = None) -> bool:
         return self.chain.find(key, self._order(mode, tier)) is not None

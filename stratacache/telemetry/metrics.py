@@ -63,6 +63,13 @@ class TierCounters:
             for name, n in counts.items():
                 self._c[name] += n
 
+    def record(self, op: str, seconds: float, **counts: int) -> None:
+        """One finished operation: its latency and counter increments, under one lock."""
+        with self._lock:
+            self._lat[op].observe(seconds)
+            for name, n in counts.items():
+                self._c[name] += n
+
     def observe(self, op: str, seconds: float) -> None:
         with self._lock:
             self._lat[op].observe(seconds)

@@ -31,7 +31,7 @@ import torch
 
 from stratacache.core.artifact import Artifact, ArtifactMeta
 from stratacache.core.keys import ArtifactKey
-from stratacache.tiering.flusher import WriteBackFlusher
+from stratacache.tiering.flusher import GONE, WriteBackFlusher
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,35 @@ class TierChain:
                 return True
         return False
 
+    def store_many(self, items: Sequence[tuple[ArtifactKey, torch.Tensor, ArtifactMeta]], *,
+                   start: int = 0, only: bool = False) -> list[bool]:
+        """Batched ``store``: each tier gets one ``put_many`` (remote tiers pipeline it)."""
+        ok = [False] * len(items)
+        pending = list(range(len(items)))
+        last = start + 1 if only else len(self.tiers)
+        for i in range(start, last):
+            if not pending:
+                break
+            res = self._call(i, self.tiers[i].put_many, [items[j] for j in pending],
+                             default=[False] * len(pending))
+            here = [j for j, r in zip(pending, res) if r]
+            pending = [j for j, r in zip(pending, res) if not r]
+            for j in here:
+                ok[j] = True
+            if not only:
+                self._write_down_many(i, [items[j] for j in here])
+        return ok
+
+    def _write_down_many(self, i: int, items: list) -> None:
+        while items and i + 1 < len(self.tiers):
+            if self.settings[i].write_policy == "write_back":
+                for key, _data, meta in items:
+                    self.flusher.mark(i, key, meta.size)
+                return
+            res = self._call(i + 1, self.tiers[i + 1].put_many, items, default=[False] * len(items))
+            items = [it for it, r in zip(items, res) if r]
+            i += 1
+
     def _write_down_from(self, i: int, key: ArtifactKey, data: torch.Tensor, meta: ArtifactMeta) -> None:
         """``key`` was just stored in tier ``i``: follow the links below it."""
         while i + 1 < len(self.tiers):
@@ -164,7 +193,7 @@ class TierChain:
                 return   # counted by the tier / _call; the upper copy stays
             i += 1
 
-    def _flush_one(self, link: int, key: ArtifactKey, spilled: Optional[Artifact]) -> bool:
+    def _flush_one(self, link: int, key: ArtifactKey, spilled: Optional[Artifact]):
         """Flusher callback: write ``key`` from tier ``link`` (or its spilled copy) down."""
         upper, lower = self.tiers[link], self.tiers[link + 1]
         if spilled is not None:
@@ -176,8 +205,8 @@ class TierChain:
                 if pinned:
                     self._call(link, upper.unpin, key)
                 # Gone from the upper tier: deleted (nothing to do) or evicted (its
-                # eviction handler wrote it down or spilled it).
-                return True
+                # eviction handler writes it down or spills it, perhaps right now).
+                return GONE
         try:
             if self._call(link + 1, lower.put, key, art.data, art.meta, default=False):
                 self._write_down_from(link + 1, key, art.data, art.meta)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -24,8 +23,9 @@ from stratacache.core.keys import ArtifactKey
 
 log = logging.getLogger(__name__)
 
-# write_down(link, key, spilled) -> True (done / nothing to write) | False (retry later)
-WriteDown = Callable[[int, ArtifactKey, Optional[Artifact]], bool]
+# write_down(link, key, spilled) -> True (written down) | False (retry later) | GONE
+WriteDown = Callable[[int, ArtifactKey, Optional[Artifact]], object]
+GONE = "gone"   # no longer in the upper tier: deleted, or being evicted (its handler writes it down)
 
 
 class _Dirty:
@@ -43,9 +43,13 @@ class WriteBackFlusher:
         self.retry_backoff_s = retry_backoff_s
         self.retry_backoff_max_s = max(retry_backoff_max_s, retry_backoff_s)
         self.max_dirty_bytes = max_dirty_bytes
+        self.stall_s = max(10.0, 3 * self.retry_backoff_max_s)
         self._dirty: "OrderedDict[tuple[int, ArtifactKey], _Dirty]" = OrderedDict()
         self._dirty_bytes = 0
         self._busy: Optional[tuple[int, ArtifactKey]] = None
+        # Dirty objects the flusher found gone from their tier: an eviction whose
+        # hand-off may still be running; it must still see them as dirty (take()).
+        self._gone: set[tuple[int, ArtifactKey]] = set()
         self._cond = threading.Condition()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
@@ -64,6 +68,7 @@ class WriteBackFlusher:
             item = self._dirty.pop((link, key), None)
             if item is not None:
                 self._dirty_bytes -= item.size
+            self._gone.discard((link, key))
             self._dirty[(link, key)] = _Dirty(size)
             self._dirty_bytes += size
             self._ensure_thread()
@@ -75,11 +80,18 @@ class WriteBackFlusher:
                                     timeout=self.retry_backoff_max_s)
 
     def take(self, link: int, key: ArtifactKey) -> bool:
-        """Remove ``key``'s dirty mark (it is being written down by the caller); was it dirty?"""
+        """Remove ``key``'s dirty mark (the caller writes it down now); was it dirty?
+
+        Also True while the flusher itself is writing ``key`` down: it may not
+        have pinned the object yet, so the caller's copy must not be dropped.
+        """
         with self._cond:
+            if (link, key) in self._gone:
+                self._gone.discard((link, key))
+                return True
             item = self._dirty.pop((link, key), None)
             if item is None:
-                return False
+                return self._busy == (link, key)
             self._dirty_bytes -= item.size
             self._cond.notify_all()
             return True
@@ -96,12 +108,15 @@ class WriteBackFlusher:
             self._ensure_thread()
             self._cond.notify_all()
 
-    def forget(self, key: ArtifactKey) -> None:
-        """The key was deleted: nothing of it needs writing down."""
+    def forget(self, key: ArtifactKey, timeout: float = 60.0) -> None:
+        """The key is being deleted: drop its dirty marks and wait out an in-flight write
+        of it, so the write cannot land after the delete and resurrect the object."""
         with self._cond:
             for dk in [dk for dk in self._dirty if dk[1] == key]:
                 self._dirty_bytes -= self._dirty.pop(dk).size
+            self._gone = {g for g in self._gone if g[1] != key}
             self._cond.notify_all()
+            self._cond.wait_for(lambda: self._busy is None or self._busy[1] != key, timeout=timeout)
 
     def is_dirty(self, link: int, key: ArtifactKey) -> bool:
         with self._cond:
@@ -110,12 +125,26 @@ class WriteBackFlusher:
     # -- draining ------------------------------------------------------------------------
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until nothing is dirty; False on timeout."""
+        """Wait until nothing is dirty; False on timeout.
+
+        ``timeout=None`` waits as long as the flusher makes progress, and gives up
+        (False) once nothing has been written down for ``stall_s`` seconds, so a
+        dead lower tier cannot hang a caller that is shutting down.
+        """
+        drained = lambda: not self._dirty and self._busy is None  # noqa: E731
         with self._cond:
             if self._dirty:
                 self._ensure_thread()
                 self._cond.notify_all()
-            return self._cond.wait_for(lambda: not self._dirty and self._busy is None, timeout=timeout)
+            if timeout is not None:
+                return self._cond.wait_for(drained, timeout=timeout)
+            while True:
+                seen = self.flushed
+                if self._cond.wait_for(lambda: drained() or self.flushed != seen, timeout=self.stall_s):
+                    if drained():
+                        return True
+                    continue
+                return False
 
     def close(self, timeout: Optional[float] = None) -> bool:
         drained = self.flush(timeout)
@@ -133,6 +162,7 @@ class WriteBackFlusher:
         with self._cond:
             return {"dirty_items": len(self._dirty), "dirty_bytes": self._dirty_bytes,
                     "spilled_items": sum(1 for d in self._dirty.values() if d.spilled is not None),
+                    "awaiting_eviction_handoff": len(self._gone),
                     "flushed": self.flushed, "flush_failures": self.flush_failures,
                     "flusher_errors": self.flusher_errors, "flusher_restarts": self.restarts,
                     "backpressure_waits": self.waits, "last_error": self.last_error,
@@ -171,6 +201,9 @@ class WriteBackFlusher:
                 log.warning("stratacache write-back of %s failed: %s", key, self.last_error)
             with self._cond:
                 self._busy = None
+                if ok is GONE:
+                    self._gone.add((link, key))
+                    ok = True
                 if ok:
                     self.flushed += 1
                     backoff = 0.0

@@ -71,6 +71,51 @@ class _Loaded:
     event: Optional["torch.cuda.Event"] = None
 
 
+class _LeaseKeeper:
+    """Leases on every offloaded object in every tier that can lease one, renewed before they
+    expire: while a model is in use nothing (KV traffic, other models) can evict its weights.
+    The plane's namespace priorities protect them too; leases also cover tiers without them."""
+
+    def __init__(self, engine, keys: list, lease_s: float):
+        self._targets = [(t, k) for t in engine.tiers if hasattr(t, "pinned_get") for k in keys]
+        self._lease_s = lease_s
+        self._held: list = []
+        self._stop = threading.Event()
+        self._renew()
+        self._thread = threading.Thread(target=self._run, name="stratacache-param-leases", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        fresh = []
+        for tier, key in self._targets:
+            try:
+                got = tier.pinned_get(key, self._lease_s)
+            except Exception:                   # a faulty tier: the other tiers still hold the weights
+                got = None
+            if got is not None:
+                fresh.append(got[1])
+        old, self._held = self._held, fresh
+        _release_all(old)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._lease_s / 3):
+            self._renew()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        _release_all(self._held)
+        self._held = []
+
+
+def _release_all(releases) -> None:
+    for release in releases:
+        try:
+            release()
+        except Exception:
+            pass
+
+
 def resolve_units(model: nn.Module, submodules=None) -> list[tuple[str, nn.Module]]:
     """The units to offload: given modules / qualified names, else the largest ModuleList's children."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -149,6 +194,9 @@ class OffloadedModel:
         for unit in units:
             for slot in unit.slots:
                 slot.bind(None)
+        lease_s = float(getattr(getattr(client.engine, "cfg", None), "lease_s", 30.0))
+        self._leases = _LeaseKeeper(client.engine, [k for u in units for s in u.slots
+                                                    for k in client.keys(s.record)], lease_s)
         self._hooks = []
         for i, unit in enumerate(units):
             self._hooks.append(unit.module.register_forward_pre_hook(self._make_pre_hook(i)))
@@ -183,12 +231,13 @@ class OffloadedModel:
         """Make every unit resident on the compute device again and remove the hooks."""
         if self._closed:
             raise RuntimeError("restore(): the offloaded model was already closed or restored")
+        # Everything is read before anything changes: a failed read leaves the model offloaded.
+        tensors = [[self.client.get(s.record).to(self.device) for s in unit.slots] for unit in self.units]
         self._shutdown()
         for h in self._guards:
             h.remove()
-        for unit in self.units:
-            for slot in unit.slots:
-                tensor = self.client.get(slot.record).to(self.device)
+        for unit, unit_tensors in zip(self.units, tensors):
+            for slot, tensor in zip(unit.slots, unit_tensors):
                 slot.owner._parameters[slot.attr] = nn.Parameter(tensor, requires_grad=slot.requires_grad)
         self._forget_keys()
         return self.model
@@ -279,7 +328,15 @@ class OffloadedModel:
             for j in wanted:
                 self._pending[j] = self._worker.submit(self._load, j)
         for j, future in zip(stale, stale_futures):   # ran out of order: keep the bound
-            self._release(j, future.result())
+            self._drop(j, future)
+
+    def _drop(self, j: int, future: Future) -> None:
+        """Release a prefetch that will not be used (a failed one holds nothing)."""
+        try:
+            loaded = future.result()
+        except Exception:
+            return
+        self._release(j, loaded)
 
     def _account(self, delta: int) -> None:
         with self._lock:
@@ -341,16 +398,14 @@ class OffloadedModel:
             pending, self._pending = self._pending, {}
             active, self._active = self._active, {}
         for j, future in pending.items():
-            try:
-                self._release(j, future.result())
-            except Exception:                   # a failed prefetch holds nothing
-                pass
+            self._drop(j, future)
         for j, (loaded, _) in active.items():
             for slot in self.units[j].slots:
                 slot.bind(None)
             self._release(j, loaded)
         if self._worker is not None:
             self._worker.shutdown(wait=True)
+        self._leases.close()
 
     def _forget_keys(self) -> None:
         if self._owns_keys:
@@ -413,18 +468,19 @@ def attach(model: nn.Module, client: ParameterStoreClient, units: list[tuple[str
 def offload(model: nn.Module, engine, prefetch: int = 2, device: Union[str, torch.device, None] = None, *,
             submodules: Optional[Sequence[Union[str, nn.Module]]] = None, model_id: Optional[str] = None,
             revision: str = "main", zero_copy: Optional[bool] = None,
-            shard_bytes: int = DEFAULT_SHARD_BYTES) -> OffloadedModel:
+            shard_bytes: int = DEFAULT_SHARD_BYTES, verify: str = "once") -> OffloadedModel:
     """Store the units' parameters in ``engine`` and stream them back layer by layer.
 
     ``model_id``/``revision`` name the weights in the plane (so other processes
     can share them); without ``model_id`` they get a private name and are
     deleted on ``close()`` / ``restore()``. ``zero_copy`` (default: on for a
-    CPU device) binds leased views of tier memory instead of copies.
+    CPU device) binds leased views of tier memory instead of copies; ``verify``
+    says how often such views are checksummed (see ``ParameterStoreClient``).
     """
     _check_options(prefetch, device, zero_copy)
     units = resolve_units(model, submodules)
     client = ParameterStoreClient(engine, model_id or f"anonymous-{uuid.uuid4().hex}", revision,
-                                  shard_bytes=shard_bytes)
+                                  shard_bytes=shard_bytes, verify=verify)
     records: dict[str, ParamRecord] = {}
     for name, module in units:               # everything is stored before anything is released
         for _, attr, path, p in unit_parameters(model, name, module):

@@ -84,13 +84,13 @@ def _transformers_skeleton(manifest: dict) -> nn.Module:
 def load_from_plane(engine, model_id: str, revision: str = "main", *, prefetch: int = 2,
                     device: Union[str, torch.device, None] = None,
                     builder: Optional[Callable[[], nn.Module]] = None,
-                    zero_copy: Optional[bool] = None) -> OffloadedModel:
+                    zero_copy: Optional[bool] = None, verify: str = "once") -> OffloadedModel:
     """Build an offloaded model from the plane alone (see module docstring).
 
     ``builder`` makes the module skeleton for a model that is not a transformers
     model; it runs under ``torch.device("meta")``.
     """
-    client = ParameterStoreClient(engine, model_id, revision)
+    client = ParameterStoreClient(engine, model_id, revision, verify=verify)
     manifest = client.get_manifest()
     if manifest is None:
         raise ParamMissing(f"no model {client.namespace} in the storage plane (no manifest)")

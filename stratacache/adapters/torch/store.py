@@ -9,12 +9,20 @@ engine gives parameters the ``params`` namespace quota and priority: KV traffic
 
 A shard is a flat run of whole elements of the tensor's dtype; a tensor larger
 than ``shard_bytes`` is split so that no single object dominates a tier.
+
+Integrity: copies are always checksum-verified by the engine. A leased
+zero-copy view is verified the first time this client sees that object at that
+address (``verify="once"``, the default) or on every read (``"always"``).
+Weights are re-read on every forward pass, so re-hashing unchanged memory each
+time would double the memory traffic of a decode step; an object that is
+re-stored or moved has a new address or checksum and is verified again.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -22,8 +30,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from stratacache.core.keys import ArtifactKey
+from stratacache.ops import checksum64
 
 DEFAULT_SHARD_BYTES = 256 << 20
+VERIFY_MODES = ("once", "always")
 MANIFEST_NAME = "manifest"   # has no "/", so it can never collide with a tensor key
 
 
@@ -90,7 +100,7 @@ class ParameterStoreClient:
     """Put and get the tensors of one model revision through a ``StorageEngine``."""
 
     def __init__(self, engine, model_id: str, revision: str = "main", *,
-                 shard_bytes: int = DEFAULT_SHARD_BYTES):
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, verify: str = "once"):
         for arg, value in (("model_id", model_id), ("revision", revision)):
             if not isinstance(value, str) or not value or "\x1f" in value:
                 raise ValueError(f"{arg} must be a non-empty string, got {value!r}")
@@ -98,11 +108,16 @@ class ParameterStoreClient:
             raise ValueError(f"revision must not contain '@', got {revision!r}")
         if not isinstance(shard_bytes, int) or shard_bytes <= 0:
             raise ValueError(f"shard_bytes must be a positive int, got {shard_bytes!r}")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.engine = engine
         self.model_id = model_id
         self.revision = revision
         self.namespace = f"{model_id}@{revision}"
         self.shard_bytes = shard_bytes
+        self.verify = verify
+        self._verified: dict[ArtifactKey, tuple[int, int]] = {}   # key -> (address, checksum) seen intact
+        self._verified_lock = threading.Lock()
 
     # -- keys -----------------------------------------------------------------
     def keys(self, record: ParamRecord) -> list[ArtifactKey]:
@@ -131,7 +146,8 @@ class ParameterStoreClient:
         for key, (lo, hi) in zip(self.keys(record), record.shard_elems()):
             if not self.engine.store(key, flat[lo:hi]):
                 raise ParamStoreError(f"the storage plane refused {key} ({(hi - lo) * tensor.element_size()} "
-                                      "bytes): tiers full of pinned data or the params quota is exhausted")
+                                      "bytes): its first tier is full of pinned data, the params quota "
+                                      "is exhausted or the tier failed (see engine.stats())")
         return record
 
     def put_manifest(self, manifest: dict) -> None:
@@ -180,14 +196,34 @@ class ParameterStoreClient:
             yield self.get(record)
             return
         key = self.keys(record)[0]
-        with self.engine.pinned(key) as art:
+        always = self.verify == "always"
+        with self.engine.pinned(key, verify=always) as art:
+            if art is not None and (always or self._intact(key, art)):
+                yield self._as_tensor(key, art, record)
+                return
+        with self.engine.pinned(key) as art:      # corrupt: the engine drops it and tries lower tiers
             if art is None:
                 raise ParamMissing(f"{key} is not in the storage plane")
-            self._check(key, art.meta, record, record.numel)
-            data = art.data
-            if data.device.type != "cpu" or data.storage_offset() % record.dtype.itemsize:
-                data = data.clone()
-            yield data.view(record.dtype).view(record.shape)
+            yield self._as_tensor(key, art, record)
+
+    def _intact(self, key: ArtifactKey, art) -> bool:
+        """Checksum-verified, or already verified here at the same address and checksum."""
+        seen = (art.data.data_ptr(), art.meta.checksum)
+        with self._verified_lock:
+            if self._verified.get(key) == seen:
+                return True
+        if checksum64(art.data) & 0xFFFFFFFFFFFFFFFF != art.meta.checksum:
+            return False
+        with self._verified_lock:
+            self._verified[key] = seen
+        return True
+
+    def _as_tensor(self, key: ArtifactKey, art, record: ParamRecord) -> torch.Tensor:
+        self._check(key, art.meta, record, record.numel)
+        data = art.data
+        if data.device.type != "cpu" or data.storage_offset() % record.dtype.itemsize:
+            data = data.clone()
+        return data.view(record.dtype).view(record.shape)
 
     def contains(self, records: Sequence[ParamRecord]) -> list[bool]:
         """Per record: are all of its shards in the plane?"""

@@ -91,6 +91,24 @@ def artifact_key(namespace: str, name: str) -> ArtifactKey:
     return ArtifactKey(KIND, namespace, name)
 
 
+def key_maker(namespace: str):
+    """A fast ``name -> ArtifactKey`` for one namespace (the scheduler's lookup hot path).
+
+    The namespace is validated once here; names are hex digests, valid by
+    construction, so each key skips ArtifactKey's per-field checks.
+    """
+    artifact_key(namespace, "0")  # validates the namespace
+    new, put = object.__new__, object.__setattr__
+
+    def make(name: str) -> ArtifactKey:
+        key = new(ArtifactKey)
+        put(key, "kind", KIND)
+        put(key, "namespace", namespace)
+        put(key, "name", name)
+        return key
+    return make
+
+
 def hash_stability_problem(hash_algo: str, env: Optional[dict] = None) -> Optional[str]:
     """Why chunk keys would not survive a restart, or None when they do."""
     env = os.environ if env is None else env

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from stratacache.adapters.vllm.keys import ChunkGeometry, artifact_key
+from stratacache.adapters.vllm.keys import ChunkGeometry, key_maker
 from stratacache.adapters.vllm.metadata import (
     ChunkLoad,
     ChunkSave,
@@ -62,6 +62,7 @@ class SchedulerSide:
                  make_events: Optional[Callable[[_EventInfo, list], Iterable]] = None) -> None:
         self.geometry = geometry
         self.namespaces = namespaces          # one per TP rank: a chunk is present if all have it
+        self._key_makers = [key_maker(ns) for ns in namespaces]
         self.engine = lookup_engine           # None: no cross-process tier, never a hit
         self.save_partial = save_partial_chunks
         self.load_async = load_async
@@ -80,8 +81,8 @@ class SchedulerSide:
         if not names:
             return 0
         n = len(names)
-        for ns in self.namespaces:
-            n = min(n, self.engine.prefix_lookup([artifact_key(ns, name) for name in names[:n]]))
+        for make in self._key_makers:
+            n = min(n, self.engine.prefix_lookup([make(name) for name in names[:n]]))
             if n == 0:
                 break
         return n
@@ -184,7 +185,7 @@ class SchedulerSide:
         if not wanted:
             return []
         present = self.engine.contains_many(
-            [artifact_key(self.namespaces[0], name) for name, _, _ in wanted])
+            [self._key_makers[0](name) for name, _, _ in wanted])
         todo = [w for w, have in zip(wanted, present) if not have]
         if len(todo) < len(wanted):
             self.stats.add(save_skipped=len(wanted) - len(todo))

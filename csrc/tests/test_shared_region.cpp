@@ -1,0 +1,328 @@
+// C++ tests of the shared-region store (run under ASan/UBSan by ctest):
+// round trips, replacement, eviction against a model, leases, header errors,
+// threads, a process dying while holding the lock, and SIGKILLed writers.
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "check.h"
+#include "shared_region.h"
+
+using namespace stratacache;
+
+
+static std::string region_path(const char* what) {
+  return "/dev/shm/sc-shared-cpptest-" + std::to_string(getpid()) + "-" + what + ".region";
+}
+
+static RegionOptions options(const std::string& path, uint64_t capacity, uint32_t max_objects) {
+  RegionOptions o;
+  o.path = path;
+  o.capacity = capacity;
+  o.max_objects = max_objects;
+  o.max_key_bytes = 64;
+  o.block_bytes = 256;
+  return o;
+}
+
+// Object bytes derived from (key, version): the first 8 bytes hold the
+// version, so any reader can recompute and compare everything it got.
+static std::vector<uint8_t> make_payload(int key, uint64_t version, size_t size) {
+  std::vector<uint8_t> b(size);
+  uint64_t x = version * 1000003 + uint64_t(key);
+  for (size_t i = 0; i < size; i += 8) {  // splitmix64 stream, 8 bytes a step
+    uint64_t z = (x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    memcpy(b.data() + i, &z, std::min<size_t>(8, size - i));
+  }
+  if (size >= 8) memcpy(b.data(), &version, 8);
+  return b;
+}
+
+static bool payload_ok(int key, const uint8_t* p, size_t size) {
+  if (size < 8) return false;
+  uint64_t version;
+  memcpy(&version, p, 8);
+  auto want = make_payload(key, version, size);
+  return memcmp(want.data(), p, size) == 0;
+}
+
+static std::string key_of(int i) { return "kv\x1fns\x1fkey-" + std::to_string(i); }
+
+static void expect_consistent(SharedRegion& r) {
+  auto problems = r.check();
+  for (auto& p : problems) std::fprintf(stderr, "inconsistent: %s\n", p.c_str());
+  CHECK(problems.empty());
+}
+
+static void test_round_trip_and_replacement() {
+  auto path = region_path("basic");
+  unlink(path.c_str());
+  {
+    SharedRegion r(options(path, 1 << 20, 64));
+    std::vector<uint8_t> a(5000, 1), b(7000, 2), out(1 << 20, 0xEE);
+    CHECK(r.put(key_of(1), a.data(), a.size(), "meta-a"));
+    CHECK(r.put(key_of(2), b.data(), b.size(), "meta-b"));
+    // Same prefix, different full key: both kept apart.
+    CHECK(r.put(key_of(1) + "x", b.data(), 10, ""));
+    for (size_t size : {9000u, 100u, 300000u, 1u}) {  // replace with bigger and smaller objects
+      std::vector<uint8_t> v(size, uint8_t(size));
+      CHECK(r.put(key_of(1), v.data(), v.size(), "meta-a2"));
+      auto h = r.get(key_of(1), out.data(), out.size());
+      CHECK(h && h->size == size && h->aux == "meta-a2" && memcmp(out.data(), v.data(), size) == 0);
+      auto hb = r.get(key_of(2), out.data(), out.size());
+      CHECK(hb && hb->size == b.size() && memcmp(out.data(), b.data(), b.size()) == 0);
+    }
+    CHECK(r.contains(key_of(1) + "x") && !r.contains(key_of(3)));
+    std::string owned[3] = {key_of(1), key_of(3), key_of(2)};
+    std::string_view ks[3] = {owned[0], owned[1], owned[2]};
+    uint8_t found[3];
+    r.contains_many(ks, 3, found);
+    CHECK(found[0] == 1 && found[1] == 0 && found[2] == 1);
+    CHECK(r.erase(key_of(2)) && !r.erase(key_of(2)) && !r.contains(key_of(2)));
+    CHECK(r.keys().size() == 2);
+    bool threw = false;
+    try {
+      r.put(std::string(65, 'k'), a.data(), 1, "");
+    } catch (const std::invalid_argument& e) {
+      threw = std::string(e.what()).find("max_key_bytes=64") != std::string::npos;
+    }
+    CHECK(threw);
+    expect_consistent(r);
+  }
+  {  // persistence: a new attach sees the objects and counters
+    SharedRegion r(options(path, 1 << 20, 64));
+    CHECK(r.contains(key_of(1)) && r.stats().items == 2 && r.stats().puts >= 7);
+    // Incompatible geometry is a clear error naming the path and the field.
+    bool threw = false;
+    try {
+      SharedRegion bad(options(path, 2 << 20, 64));
+    } catch (const RegionError& e) {
+      std::string msg = e.what();
+      threw = msg.find(path) != std::string::npos && msg.find("capacity=1048576") != std::string::npos;
+    }
+    CHECK(threw);
+  }
+  {  // a wrong layout version
+    FILE* f = fopen(path.c_str(), "r+b");
+    uint32_t v = 77;
+    fseek(f, 8, SEEK_SET);
+    fwrite(&v, 4, 1, f);
+    fclose(f);
+    bool threw = false;
+    try {
+      SharedRegion bad(options(path, 1 << 20, 64));
+    } catch (const RegionError& e) {
+      threw = std::string(e.what()).find("layout version 77") != std::string::npos;
+    }
+    CHECK(threw);
+    auto o = options(path, 1 << 20, 64);
+    o.reset = true;
+    SharedRegion fresh(o);
+    CHECK(fresh.stats().items == 0);
+  }
+  {  // permissions
+    chmod(path.c_str(), 0644);
+    bool threw = false;
+    try {
+      SharedRegion bad(options(path, 1 << 20, 64));
+    } catch (const RegionError& e) {
+      threw = std::string(e.what()).find("mode 0644") != std::string::npos;
+    }
+    CHECK(threw);
+  }
+  unlink(path.c_str());
+}
+
+static void test_eviction_against_model() {
+  auto path = region_path("evict");
+  unlink(path.c_str());
+  SharedRegion r(options(path, 64 * 1024, 32));
+  std::mt19937_64 rng(7);
+  std::map<int, std::vector<uint8_t>> last;
+  std::vector<uint8_t> out(64 * 1024);
+  for (int step = 0; step < 4000; ++step) {
+    int k = int(rng() % 60);
+    if (rng() % 4) {
+      auto v = make_payload(k, rng() | 1, 8 + rng() % 20000);
+      CHECK(r.put(key_of(k), v.data(), v.size(), ""));  // never fails: nothing is pinned
+      last[k] = v;
+    } else {
+      auto h = r.get(key_of(k), out.data(), out.size());
+      if (h) CHECK(last.count(k) && h->size == last[k].size() && memcmp(out.data(), last[k].data(), h->size) == 0);
+    }
+    RegionStats s = r.stats();
+    CHECK(s.reserved_bytes <= s.capacity && s.items <= 32);
+  }
+  CHECK(r.stats().evictions > 0);
+  std::vector<uint8_t> huge(64 * 1024 + 1);
+  CHECK(!r.put("huge", huge.data(), huge.size(), ""));
+  expect_consistent(r);
+  // Everything pinned: a put is refused, pinned objects survive, and a lease
+  // that expires stops protecting.
+  r.clear();
+  std::vector<uint8_t> quarter(16 * 1024, 3);
+  for (int i = 0; i < 4; ++i) {
+    CHECK(r.put(key_of(i), quarter.data(), quarter.size(), ""));
+    CHECK(r.acquire(key_of(i), i == 0 ? 0.05 : 60.0, false));
+  }
+  CHECK(!r.put("new", quarter.data(), 256, ""));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(r.put("new", quarter.data(), 256, ""));
+  CHECK(!r.contains(key_of(0)) && r.contains(key_of(1)));
+  expect_consistent(r);
+  unlink(path.c_str());
+}
+
+static void test_threads() {
+  auto path = region_path("threads");
+  unlink(path.c_str());
+  SharedRegion r(options(path, 1 << 20, 128));
+  std::atomic<long> mismatches{0}, hits{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 4; ++t) {
+    ts.emplace_back([&, t] {
+      std::mt19937_64 rng(100 + t);
+      std::vector<uint8_t> out(64 * 1024);
+      for (int step = 0; step < 3000; ++step) {
+        int k = int(rng() % 40);
+        uint64_t op = rng() % 10;
+        if (op < 4) {
+          auto v = make_payload(k, rng() | 1, 8 + rng() % 60000);
+          r.put(key_of(k), v.data(), v.size(), "");
+        } else if (op < 9) {
+          auto h = r.get(key_of(k), out.data(), out.size());
+          if (h) {
+            ++hits;
+            if (!payload_ok(k, out.data(), h->size)) ++mismatches;
+          }
+        } else {
+          r.erase(key_of(k));
+        }
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  CHECK(mismatches == 0 && hits > 100);
+  expect_consistent(r);
+  unlink(path.c_str());
+}
+
+static void writer_loop(const std::string& path, uint64_t seed) {
+  SharedRegion r(options(path, 1 << 20, 64));
+  std::mt19937_64 rng(seed);
+  std::vector<uint8_t> out(256 * 1024);
+  for (;;) {
+    int k = int(rng() % 48);
+    uint64_t op = rng() % 10;
+    if (op < 7) {
+      auto v = make_payload(k, rng() | 1, 8 + rng() % 100000);
+      r.put(key_of(k), v.data(), v.size(), "");
+    } else if (op < 9) {
+      r.erase(key_of(k));
+    } else {
+      r.get(key_of(k), out.data(), out.size());
+    }
+  }
+}
+
+static void test_sigkilled_writers() {
+  auto path = region_path("kill");
+  unlink(path.c_str());
+  SharedRegion r(options(path, 1 << 20, 64));
+  std::mt19937_64 rng(99);
+  std::vector<uint8_t> out(256 * 1024);
+  for (int round = 0; round < 60; ++round) {
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+      writer_loop(path, uint64_t(round) + 1);
+      _exit(0);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(1000 + rng() % 15000));
+    kill(pid, SIGKILL);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    r.reclaim();
+    expect_consistent(r);
+    RegionStats s = r.stats();
+    CHECK(s.writing == 0 && s.reserved_bytes <= s.capacity);
+    uint64_t bytes = 0;
+    for (auto& k : r.keys()) {
+      auto h = r.get(k, out.data(), out.size());
+      CHECK(h);
+      CHECK(payload_ok(std::stoi(k.substr(k.rfind('-') + 1)), out.data(), h->size));
+      bytes += h->size;
+    }
+    CHECK(bytes == r.stats().used_bytes);
+    auto v = make_payload(0, rng() | 1, 5000);  // still usable
+    CHECK(r.put(key_of(0), v.data(), v.size(), ""));
+  }
+  std::fprintf(stderr, "kill test: %llu repairs, %llu dead writers reclaimed\n",
+               (unsigned long long)r.stats().repairs, (unsigned long long)r.stats().reclaimed_writers);
+  // And deterministically: a writer that dies between reserve and commit
+  // leaves an invisible reservation whose space is reclaimed.
+  uint64_t reclaimed = r.stats().reclaimed_writers;
+  pid_t pid = fork();
+  if (pid == 0) {
+    SharedRegion child(options(path, 1 << 20, 64));
+    CHECK(child.reserve("dying", 300000, ""));
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  CHECK(r.stats().writing == 1 && !r.contains("dying"));
+  CHECK(r.reclaim() == 1 && r.stats().reclaimed_writers == reclaimed + 1 && r.stats().writing == 0);
+  expect_consistent(r);
+  unlink(path.c_str());
+}
+
+static void test_death_while_holding_the_lock() {
+  auto path = region_path("lockdeath");
+  unlink(path.c_str());
+  SharedRegion r(options(path, 1 << 20, 64));
+  std::vector<uint8_t> v(1000, 7), out(1000);
+  CHECK(r.put("kept", v.data(), v.size(), ""));
+  uint64_t repairs = r.stats().repairs;
+  pid_t pid = fork();
+  if (pid == 0) {
+    SharedRegion child(options(path, 1 << 20, 64));
+    child.lock_and_leak_for_testing();
+    raise(SIGKILL);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(WIFSIGNALED(status));
+  auto h = r.get("kept", out.data(), out.size());  // would block forever without robust repair
+  CHECK(h && memcmp(out.data(), v.data(), v.size()) == 0);
+  CHECK(r.stats().repairs == repairs + 1);
+  expect_consistent(r);
+  unlink(path.c_str());
+}
+
+int main() {
+  test_round_trip_and_replacement();
+  test_eviction_against_model();
+  test_threads();
+  test_death_while_holding_the_lock();
+  test_sigkilled_writers();
+  std::printf("test_shared_region: all passed\n");
+  return 0;
+}

@@ -1,0 +1,122 @@
+"""Every op on CUDA against the pure-torch reference (GPU machines only).
+
+Covers both host paths (UVA through pinned memory, staging + DMA), a device
+flat buffer, fused checksums equal to the CPU's checksum64, verified scatter
+and the token layouts.
+"""
+
+import pytest
+import torch
+
+from stratacache import ops
+
+from .test_ops import CASES, POISON, layer_for, make_layers, stable_seed
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEV = torch.device("cuda")
+
+
+def flat(nbytes, where):
+    if where == "device":
+        return torch.full((nbytes,), POISON, dtype=torch.uint8, device=DEV)
+    t = torch.full((nbytes,), POISON, dtype=torch.uint8, pin_memory=(where == "pinned"))
+    return t
+
+
+@pytest.mark.parametrize("n", [0, 1, 9, 4096 + 3, (5 << 20) + 1])
+def test_checksums_on_cuda_equal_cpu(n):
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8)
+    assert ops.checksum64(data.to(DEV)) == ops.checksum64(data)
+    for chunk in (1, 7, 4096, 1 << 20):
+        assert torch.equal(ops.chunk_checksums(data.to(DEV), chunk).cpu(), ops.chunk_checksums(data, chunk))
+    assert ops.checksum64(data.to(DEV)[1:]) == ops.checksum64(data[1:])   # unaligned start
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}L-{c[4]}-{c[5]}n" for c in CASES])
+@pytest.mark.parametrize("where,transfer", [("pinned", "uva"), ("pinned", "staging"), ("pageable", "auto"),
+                                            ("device", "auto")])
+def test_block_ops_on_cuda_match_reference(case, where, transfer):
+    kind, L, nb, page, dtype, n, cb = case
+    gen = torch.Generator().manual_seed(stable_seed((case, where)))
+    cpu_layers = make_layers(gen, kind, L, nb, page, dtype)
+    buf_layers = [t.to(DEV) for t in cpu_layers] if kind == "separate" else None
+    if buf_layers is None:   # keep the shared / interleaved memory arrangement on the device
+        base = cpu_layers[0]._base if cpu_layers[0]._base is not None else cpu_layers[0]
+        dev_base = base.to(DEV)
+        offsets = [t.storage_offset() for t in cpu_layers]
+        buf_layers = [dev_base.as_strided(t.shape, t.stride(), o) for t, o in zip(cpu_layers, offsets)]
+    ids = torch.randperm(nb, generator=gen)[:n]
+    P = cpu_layers[0][0].numel() * cpu_layers[0].element_size()
+    out = flat(n * L * P + 5, where)
+    sums = ops.gather_blocks(buf_layers, ids, out, cb, transfer=transfer)
+    torch.cuda.synchronize()
+    ref, ref_sums = ops.ref_gather_blocks(cpu_layers, ids, cb)
+    assert torch.equal(out[: n * L * P].cpu(), ref.reshape(-1))
+    assert bool((out[n * L * P:].cpu() == POISON).all())
+    assert [int(s) & ops.MASK64 for s in sums.cpu()] == ref_sums
+
+    src = torch.randint(0, 256, (n * L * P,), dtype=torch.uint8, generator=gen)
+    src = src.pin_memory() if where == "pinned" else (src.to(DEV) if where == "device" else src)
+    good = ops.chunk_checksums(src.cpu(), max(cb * L * P, 1)) if n else torch.empty(0, dtype=torch.int64)
+    want = [t.clone() for t in cpu_layers]
+    ops.ref_scatter_blocks(src.cpu(), ids, want)
+    ok = ops.scatter_blocks(src, ids, buf_layers, cb, good, transfer=transfer)
+    torch.cuda.synchronize()
+    assert bool(ok.all())
+    for got, w in zip(buf_layers, want):
+        assert torch.equal(got.cpu().reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8))
+    if n:
+        bad = src.clone()
+        bad[0] ^= 1
+        ok = ops.scatter_blocks(bad, ids, buf_layers, cb, good, transfer=transfer).cpu()
+        assert not bool(ok[0]) and bool(ok[1:].all())
+
+
+@pytest.mark.parametrize("layout", sorted(ops.LAYOUTS))
+@pytest.mark.parametrize("where", ["pinned", "pageable", "device"])
+def test_token_ops_on_cuda_match_reference(layout, where):
+    gen = torch.Generator().manual_seed(stable_seed((layout, where)))
+    nb, bs, h, d, L, T = 6, 16, 4, 64, 3, 40
+    cpu_layers = [layer_for(layout, nb, bs, h, d, torch.bfloat16, gen) for _ in range(L)]
+    layers = [t.to(DEV) for t in cpu_layers]
+    slots = torch.randperm(nb * bs, generator=gen)[:T]
+    slots[5] = -1
+    v = ops.token_view(cpu_layers[0], layout)
+    tb = v.shape[0] * v.shape[3] * v.shape[4] * v.element_size()
+    out = flat(T * L * tb, where)
+    ops.gather_tokens(layers, slots, out, layout=layout)
+    torch.cuda.synchronize()
+    ref = ops.ref_gather_tokens(cpu_layers, slots, flat(T * L * tb, "pageable"), layout=layout)
+    assert torch.equal(out.cpu(), ref)
+    src = torch.randint(0, 256, (T * L * tb,), dtype=torch.uint8, generator=gen)
+    ops.ref_scatter_tokens(src, slots, cpu_layers, layout=layout)
+    src = src.pin_memory() if where == "pinned" else (src.to(DEV) if where == "device" else src)
+    ops.scatter_tokens(src, slots, layers, layout=layout)
+    torch.cuda.synchronize()
+    for g, w in zip(layers, cpu_layers):
+        assert torch.equal(g.cpu().reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8))
+
+
+def test_cuda_bad_input_names_the_argument():
+    layers = [torch.zeros(4, 64, device=DEV) for _ in range(2)]
+    out = torch.empty(2 * 2 * 256, dtype=torch.uint8, pin_memory=True)
+    with pytest.raises(IndexError, match="block_ids\\[1\\] = 9"):
+        ops.gather_blocks(layers, torch.tensor([0, 9]), out)
+    with pytest.raises(ValueError, match="transfer='uva' needs out"):
+        ops.gather_blocks(layers, torch.tensor([0, 1]), torch.empty(1024, dtype=torch.uint8), transfer="uva")
+    with pytest.raises(ValueError, match="transfer must be"):
+        ops.gather_blocks(layers, torch.tensor([0, 1]), out, transfer="dma")
+    with pytest.raises(ValueError, match="out is too small"):
+        ops.gather_blocks(layers, torch.tensor([0, 1]), out[:-1])
+
+
+def test_opcheck_on_cuda():
+    layers = [torch.randn(8, 2, 16, device=DEV) for _ in range(3)]
+    ids = torch.tensor([3, 1, 6])
+    out = torch.empty(3 * 3 * 128, dtype=torch.uint8, device=DEV)
+    torch.library.opcheck(torch.ops.stratacache.gather_blocks.default, (layers, ids, out, 2, "auto"))
+    sums = ops.gather_blocks(layers, ids, out, 2)
+    torch.library.opcheck(torch.ops.stratacache.scatter_blocks.default, (out, ids, layers, 2, sums, "auto"))
+    torch.library.opcheck(torch.ops.stratacache.checksum64.default, (out,))
+    torch.library.opcheck(torch.ops.stratacache.chunk_checksums.default, (out, 100))

@@ -1,0 +1,111 @@
+"""KV namespaces, key stability, and the connector's stats / Prometheus plumbing."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from stratacache.adapters.vllm.keys import KVIdentity, hash_stability_problem, model_digest
+from stratacache.adapters.vllm.stats import (
+    COUNTERS,
+    StatsCounter,
+    StrataCacheConnectorStats,
+    StrataCachePromMetrics,
+)
+
+BASE = KVIdentity(model="/models/llama", revision="", model_digest="abc", kv_dtype="torch.bfloat16/auto",
+                  layout="cpu_attn/amx", block_size=128, num_kv_heads=2, head_size=64, tp_size=2)
+
+
+def test_every_identity_field_separates_namespaces():
+    seen = {BASE.namespace(0)}
+    for f in dataclasses.fields(KVIdentity):
+        value = getattr(BASE, f.name)
+        changed = dataclasses.replace(BASE, **{f.name: value + 1 if isinstance(value, int)
+                                               else value + "x"})
+        ns = changed.namespace(0)
+        assert ns not in seen, f.name
+        seen.add(ns)
+    assert BASE.namespace(1) not in seen                        # TP rank
+    assert "\x1f" not in BASE.namespace(0) and BASE.namespace(0).endswith("tp0of2")
+
+
+def test_namespace_is_stable_across_processes():
+    code = ("from stratacache.adapters.vllm.keys import KVIdentity;"
+            f"print(KVIdentity(**{dataclasses.asdict(BASE)!r}).namespace(1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "random", "PATH": ""})
+    assert out.stdout.strip() == BASE.namespace(1)
+
+
+def test_model_digest_follows_weight_files(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"1234")
+    first = model_digest(str(tmp_path), "{}")
+    assert model_digest(str(tmp_path), "{}") == first
+    assert model_digest(str(tmp_path), '{"layers": 2}') != first
+    (tmp_path / "model.safetensors").write_bytes(b"123456")
+    assert model_digest(str(tmp_path), "{}") != first
+
+
+def test_hash_stability_warning():
+    assert hash_stability_problem("sha256", env={}) is None
+    assert hash_stability_problem("sha256_cbor", env={}) is None
+    problem = hash_stability_problem("xxhash", env={})
+    assert problem and "PYTHONHASHSEED" in problem
+    assert hash_stability_problem("xxhash", env={"PYTHONHASHSEED": "0"}) is None
+
+
+def test_stats_aggregate_reduce_and_reset():
+    counter = StatsCounter()
+    assert counter.take() is None
+    counter.add(hit_tokens=300, miss_tokens=100, load_bytes=2e9, load_seconds=1.0, lookups=4,
+                lookup_seconds=0.0002)
+    a = counter.take()
+    assert counter.take() is None                               # interval reset
+    b = StrataCacheConnectorStats(data={"hit_tokens": 100, "load_errors": 1})
+    merged = a.aggregate(b)
+    reduced = merged.reduce()
+    assert reduced["hit_tokens"] == 400 and reduced["load_errors"] == 1
+    assert reduced["hit_rate"] == pytest.approx(0.8)
+    assert reduced["load_gbps"] == pytest.approx(2.0)
+    assert reduced["lookup_us"] == pytest.approx(50.0)
+    assert counter.totals()["hit_tokens"] == 300
+    assert not merged.is_empty() and StrataCacheConnectorStats().is_empty()
+
+
+def test_prometheus_counters_per_engine():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    registry = CollectorRegistry()
+
+    def bound(cls):
+        return lambda **kw: cls(registry=registry, **kw)
+
+    metric_types = {Counter: bound(Counter), Gauge: bound(Gauge), Histogram: bound(Histogram)}
+
+    class Cfg:
+        kv_transfer_config = None
+
+    prom = StrataCachePromMetrics(Cfg(), metric_types, ["engine"], {0: ["0"], 1: ["1"]})
+    prom.observe({"hit_tokens": 256, "load_bytes": 1024.0, "not_a_counter": 5}, engine_idx=1)
+    prom.observe({"hit_tokens": 128}, engine_idx=1)
+    assert registry.get_sample_value("vllm:stratacache_hit_tokens_total", {"engine": "1"}) == 384
+    assert registry.get_sample_value("vllm:stratacache_hit_tokens_total", {"engine": "0"}) == 0
+    assert registry.get_sample_value("vllm:stratacache_load_bytes_total", {"engine": "1"}) == 1024
+    for key in COUNTERS:
+        assert registry.get_sample_value(f"vllm:stratacache_{key}_total", {"engine": "0"}) == 0
+
+
+def test_key_maker_builds_ordinary_keys():
+    from stratacache.adapters.vllm.keys import artifact_key, key_maker
+    from stratacache.core.keys import ArtifactKey
+
+    make = key_maker("vllm-ns-tp0of1")
+    fast, slow = make("ab12"), artifact_key("vllm-ns-tp0of1", "ab12")
+    assert fast == slow and hash(fast) == hash(slow) and fast.encode() == slow.encode()
+    assert isinstance(fast, ArtifactKey) and {fast: 1}[slow] == 1
+    with pytest.raises(ValueError):
+        key_maker("bad\x1fnamespace")

@@ -1,0 +1,191 @@
+"""Worker-side transfers with real ops and a real StorageEngine (CPU + shared region).
+
+Paged KV is synthesized like vLLM's CPU backend hands it over: one
+``[num_blocks, heads, block_size, 2*head_size]`` bf16 view per layer, all
+views of one buffer (so each layer's blocks are strided), plus a layer that
+shares another's tensor (deduplicated by data_ptr).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from stratacache.adapters.vllm.keys import artifact_key
+from stratacache.adapters.vllm.metadata import ChunkLoad, ChunkSave, RequestLoad, StrataCacheConnectorMetadata
+from stratacache.adapters.vllm.stats import StatsCounter
+from stratacache.adapters.vllm.worker import PagedKV, WorkerSide
+from stratacache.config import load_config
+from stratacache.engine import StorageEngine
+
+NUM_BLOCKS, LAYERS, HEADS, BS, HEAD = 24, 3, 2, 16, 32
+CHUNK_BLOCKS = 4
+NS = "vllm-test-worker-tp0of1"
+POISON = -7.0
+
+
+def paged_kv(seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.randn(NUM_BLOCKS, LAYERS, HEADS, BS, 2 * HEAD, generator=g).to(torch.bfloat16)
+    layers = {f"model.layers.{i}.attn": buf[:, i] for i in range(LAYERS)}
+    layers["model.layers.shared.attn"] = layers["model.layers.0.attn"]   # KV sharing
+    return buf, layers
+
+
+@pytest.fixture
+def engine_factory(tmp_path):
+    made = []
+
+    def make():
+        region = f"/dev/shm/sc-test-vllm-worker-{os.getpid()}-{len(made)}.region"
+        cfg = load_config(None, {"tiers.shared.path": region, "tiers.shared.capacity": "64MiB",
+                                 "tiers.cpu.capacity": "32MiB"})
+        eng = StorageEngine(cfg)
+        made.append((eng, region))
+        return eng
+    yield make
+    for eng, region in made:
+        eng.close()
+        if os.path.exists(region):
+            os.unlink(region)
+
+
+def make_worker(engine, *, load_async=False, limit=1 << 30):
+    return WorkerSide(engine=engine, namespace=NS, load_async=load_async, verify=True,
+                      stats=StatsCounter(), max_inflight_save_bytes=limit)
+
+
+def saver_and_loader(engine_factory, src_seed: int, dst_seed: int, load_async: bool = False):
+    """Two workers on one engine: one saving from a source KV, one loading into another."""
+    src_buf, src_layers = paged_kv(src_seed)
+    dst_buf, dst_layers = paged_kv(dst_seed)
+    engine = engine_factory()
+    saver, loader = make_worker(engine), make_worker(engine, load_async=load_async)
+    saver.register(src_layers)
+    loader.register(dst_layers)
+    return src_buf, dst_buf, engine, saver, loader
+
+
+def test_register_deduplicates_and_validates():
+    buf, layers = paged_kv(0)
+    kv = PagedKV(layers)
+    assert len(kv.layers) == LAYERS
+    assert kv.page_bytes == HEADS * BS * 2 * HEAD * 2
+    assert kv.block_bytes == LAYERS * kv.page_bytes
+    with pytest.raises(ValueError, match="no KV cache tensors"):
+        PagedKV({})
+    bad = dict(layers)
+    bad["model.layers.odd"] = torch.zeros(NUM_BLOCKS, HEADS, 2 * HEAD, BS).transpose(2, 3)
+    with pytest.raises(ValueError, match="model.layers.odd"):
+        PagedKV(bad)
+
+
+def test_save_then_load_into_other_blocks_is_byte_exact(engine_factory):
+    src_buf, dst_buf, engine, saver, loader = saver_and_loader(engine_factory, 1, 2)
+    src_ids = [[3, 9, 1, 20], [5, 6, 7, 8], [0, 2]]              # two chunks + a partial
+    saves = [ChunkSave(f"chunk{i}", ids) for i, ids in enumerate(src_ids)]
+    saver.save(saves)
+    saver.drain_saves()
+    assert engine.contains_many([artifact_key(NS, s.name) for s in saves]) == [True] * 3
+    # Saving again stores nothing new.
+    saver.save(saves)
+    assert saver.stats.totals()["save_skipped"] == 3
+    dst_ids = [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19]]
+    dst_buf[10:20] = POISON
+    load = RequestLoad("r", [ChunkLoad(f"chunk{i}", len(ids), 0, d)
+                             for i, (ids, d) in enumerate(zip(src_ids, dst_ids))], False, BS)
+    loader.start_loads(StrataCacheConnectorMetadata(loads=[load]))
+    assert loader.take_load_errors() == set()
+    for ids, d in zip(src_ids, dst_ids):
+        for s, t in zip(ids, d):
+            assert torch.equal(dst_buf[t].view(torch.int16), src_buf[s].view(torch.int16))
+    totals = loader.stats.totals()
+    assert totals["load_chunks"] == 3 and totals["load_bytes"] == 10 * loader.kv.block_bytes
+    assert (dst_buf[:10] != POISON).all()                       # nothing else written
+
+
+def test_skip_blocks_writes_only_missing_blocks(engine_factory):
+    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 3, 4)
+    saver.save([ChunkSave("c", [4, 5, 6, 7])])
+    saver.drain_saves()
+    dst_buf[20:24] = POISON
+    load = RequestLoad("r", [ChunkLoad("c", 4, 1, [21, 22, 23])], False, BS)
+    loader.start_loads(StrataCacheConnectorMetadata(loads=[load]))
+    assert loader.take_load_errors() == set()
+    assert (dst_buf[20] == POISON).all()
+    for s, t in zip([5, 6, 7], [21, 22, 23]):
+        assert torch.equal(dst_buf[t].view(torch.int16), src_buf[s].view(torch.int16))
+
+
+@pytest.mark.parametrize("fault", ["missing", "corrupt", "wrong_size"])
+def test_faulty_chunk_reports_it_and_every_later_block(engine_factory, fault):
+    src_buf, dst_buf, engine, saver, loader = saver_and_loader(engine_factory, 5, 6)
+    saver.save([ChunkSave(f"c{i}", list(range(4 * i, 4 * i + 4))) for i in range(3)])
+    saver.drain_saves()
+    key = artifact_key(NS, "c1")
+    if fault == "missing":
+        engine.delete(key)
+    else:
+        art = engine.load(key)
+        size, checksum = art.meta.size, art.meta.checksum
+        engine.delete(key)
+        n = size if fault == "corrupt" else size - loader.kv.block_bytes
+        garbage = torch.randint(0, 256, (n,), dtype=torch.uint8)
+        assert engine.store(key, garbage, checksum=checksum if fault == "corrupt" else None)
+    dst_ids = [[12, 13, 14, 15], [16, 17, 18, 19], [20, 21, 22, 23]]
+    load = RequestLoad("r", [ChunkLoad(f"c{i}", 4, 0, d) for i, d in enumerate(dst_ids)], False, BS)
+    loader.start_loads(StrataCacheConnectorMetadata(loads=[load]))
+    assert loader.take_load_errors() == set(dst_ids[1] + dst_ids[2])
+    assert loader.take_load_errors() == set()                   # reported once
+    for s, t in zip(range(4), dst_ids[0]):                      # chunk 0 still loaded
+        assert torch.equal(dst_buf[t].view(torch.int16), src_buf[s].view(torch.int16))
+    totals = loader.stats.totals()
+    assert totals["load_errors"] == 1 and totals["load_error_blocks"] == 8
+    assert totals["load_chunks"] == 1
+    assert not engine.contains(key)                             # a bad chunk is removed
+    meta = loader.worker_meta()
+    assert meta.lost == ["c1"]
+
+
+def test_async_loads_finish_through_finished_loads(engine_factory):
+    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 7, 8, load_async=True)
+    saver.save([ChunkSave("a", [0, 1, 2, 3])])
+    saver.drain_saves()
+    loads = [RequestLoad("ok", [ChunkLoad("a", 4, 0, [8, 9, 10, 11])], True, BS),
+             RequestLoad("bad", [ChunkLoad("nope", 4, 0, [12, 13, 14, 15])], True, BS)]
+    loader.start_loads(StrataCacheConnectorMetadata(loads=loads))
+    done: set = set()
+    deadline = time.time() + 30
+    while done != {"ok", "bad"} and time.time() < deadline:
+        done |= loader.finished_loads()
+        time.sleep(0.01)
+    assert done == {"ok", "bad"}
+    assert loader.take_load_errors() == {12, 13, 14, 15}
+    assert torch.equal(dst_buf[8].view(torch.int16), src_buf[0].view(torch.int16))
+    assert loader.state_sizes()["inflight_loads"] == 0
+
+
+def test_full_save_queue_drops_instead_of_blocking(engine_factory):
+    _, layers = paged_kv(9)
+    engine = engine_factory()
+    worker = make_worker(engine, limit=1)                       # no buffer fits
+    worker.register(layers)
+    worker.save([ChunkSave("x", [0, 1, 2, 3])])
+    worker.drain_saves()
+    assert worker.stats.totals()["save_dropped"] == 1
+    assert not engine.contains(artifact_key(NS, "x"))
+
+
+def test_shutdown_drains_pending_stores(engine_factory):
+    _, layers = paged_kv(10)
+    engine = engine_factory()
+    worker = make_worker(engine)
+    worker.register(layers)
+    worker.save([ChunkSave(f"s{i}", [i]) for i in range(NUM_BLOCKS)])
+    worker.shutdown()
+    assert worker.stats.totals()["save_chunks"] == NUM_BLOCKS
+    meta = worker.worker_meta()
+    assert sorted(meta.stored) == sorted(f"s{i}" for i in range(NUM_BLOCKS))
