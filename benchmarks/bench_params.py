@@ -185,7 +185,12 @@ def main(argv=None) -> int:
                    help="plane tiers to compare, the first one gives the headline ratios (shared,disk)")
     p.add_argument("--workdir", default=None, help="directory for the disk tier and accelerate's disk folder")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true",
+                   help="a short smoke run: 4 layers of hidden 512, 3 repeats, shared tier only")
     args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 4, 512, 1024, 8, 4
+        args.repeats, args.tiers = 3, ["shared"]
     for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "batch", "tokens", "repeats"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")

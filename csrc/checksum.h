@@ -74,6 +74,10 @@ uint64_t copy_sum_range(uint8_t* dst, const uint8_t* src, size_t nbytes, uint64_
 
 // Pieces a parallel checksum splits a range into (a multiple of 8 bytes).
 constexpr size_t kPieceBytes = size_t{1} << 18;
+// Pieces per thread: below 16 pieces (4 MiB) waking a second thread costs more
+// than it saves on a busy host (measured: 1 MiB took 7.5 ms on 2 threads under
+// load vs 0.66 ms on one).
+constexpr int64_t kPiecesPerThread = 16;
 
 // checksum64 of one contiguous byte range; `parallel_for(begin, end, grain,
 // fn(b, e))` runs the pieces (e.g. at::parallel_for).
@@ -82,7 +86,7 @@ uint64_t checksum_bytes(const uint8_t* p, size_t nbytes, ParallelFor&& parallel_
   const int64_t npieces = static_cast<int64_t>((nbytes + kPieceBytes - 1) / kPieceBytes);
   if (npieces <= 1) return finalize(sum_range(p, nbytes, 0), nbytes);
   std::vector<uint64_t> sums(npieces, 0);
-  parallel_for(int64_t{0}, npieces, int64_t{1}, [&](int64_t begin, int64_t end) {
+  parallel_for(int64_t{0}, npieces, kPiecesPerThread, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const size_t off = static_cast<size_t>(k) * kPieceBytes;
       sums[k] = sum_range(p + off, std::min(kPieceBytes, nbytes - off), off / 8);
