@@ -154,6 +154,8 @@ def test_second_process_reuses_diverges_and_survives_faults(world, process_a):
     assert b_shared["num_cached_tokens"] >= hit
     assert b_shared["metrics_delta"]["vllm:stratacache_load_chunks"] >= 4
     assert b_shared["metrics_delta"].get("vllm:stratacache_load_errors", 0) == 0
+    # Load time survives LLM.get_metrics() (which reads counters as integers).
+    assert b_shared["metrics_delta"]["vllm:stratacache_load_microseconds"] > 0
 
     # Acceptance 3: diverging inside chunk 2 loads exactly chunks 0 and 1.
     assert div_mid["tokens"] == expected["div_mid_chunk"]

@@ -14,6 +14,7 @@ from stratacache.adapters.vllm.stats import (
     StatsCounter,
     StrataCacheConnectorStats,
     StrataCachePromMetrics,
+    prom_name,
 )
 
 BASE = KVIdentity(model="/models/llama", revision="", model_digest="abc", kv_dtype="torch.bfloat16/auto",
@@ -95,8 +96,13 @@ def test_prometheus_counters_per_engine():
     assert registry.get_sample_value("vllm:stratacache_hit_tokens_total", {"engine": "1"}) == 384
     assert registry.get_sample_value("vllm:stratacache_hit_tokens_total", {"engine": "0"}) == 0
     assert registry.get_sample_value("vllm:stratacache_load_bytes_total", {"engine": "1"}) == 1024
+    # Times are exported in microseconds (LLM.get_metrics() reads counters as integers).
+    prom.observe({"load_seconds": 0.0025}, engine_idx=1)
+    assert registry.get_sample_value("vllm:stratacache_load_microseconds_total",
+                                     {"engine": "1"}) == pytest.approx(2500)
     for key in COUNTERS:
-        assert registry.get_sample_value(f"vllm:stratacache_{key}_total", {"engine": "0"}) == 0
+        name = prom_name(key)[0]
+        assert registry.get_sample_value(f"{name}_total", {"engine": "0"}) == 0
 
 
 def test_key_maker_builds_ordinary_keys():

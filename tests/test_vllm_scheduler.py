@@ -111,10 +111,30 @@ def test_lookup_counts_leading_chunks_only(engine):
 def test_lookup_caps_at_num_tokens_minus_one(engine):
     side = make_side(engine)
     req = FakeRequest("r1", tokens(2 * CHUNK, 2))               # exactly two chunks
-    store_ends(engine, req, [CHUNK, 2 * CHUNK])
+    store_ends(engine, req, [CHUNK])
+    assert side.matched_tokens(req, 0) == (CHUNK, False)
+    # The second chunk covers the last token, which vLLM must compute: only its head
+    # (every whole block before that token) is loadable, as with vLLM's prefix cache.
+    store_ends(engine, req, [2 * CHUNK])
     matched, _ = side.matched_tokens(req, 0)
-    assert matched == CHUNK  # the second chunk would cover the last token
-    assert matched % BS == 0
+    assert matched == 2 * CHUNK - BS
+    block_ids = list(range(40, 48))
+    side.on_alloc(req, block_ids, matched)
+    meta = side.build_meta(FakeOutput({"r1": BS}, FakeBlockState({"r1": block_ids})))
+    (load,) = meta.loads
+    geometry = ChunkGeometry(CHUNK, BS, BS)
+    assert [(c.name, c.num_blocks, c.skip_blocks, c.block_ids) for c in load.chunks] == [
+        (geometry.name_at(req.block_hashes, CHUNK), 4, 0, block_ids[0:4]),
+        (geometry.name_at(req.block_hashes, 2 * CHUNK), 4, 0, block_ids[4:7])]
+    # Starting inside the last chunk: skip the local blocks, take the head's remainder.
+    matched, _ = side.matched_tokens(req, CHUNK + BS)
+    assert matched == CHUNK - 2 * BS
+    side.on_alloc(req, block_ids, matched)
+    (load,) = side.build_meta(FakeOutput({"r1": BS}, FakeBlockState({"r1": block_ids}))).loads
+    assert [(c.num_blocks, c.skip_blocks, c.block_ids) for c in load.chunks] == [
+        (4, 1, block_ids[5:7])]
+    # Nothing left to load once vLLM holds every block before the last token.
+    assert side.matched_tokens(req, 2 * CHUNK - BS) == (0, False)
 
 
 def test_lookup_partial_chunk_and_async_flag(engine):

@@ -120,6 +120,23 @@ def test_skip_blocks_writes_only_missing_blocks(engine_factory):
         assert torch.equal(dst_buf[t].view(torch.int16), src_buf[s].view(torch.int16))
 
 
+@pytest.mark.parametrize("skip,take", [(0, 3), (1, 2), (2, 1)])
+def test_head_of_a_stored_chunk_writes_only_those_blocks(engine_factory, skip, take):
+    # A prompt ending exactly on a chunk boundary loads only the chunk's head.
+    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 5, 6)
+    saver.save([ChunkSave("c", [4, 5, 6, 7])])
+    saver.drain_saves()
+    dst_buf[:] = POISON
+    dst = [20, 21, 22, 23][skip:skip + take]
+    load = RequestLoad("r", [ChunkLoad("c", 4, skip, dst)], False, BS)
+    loader.start_loads(StrataCacheConnectorMetadata(loads=[load]))
+    assert loader.take_load_errors() == set()
+    for s, t in zip([4, 5, 6, 7][skip:skip + take], dst):
+        assert torch.equal(dst_buf[t].view(torch.int16), src_buf[s].view(torch.int16))
+    untouched = [b for b in range(NUM_BLOCKS) if b not in dst]
+    assert (dst_buf[untouched] == POISON).all()
+
+
 @pytest.mark.parametrize("fault", ["missing", "corrupt", "wrong_size"])
 def test_faulty_chunk_reports_it_and_every_later_block(engine_factory, fault):
     src_buf, dst_buf, engine, saver, loader = saver_and_loader(engine_factory, 5, 6)

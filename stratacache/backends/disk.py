@@ -12,9 +12,10 @@ new file, so a reader of the previous version never sees the new one half-way.
 * Every byte of every file (header, key and payload) is charged to the
   capacity in the ``ObjectTable`` before the file is written; the table is the
   single source of truth, so the directory never grows past its cap.
-* Reads verify the payload checksum (for large payloads in the same pass as
-  the copy: the file is mapped and copied by the native gather op); a bad or
-  truncated file is a counted miss and is removed.
+* Reads verify the payload checksum in the same pass as the read: the native
+  ``read_and_checksum`` preads the payload in 256 KiB pieces on several
+  threads and sums each piece while it is still in cache (csrc/file_read.h).
+  A bad or truncated file is a counted miss and is removed.
 * On start the index is rebuilt from the files (headers only), so objects
   survive restarts. One process owns a directory at a time (an flock on
   ``.lock``); ``DiskMemoryLayer.inspect(path)`` reads one without opening it.
@@ -27,11 +28,9 @@ import fcntl
 import hashlib
 import json
 import logging
-import mmap
 import os
 import struct
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -41,7 +40,7 @@ from stratacache.backends.base import EvictCallback
 from stratacache.backends.residency import Entry, ObjectTable, TableBackedLayer
 from stratacache.core.artifact import Artifact, ArtifactMeta, CorruptArtifact
 from stratacache.core.keys import ArtifactKey
-from stratacache.ops import checksum64, gather_blocks
+from stratacache._C import read_and_checksum
 from stratacache.telemetry.metrics import TierCounters
 
 log = logging.getLogger(__name__)
@@ -50,18 +49,12 @@ SUFFIX = ".sca"
 TMP_MARK = ".tmp"
 INFO_FILE = "stratacache-disk.json"
 _KEYLEN = struct.Struct("<I")
-MMAP_MIN_BYTES = 1 << 20   # payloads this large are read through a mapping with a fused copy+checksum
-_BLOCK0 = torch.zeros(1, dtype=torch.int64)
 _MAX_KEY = 1 << 16
 _HEAD_READ = ArtifactMeta.header_size(16) + _KEYLEN.size + _MAX_KEY
 
 
 class DiskTierError(RuntimeError):
     """The directory cannot be used (in use by another process, not writable)."""
-
-
-def _checksum64(data: torch.Tensor) -> int:
-    return checksum64(data) & 0xFFFFFFFFFFFFFFFF
 
 
 class DiskMemoryLayer(TableBackedLayer):
@@ -233,17 +226,11 @@ class DiskMemoryLayer(TableBackedLayer):
             if os.fstat(f.fileno()).st_size != entry.size:
                 raise CorruptArtifact("file size does not match its header")
             dest = out.narrow(0, 0, meta.size) if out is not None else torch.empty(meta.size, dtype=torch.uint8)
-            if meta.size >= MMAP_MIN_BYTES:
-                got = _copy_and_checksum(f.fileno(), head_len, dest)
-            else:
-                view = memoryview(dest.numpy())
-                done = 0
-                while done < meta.size:
-                    n = f.readinto(view[done:])
-                    if not n:
-                        raise CorruptArtifact(f"file truncated at {done} of {meta.size} payload bytes")
-                    done += n
-                got = _checksum64(dest)
+            got, nread, err = read_and_checksum(f.fileno(), head_len, dest)
+        if err:
+            raise OSError(err, f"{os.strerror(err)} reading {entry.loc}")
+        if nread != meta.size:
+            raise CorruptArtifact(f"file truncated at {nread} of {meta.size} payload bytes")
         if got != meta.checksum:
             raise CorruptArtifact("payload checksum mismatch")
         return Artifact(meta, dest)
@@ -301,25 +288,6 @@ class DiskMemoryLayer(TableBackedLayer):
 
 def _key_hash(key: ArtifactKey) -> str:
     return hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
-
-
-def _copy_and_checksum(fd: int, offset: int, dest: torch.Tensor) -> int:
-    """Copy the payload at ``offset`` of the file into ``dest`` and checksum it in the same pass.
-
-    The file is mapped (pre-faulted) and copied by the native gather op, which
-    computes checksum64 while copying, so verification costs no second pass.
-    """
-    size = dest.numel()
-    with mmap.mmap(fd, offset + size, prot=mmap.PROT_READ,
-                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as mapped:
-        with warnings.catch_warnings():   # read-only mapping: the op only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.frombuffer(mapped, dtype=torch.uint8, count=size, offset=offset)
-        try:
-            sums = gather_blocks([src.view(1, size)], _BLOCK0, dest, 1)
-        finally:
-            del src
-    return int(sums[0]) & 0xFFFFFFFFFFFFFFFF
 
 
 def _write_all(f, buf) -> None:

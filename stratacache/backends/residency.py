@@ -319,9 +319,10 @@ class TableBackedLayer(BatchDefaults):
             return None
         size = entry.meta.size
         try:
-            if out is not None and (out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < size):
-                raise ValueError(f"out must be a 1-D uint8 tensor of at least {size} bytes, "
-                                 f"got {out.dtype} {tuple(out.shape)}")
+            if out is not None and (out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < size
+                                    or not out.is_contiguous()):
+                raise ValueError(f"out must be a contiguous 1-D uint8 tensor of at least {size} "
+                                 f"bytes, got {out.dtype} {tuple(out.shape)} stride {out.stride()}")
             art = self._read(entry, out)
         finally:
             self._table.release(entry, self._free_loc)

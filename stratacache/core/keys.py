@@ -17,7 +17,7 @@ and compares in full; tiers never identify an object by a hash alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 KINDS = ("kv", "params", "custom")
 _SEP = "\x1f"  # ASCII unit separator: cannot appear in a valid component
@@ -28,20 +28,24 @@ class ArtifactKey:
     kind: str
     namespace: str
     name: str
+    # encode(), computed once: every tier operation encodes its keys.
+    _encoded: bytes = field(default=b"", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"ArtifactKey.kind must be one of {KINDS}, got {self.kind!r}")
-        for field in ("namespace", "name"):
-            value = getattr(self, field)
+        for name in ("namespace", "name"):
+            value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise ValueError(f"ArtifactKey.{field} must be a non-empty str, got {value!r}")
+                raise ValueError(f"ArtifactKey.{name} must be a non-empty str, got {value!r}")
             if _SEP in value:
-                raise ValueError(f"ArtifactKey.{field} must not contain the \\x1f separator")
+                raise ValueError(f"ArtifactKey.{name} must not contain the \\x1f separator")
+        object.__setattr__(self, "_encoded",
+                           _SEP.join((self.kind, self.namespace, self.name)).encode("utf-8"))
 
     def encode(self) -> bytes:
         """Canonical bytes of the key, stored and compared in full by every tier."""
-        return _SEP.join((self.kind, self.namespace, self.name)).encode("utf-8")
+        return self._encoded
 
     @classmethod
     def decode(cls, raw: bytes) -> "ArtifactKey":

@@ -97,7 +97,7 @@ def key_maker(namespace: str):
     The namespace is validated once here; names are hex digests, valid by
     construction, so each key skips ArtifactKey's per-field checks.
     """
-    artifact_key(namespace, "0")  # validates the namespace
+    prefix = artifact_key(namespace, "0").encode()[:-1]  # validates the namespace
     new, put = object.__new__, object.__setattr__
 
     def make(name: str) -> ArtifactKey:
@@ -105,6 +105,7 @@ def key_maker(namespace: str):
         put(key, "kind", KIND)
         put(key, "namespace", namespace)
         put(key, "name", name)
+        put(key, "_encoded", prefix + name.encode())
         return key
     return make
 

@@ -20,7 +20,8 @@ class ChunkLoad:
     name: str               # key name of the stored chunk
     num_blocks: int         # blocks held by the stored payload
     skip_blocks: int        # leading payload blocks already present locally (not written)
-    block_ids: list[int]    # destination blocks for payload blocks [skip_blocks, num_blocks)
+    block_ids: list[int]    # destination blocks of payload blocks skip_blocks, skip_blocks + 1, ...
+                            # (fewer than num_blocks - skip_blocks when only a head is needed)
 
 
 @dataclass

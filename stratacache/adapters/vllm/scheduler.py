@@ -70,7 +70,7 @@ class SchedulerSide:
         self.events_enabled = events_enabled and make_events is not None
         self._make_events = make_events
         self._tracked: dict[str, _Tracked] = {}
-        self._lookup_start: dict[str, int] = {}
+        self._lookup_start: dict[str, tuple[int, bool]] = {}
         self._pending_loads: dict[str, RequestLoad] = {}
         self._pending_events: dict[str, _EventInfo] = {}
         self._events: list = []
@@ -87,37 +87,47 @@ class SchedulerSide:
                 break
         return n
 
-    def _loadable_end(self, request, start: int) -> int:
-        """End (tokens) of the stored prefix beyond ``start``, or ``start`` if none."""
+    def _loadable_end(self, request, start: int) -> tuple[int, bool]:
+        """End (tokens) of the stored prefix beyond ``start`` (``start`` if none), and whether
+        its last, partly loaded range is the head of a stored full chunk.
+
+        vLLM must compute at least the prompt's last token, so a prompt whose
+        stored chunks cover it entirely (a length that is a multiple of the
+        chunk size) loads the head of its last full chunk up to the last whole
+        block before that token, as vLLM's own prefix cache would.
+        """
         g = self.geometry
-        # vLLM must compute at least the last token; only prompt KV is stored.
-        limit = min(request.num_tokens - 1, request.num_prompt_tokens,
-                    g.hashed_tokens(request.block_hashes))
+        stored_limit = min(request.num_prompt_tokens, g.hashed_tokens(request.block_hashes))
+        limit = min(request.num_tokens - 1, stored_limit)
         first, n_full = start // g.chunk_size, limit // g.chunk_size
+        n_lookup = stored_limit // g.chunk_size   # n_full, or n_full + 1 when a chunk spans `limit`
         end = start
-        if first < n_full:
-            hits = self._present(g.full_chunk_names(request.block_hashes, first, n_full))
-            end = max(start, (first + hits) * g.chunk_size)
-            if hits < n_full - first:
-                return end
+        if first < n_lookup:
+            hits = self._present(g.full_chunk_names(request.block_hashes, first, n_lookup))
+            end = max(start, (first + min(hits, n_full - first)) * g.chunk_size)
+            if first + hits > n_full:
+                tail = g.partial_end(limit)
+                return (tail, True) if tail > end else (end, False)
+            if first + hits < n_full:
+                return end, False
         if self.save_partial:
             partial_end = g.partial_end(limit)
             if partial_end > max(end, n_full * g.chunk_size) and \
                     self._present([g.name_at(request.block_hashes, partial_end)]):
                 end = partial_end
-        return end
+        return end, False
 
     def matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         if self.engine is None:
             return 0, False
         t0 = time.perf_counter()
-        end = self._loadable_end(request, num_computed_tokens)
+        end, tail_in_full_chunk = self._loadable_end(request, num_computed_tokens)
         self.stats.add(lookups=1, lookup_seconds=time.perf_counter() - t0)
         matched = max(0, end - num_computed_tokens)
         # Memo of where the hit starts: on_alloc needs it and vLLM does not pass it there.
         if len(self._lookup_start) >= MAX_LOOKUP_MEMOS:
             self._lookup_start.pop(next(iter(self._lookup_start)))
-        self._lookup_start[request.request_id] = num_computed_tokens
+        self._lookup_start[request.request_id] = (num_computed_tokens, tail_in_full_chunk)
         return matched, bool(matched) and self.load_async
 
     # ---- allocation ----------------------------------------------------
@@ -125,28 +135,31 @@ class SchedulerSide:
         req_id = request.request_id
         if req_id not in self._tracked:
             self._tracked[req_id] = _Tracked(request)
-        start = self._lookup_start.pop(req_id, None)
-        if start is None:
+        memo = self._lookup_start.pop(req_id, None)
+        if memo is None:
             return  # no lookup preceded this allocation (e.g. after an async load)
+        start, tail_in_full_chunk = memo
         end = start + max(0, num_external_tokens)
         self.stats.add(hit_tokens=max(0, num_external_tokens),
                        miss_tokens=max(0, request.num_prompt_tokens - end))
         if num_external_tokens > 0:
-            self._pending_loads[req_id] = self._load_plan(request, block_ids, start, end)
+            self._pending_loads[req_id] = self._load_plan(request, block_ids, start, end,
+                                                          tail_in_full_chunk)
 
-    def _load_plan(self, request, block_ids: list[int], start: int, end: int) -> RequestLoad:
+    def _load_plan(self, request, block_ids: list[int], start: int, end: int,
+                   tail_in_full_chunk: bool) -> RequestLoad:
         g = self.geometry
         bs, chunk = g.block_size, g.chunk_size
         chunks = []
         for chunk_start in range(start - start % chunk, end, chunk):
             chunk_end = min(chunk_start + chunk, end)
+            stored_end = chunk_start + chunk if tail_in_full_chunk else chunk_end
             first_block = chunk_start // bs
             skip = max(0, start - chunk_start) // bs
-            n_blocks = (chunk_end - chunk_start) // bs
             chunks.append(ChunkLoad(
-                name=g.name_at(request.block_hashes, chunk_end),
-                num_blocks=n_blocks, skip_blocks=skip,
-                block_ids=list(block_ids[first_block + skip:first_block + n_blocks])))
+                name=g.name_at(request.block_hashes, stored_end),
+                num_blocks=(stored_end - chunk_start) // bs, skip_blocks=skip,
+                block_ids=list(block_ids[first_block + skip:chunk_end // bs])))
         return RequestLoad(req_id=request.request_id, chunks=chunks, is_async=self.load_async,
                            block_size=bs)
 

@@ -118,6 +118,17 @@ class PeriodicLogger:
                               ", ".join(f"{k}={v}" for k, v in totals.reduce().items()))
 
 
+def prom_name(key: str) -> tuple[str, float]:
+    """Prometheus name of a counter, and the factor its values are scaled by.
+
+    Times are exported in microseconds: ``LLM.get_metrics()`` reads counters
+    back as integers, which would round a total of seconds spent to 0.
+    """
+    if key.endswith("_seconds"):
+        return f"vllm:stratacache_{key[:-len('_seconds')]}_microseconds", 1e6
+    return f"vllm:stratacache_{key}", 1.0
+
+
 class StrataCachePromMetrics(KVConnectorPromMetrics):
     """One ``vllm:stratacache_<counter>`` Prometheus counter per statistic, per engine."""
 
@@ -127,12 +138,14 @@ class StrataCachePromMetrics(KVConnectorPromMetrics):
 
         self._counters = {}
         for key, doc in COUNTERS.items():
-            metric = self._counter_cls(name=f"vllm:stratacache_{key}", documentation=doc,
-                                       labelnames=labelnames)
-            self._counters[key] = create_metric_per_engine(metric, per_engine_labelvalues)
+            name, scale = prom_name(key)
+            if scale != 1.0:
+                doc += " (microseconds)"
+            metric = self._counter_cls(name=name, documentation=doc, labelnames=labelnames)
+            self._counters[key] = (create_metric_per_engine(metric, per_engine_labelvalues), scale)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for key, value in transfer_stats_data.items():
-            per_engine = self._counters.get(key)
+            per_engine, scale = self._counters.get(key, (None, 1.0))
             if per_engine is not None and value > 0 and engine_idx in per_engine:
-                per_engine[engine_idx].inc(value)
+                per_engine[engine_idx].inc(value * scale)

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from stratacache import ops  # imported here: loading the ops costs ~0.4 s, not for a first hit to pay
 from stratacache.adapters.vllm.keys import artifact_key
 from stratacache.adapters.vllm.metadata import (
     ChunkSave,
@@ -151,14 +152,12 @@ class WorkerSide:
 
     def _load_request(self, load: RequestLoad) -> set[int]:
         """Load every chunk of one request; returns the block ids vLLM must recompute."""
-        from stratacache import ops
-
         t0 = time.perf_counter()
         moved = chunks_ok = 0
         for index, chunk in enumerate(load.chunks):
             ok = False
             try:
-                ok = self._load_chunk(ops, chunk)
+                ok = self._load_chunk(chunk)
             except Exception:  # a tier or op fault is a miss, never a crash of the step
                 logger.exception("StrataCache: loading chunk %s failed", chunk.name)
             if not ok:
@@ -177,7 +176,7 @@ class WorkerSide:
                        load_seconds=time.perf_counter() - t0)
         return failed
 
-    def _load_chunk(self, ops, chunk) -> bool:
+    def _load_chunk(self, chunk) -> bool:
         kv = self.kv
         key = self._key(chunk.name)
         expected_size = chunk.num_blocks * kv.block_bytes
@@ -192,19 +191,21 @@ class WorkerSide:
                 self.engine.delete(key)
                 return False
             src = art.data[:expected_size].view(chunk.num_blocks, len(kv.layers), kv.page_bytes)
-            if chunk.skip_blocks == 0:
+            if chunk.skip_blocks == 0 and len(chunk.block_ids) == chunk.num_blocks:
                 expected = torch.tensor([_signed64(art.meta.checksum)], dtype=torch.int64) \
                     if self.verify else None
                 ok = ops.scatter_blocks(src, ids, kv.layers, chunk_blocks=chunk.num_blocks,
                                         expected=expected)
                 good = bool(ok[0]) if self.verify else True
             else:
-                # Part of the chunk is already in vLLM's own cache: verify the whole
-                # payload, then write only the missing blocks.
+                # Only part of the chunk is needed (its head is already in vLLM's own
+                # cache, or its tail is past what vLLM lets us load): verify the whole
+                # payload, then write only those blocks.
                 good = (not self.verify) or _same_checksum(ops.checksum64(art.data[:expected_size]),
                                                            art.meta.checksum)
                 if good:
-                    ops.scatter_blocks(src[chunk.skip_blocks:], ids, kv.layers)
+                    ops.scatter_blocks(src[chunk.skip_blocks:chunk.skip_blocks + len(ids)], ids,
+                                       kv.layers)
         if not good:
             logger.warning("StrataCache: chunk %s failed its checksum; deleting it", chunk.name)
             self.engine.delete(key)
@@ -239,8 +240,6 @@ class WorkerSide:
         """Copy the chunks out of paged memory now; store them in the background."""
         if self.kv is None or not saves or self._closed:
             return
-        from stratacache import ops
-
         kv = self.kv
         present = self.engine.contains_many([self._key(s.name) for s in saves])
         todo = [s for s, have in zip(saves, present) if not have]
