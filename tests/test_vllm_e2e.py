@@ -37,7 +37,7 @@ def _tokens(n: int, seed: int) -> list[int]:
 
 # Prefix families: 1024 tokens (4 chunks) each, stored by process A.
 FAM = {name: _tokens(1024, seed) for seed, name in enumerate(
-    ["shared", "diverge", "delete", "corrupt", "garbage"], start=100)}
+    ["shared", "diverge", "delete", "corrupt", "garbage", "exact"], start=100)}
 PROMPTS = {
     "a_shared": FAM["shared"] + _tokens(200, 1),
     "b_shared": FAM["shared"] + _tokens(300, 2),        # 1324 tokens: chunk 4 is stored too
@@ -50,6 +50,9 @@ PROMPTS = {
     "hit_corrupt": FAM["corrupt"] + _tokens(70, 9),
     "store_garbage": FAM["garbage"] + _tokens(50, 10),
     "hit_garbage": FAM["garbage"] + _tokens(80, 11),
+    "store_exact": FAM["exact"] + _tokens(40, 14),
+    "exact_chunks": FAM["exact"],                       # exactly 4 chunks: the last covers the
+                                                        # last token, so only its head loads
     "unique": _tokens(700, 12),
     "long_chunked": FAM["shared"] + _tokens(900, 13),  # 1924 tokens: 4 prefill steps of 512
 }
@@ -58,7 +61,7 @@ PROMPTS = {
 PREEMPT = [_tokens(600, 20 + i) for i in range(8)]
 PREEMPT_MAX_TOKENS = 160
 STORED_BY_A = ["a_shared", "b_shared", "store_diverge", "store_delete", "store_corrupt",
-               "store_garbage", "unique"]
+               "store_garbage", "store_exact", "unique"]
 
 
 def _run(job: dict, tmp: Path, name: str) -> dict:
@@ -124,13 +127,14 @@ def test_outputs_identical_with_and_without_connector(world, process_a):
         assert result["tokens"] == world["expected"][name], name
     # The first process found nothing (fresh region) and stored its chunks.
     assert process_a["metrics"].get("vllm:stratacache_hit_tokens", 0) == 0
-    assert process_a["metrics"]["vllm:stratacache_save_chunks"] >= 4 * 5
+    assert process_a["metrics"]["vllm:stratacache_save_chunks"] >= 4 * 6
     # The reference engine really ran without the connector.
     assert "vllm:stratacache_save_chunks" not in world["reference"]["metrics"]
 
 
 def test_second_process_reuses_diverges_and_survives_faults(world, process_a):
     steps = [
+        _generate([PROMPTS["exact_chunks"]]),
         _generate([PROMPTS["b_shared"], PROMPTS["div_mid_chunk"], PROMPTS["diverge_longer"]]),
         {"op": "fault_after_lookup", "action": "delete", "chunk": 1},
         _generate([PROMPTS["hit_delete"]]),
@@ -144,7 +148,7 @@ def test_second_process_reuses_diverges_and_survives_faults(world, process_a):
     report = _run({"model": world["model"], "connector": _connector(world["region"]),
                    "engine": ENGINE, "inprocess": True, "steps": steps}, world["tmp"], "B")
     expected = world["expected"]
-    reuse, _, delete, _, corrupt, _, garbage, state = report["steps"]
+    exact, reuse, _, delete, _, corrupt, _, garbage, state = report["steps"]
     b_shared, div_mid, div_longer = reuse["results"]
 
     # Acceptance 2: a new process reuses what A stored; identical output.
@@ -156,6 +160,14 @@ def test_second_process_reuses_diverges_and_survives_faults(world, process_a):
     assert b_shared["metrics_delta"].get("vllm:stratacache_load_errors", 0) == 0
     # Load time survives LLM.get_metrics() (which reads counters as integers).
     assert b_shared["metrics_delta"]["vllm:stratacache_load_microseconds"] > 0
+
+    # A prompt of exactly four chunks: chunks 0-2 and the head of chunk 3 (all but the
+    # block holding the last token, which vLLM computes), like vLLM's own prefix cache.
+    exact_result = exact["results"][0]
+    assert exact_result["tokens"] == expected["exact_chunks"]
+    assert exact_result["metrics_delta"]["vllm:stratacache_hit_tokens"] == 4 * CHUNK - 128
+    assert exact_result["metrics_delta"]["vllm:stratacache_load_chunks"] == 4
+    assert exact_result["num_cached_tokens"] == 4 * CHUNK - 128
 
     # Acceptance 3: diverging inside chunk 2 loads exactly chunks 0 and 1.
     assert div_mid["tokens"] == expected["div_mid_chunk"]
