@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "checksum.h"
+#include "vector_copy.h"
 
 namespace stratacache {
 
@@ -79,8 +80,8 @@ std::vector<uint64_t> copy_pages(const BlockPlan& p, const int64_t* ids, uint8_t
         const int64_t chunk_start = (i / p.chunk_blocks) * p.chunk_bytes();
         const uint64_t first_word = static_cast<uint64_t>(page * P + off - chunk_start) / 8;
         item_sums[it] = checksum::copy_sum_range(dst, src, len, first_word);
-      } else if (len) {
-        std::memcpy(dst, src, len);
+      } else {
+        vector_copy(dst, src, len);
       }
     }
   });

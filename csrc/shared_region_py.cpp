@@ -7,6 +7,7 @@
 #include "shared_region_bindings.h"
 
 #include "shared_region.h"
+#include "vector_copy.h"
 
 namespace py = pybind11;
 
@@ -23,7 +24,7 @@ std::string_view view_of(const py::bytes& b) {
 // The payload copy, spread over torch's intra-op threads like Tensor.copy_.
 void parallel_copy(uint8_t* dst, const uint8_t* src, uint64_t n) {
   at::parallel_for(0, int64_t(n), int64_t(1) << 18, [&](int64_t begin, int64_t end) {
-    memcpy(dst + begin, src + begin, size_t(end - begin));
+    vector_copy(dst + begin, src + begin, size_t(end - begin));
   });
 }
 

@@ -109,13 +109,32 @@ static void token_case(std::mt19937_64& rng, int64_t kv, int64_t nb, int64_t bs,
   CHECK(before == mem);  // scattering back what was gathered changes nothing
 }
 
+// vector_copy: exact bytes and untouched neighbours at every alignment and length class.
+static void vector_copy_cases(std::mt19937_64& rng) {
+  for (size_t n : {0, 7, 4095, 4096, 4097, 4096 + 127, 65536, 65536 + 200}) {
+    for (size_t dshift : {0, 1, 8, 31}) {
+      for (size_t sshift : {0, 5}) {
+        std::vector<uint8_t> src(n + 64), dst(n + 64, kPoison);
+        for (auto& x : src) x = uint8_t(rng());
+        vector_copy(dst.data() + dshift, src.data() + sshift, n);
+        CHECK(std::equal(src.begin() + sshift, src.begin() + sshift + n, dst.begin() + dshift));
+        for (size_t k = 0; k < dshift; ++k) CHECK(dst[k] == kPoison);
+        for (size_t k = n + dshift; k < dst.size(); ++k) CHECK(dst[k] == kPoison);
+      }
+    }
+  }
+}
+
 int main() {
   std::mt19937_64 rng(7);
+  vector_copy_cases(rng);
   block_case(rng, 4, 10, 256, 0, 9, 2);
   block_case(rng, 3, 5, 104, 8, 5, 3);
   block_case(rng, 1, 4, 13, 3, 4, 1);                       // unaligned pages: no fused sums
   block_case(rng, 2, 3, (1 << 18) + 4096, 0, 3, 2);         // segmented pages
   block_case(rng, 32, 6, 64, 0, 6, 4);
+  block_case(rng, 3, 6, 4096 + 8 * 17, 8, 5, 0);           // vector copy with a tail, pages not 32-aligned
+  block_case(rng, 2, 5, 40001, 3, 4, 0);                    // odd page size
   block_case(rng, 2, 4, 64, 0, 0, 2);                       // no blocks
   for (bool hnd : {false, true}) {
     token_case(rng, 1, 3, 4, 2, 16, hnd);

@@ -1,0 +1,48 @@
+// See vector_copy.h. The AVX2 path is picked at run time, so the extension
+// still loads on x86-64 CPUs without AVX2.
+#include "vector_copy.h"
+
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define STRATA_VECTOR_COPY_X86 1
+#endif
+
+namespace stratacache {
+
+#ifdef STRATA_VECTOR_COPY_X86
+namespace {
+
+// 128 bytes per iteration (four 32-byte lanes); n must be a multiple of 128.
+__attribute__((target("avx2"))) void copy_avx2(uint8_t* dst, const uint8_t* src, size_t n) {
+  for (size_t i = 0; i < n; i += 128) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32));
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 64));
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 96));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), a);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 32), b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 64), c);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 96), d);
+  }
+}
+
+const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
+
+}  // namespace
+#endif
+
+void vector_copy(uint8_t* dst, const uint8_t* src, size_t n) {
+#ifdef STRATA_VECTOR_COPY_X86
+  if (kHaveAvx2 && n >= 4096) {
+    const size_t body = n / 128 * 128;
+    copy_avx2(dst, src, body);
+    if (n > body) std::memcpy(dst + body, src + body, n - body);
+    return;
+  }
+#endif
+  if (n) std::memcpy(dst, src, n);
+}
+
+}  // namespace stratacache
