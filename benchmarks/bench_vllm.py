@@ -9,13 +9,19 @@ Two locally made bench models (random weights, local tokenizer):
 * compute-heavy: 4 layers at hidden 1024 (16 heads, 4 KV heads, little KV),
   where a 4k-token cold prefill takes seconds.
 
-Every case runs in a fresh engine process (a child of this script) with the
-same ``VLLM_CPU_NUM_OF_RESERVED_CPU`` so all engines get the same cores. TTFT is
+Every engine is a child process of this script with the same
+``VLLM_CPU_NUM_OF_RESERVED_CPU``, so all engines get the same cores. TTFT is
 the wall time of a ``max_tokens=1`` request, median of ``--repeats`` distinct
 prompts. Every figure is printed next to its baseline from the same run, and
-as a ratio. Hits are paired inside one engine: a new engine gets each stored
-prompt twice, first as a connector hit, then as vLLM's own prefix-cache hit,
-since TTFTs of different engine processes differ by several percent here.
+as a ratio. This machine's speed drifts by several percent over minutes, so
+baselines are paired with what they are compared to:
+
+* miss and store overhead: three engines (no connector, a connector that finds
+  and stores nothing, a connector that stores) are alive at once and take
+  turns on each prompt; each ratio is the median over prompts of the
+  per-prompt ratio;
+* hits: a new engine gets each stored prompt twice, first as a connector hit,
+  then as vLLM's own prefix-cache hit of the same prompt.
 ``load_gbps_vs_copy`` compares the connector's load rate with ``copy_`` on as
 many threads as vLLM gives the worker. ``lookup_us_per_request`` times the
 scheduler-side lookup for a 32-chunk prompt against a real shared-region
@@ -35,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1 << 30
@@ -56,8 +63,11 @@ def _metrics(llm) -> dict:
     return out
 
 
-def run_phase(job: dict) -> dict:
-    """Build one engine and time ``max_tokens=1`` requests for each prompt (sequentially)."""
+def serve(job: dict, cmd_fd: int, res_fd: int) -> None:
+    """Child side of ``EngineProc``: build one engine, then time one prompt per command.
+
+    Commands and results are JSON lines on two inherited pipes (vLLM logs to stdout).
+    """
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -70,23 +80,73 @@ def run_phase(job: dict) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=1)
     # Warm-up on unrelated prompts so kernel set-up (per-shape primitives, allocator
     # growth) is not timed: a short one, then one as long as the timed prompts (capped).
-    for n in (300, min(1024, len(job["prompts"][0]))):
+    for n in (300, min(1024, job["prompt_len"])):
         llm.generate([TokensPrompt(prompt_token_ids=_tokens(n, 999_999 - n, job["vocab"]))],
                      params, use_tqdm=False)
-    results = []
-    for prompt in job["prompts"]:
-        before = _metrics(llm)
-        t0 = time.perf_counter()
-        out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
-        ttft = time.perf_counter() - t0
-        after = _metrics(llm)
-        results.append({"ttft_s": ttft, "num_cached_tokens": out.num_cached_tokens,
-                        "token": out.outputs[0].token_ids[0],
-                        "delta": {k: after.get(k, 0) - before.get(k, 0) for k in after}})
-    return {"results": results}
+    with os.fdopen(cmd_fd) as commands, os.fdopen(res_fd, "w") as results:
+        results.write('"ready"\n')
+        results.flush()
+        for line in commands:
+            prompt = json.loads(line)
+            before = _metrics(llm)
+            t0 = time.perf_counter()
+            out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
+            ttft = time.perf_counter() - t0
+            after = _metrics(llm)
+            results.write(json.dumps({"ttft_s": ttft, "num_cached_tokens": out.num_cached_tokens,
+                                      "token": out.outputs[0].token_ids[0],
+                                      "delta": {k: after.get(k, 0) - before.get(k, 0) for k in after}}) + "\n")
+            results.flush()
 
 
 # ------------------------------------------------------------------ orchestration
+class EngineProc:
+    """One vLLM engine in a child process that times a prompt when asked.
+
+    Several can be alive at once and take turns, so cases whose baseline must
+    be another engine (no connector) are timed minutes apart, not a phase apart:
+    this shared machine's speed drifts by several percent over minutes.
+    """
+
+    def __init__(self, bench: "Bench", name: str, job: dict, env: Optional[dict] = None):
+        self.name = name
+        job_path = bench.tmp / f"{name}.json"
+        job_path.write_text(json.dumps(job))
+        self.log_path = bench.tmp / f"{name}.log"
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        t0 = time.time()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__, "--serve", str(job_path), str(cmd_r), str(res_w)],
+                pass_fds=(cmd_r, res_w), env={**bench.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+        os.close(cmd_r)
+        os.close(res_w)
+        self._cmd = os.fdopen(cmd_w, "w")
+        self._res = os.fdopen(res_r)
+        self._reply()
+        print(f"  [{name}: engine up in {time.time() - t0:.0f}s]", flush=True)
+
+    def _reply(self):
+        line = self._res.readline()
+        if not line:
+            self.proc.wait()
+            raise SystemExit(f"engine {self.name} died:\n{self.log_path.read_text()[-4000:]}")
+        return json.loads(line)
+
+    def run(self, prompt: list[int]) -> dict:
+        self._cmd.write(json.dumps(prompt) + "\n")
+        self._cmd.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self._cmd.close()
+        if self.proc.wait(timeout=300) != 0:
+            raise SystemExit(f"engine {self.name} exited {self.proc.returncode}:\n"
+                             f"{self.log_path.read_text()[-4000:]}")
+        self._res.close()
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -101,16 +161,13 @@ class Bench:
         return f"/dev/shm/sc-bench-vllm-{os.getpid()}-{tag}-{self.region_seq}.region"
 
     def phase(self, name: str, job: dict) -> dict:
-        job_path = self.tmp / f"{name}.json"
-        out_path = self.tmp / f"{name}.out.json"
-        job_path.write_text(json.dumps(job))
+        """One engine, its prompts timed one after another."""
         t0 = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--phase", str(job_path), str(out_path)],
-                              env=self.env, capture_output=True, text=True)
-        if proc.returncode != 0 or not out_path.exists():
-            raise SystemExit(f"phase {name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        engine = EngineProc(self, name, job)
+        results = [engine.run(p) for p in job["prompts"]]
+        engine.close()
         print(f"  [{name}: {time.time() - t0:.0f}s]", flush=True)
-        return json.loads(out_path.read_text())
+        return {"results": results}
 
     def cleanup(self, regions):
         for r in regions:
@@ -202,11 +259,10 @@ def main() -> None:
     ap.add_argument("--json", help="write results (device, summary, cases) to this file")
     ap.add_argument("--quick", action="store_true", help="small models and prompts (minutes)")
     ap.add_argument("--repeats", type=int, default=None, help="prompts per case (default 5; quick 3)")
-    ap.add_argument("--phase", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.phase:
-        result = run_phase(json.loads(Path(args.phase[0]).read_text()))
-        Path(args.phase[1]).write_text(json.dumps(result))
+    if args.serve:
+        serve(json.loads(Path(args.serve[0]).read_text()), int(args.serve[1]), int(args.serve[2]))
         return
 
     from stratacache.models.local_llama import LlamaSpec, make_local_llama
@@ -232,22 +288,50 @@ def main() -> None:
     def prompts(seed0, n=repeats, length=prompt_len):
         return [_tokens(length, seed0 + i, vocab) for i in range(n)]
 
-    base = {"vocab": vocab, "max_model_len": max_model_len}
+    base = {"vocab": vocab, "max_model_len": max_model_len, "prompt_len": prompt_len}
     regions = []
     cases: dict = {}
     capacity = "2GiB" if quick else "8GiB"
     try:
         # --- KV-heavy model ------------------------------------------------------------
-        cold_p, store_p, miss_p = prompts(1000), prompts(2000), prompts(3000)
-        r = bench.phase("kv_noconn", {**base, "model": kv_model,
-                                       "prompts": cold_p + [cold_p[0]] * repeats})
-        cases["kv_cold"] = _median(r["results"][:repeats])
-        cases["kv_prefix_cache_hit"] = _median(r["results"][repeats:])
+        # Overhead on a miss: three engines alive at once take turns on each prompt (the
+        # order rotating), so every ratio compares TTFTs measured minutes apart: no
+        # connector, a connector that finds nothing and stores nothing (chunks longer
+        # than the prompt: the lookup runs, nothing is saved), and a connector that
+        # stores. The stored prompts are the hits below.
+        trio_prompts = prompts(1000)
         region = bench.region("kv")
-        regions.append(region)
-        r = bench.phase("kv_store", {**base, "model": kv_model, "prompts": store_p,
-                                      "kv_transfer_config": _connector(region, capacity)})
-        cases["kv_store_miss"] = _median(r["results"])
+        region_miss = bench.region("miss")
+        regions += [region, region_miss]
+        small_kv = {"VLLM_CPU_KVCACHE_SPACE": "1"}   # three engines' KV space must fit in RAM
+        trio = {
+            "noconn": EngineProc(bench, "kv_noconn", {**base, "model": kv_model}, small_kv),
+            "miss": EngineProc(bench, "kv_miss", {**base, "model": kv_model, "kv_transfer_config": _connector(
+                region_miss, capacity, **{"connector.chunk_size": 128 * (prompt_len // 128 + 1),
+                                          "connector.save_partial_chunks": False})}, small_kv),
+            "store": EngineProc(bench, "kv_store", {**base, "model": kv_model,
+                                                    "kv_transfer_config": _connector(region, capacity)}, small_kv),
+        }
+        names = list(trio)
+        turns: dict = {n: [] for n in names}
+        t0 = time.time()
+        for i, prompt in enumerate(trio_prompts):
+            for n in names[i % 3:] + names[:i % 3]:
+                turns[n].append(trio[n].run(prompt))
+        # vLLM's own prefix-cache hit, in the engine without a connector (for reference).
+        prefix_hits = [trio["noconn"].run(p) for p in trio_prompts]
+        for engine in trio.values():
+            engine.close()
+        print(f"  [kv_noconn/kv_miss/kv_store taking turns: {time.time() - t0:.0f}s]", flush=True)
+        cases["kv_cold"] = _median(turns["noconn"])
+        cases["kv_never_seen_miss"] = _median(turns["miss"])
+        cases["kv_store_miss"] = _median(turns["store"])
+        cases["kv_prefix_cache_hit"] = _median(prefix_hits)
+        for n in ("miss", "store"):
+            cases[f"kv_{n}_over_cold_per_prompt"] = [m["ttft_s"] / c["ttft_s"]
+                                                      for m, c in zip(turns[n], turns["noconn"])]
+        cases["kv_turn_ttfts"] = {n: [r["ttft_s"] for r in turns[n]] for n in names}
+        store_p = trio_prompts
         # Each stored prompt twice in one new engine: the first time is a StrataCache hit,
         # the second vLLM's own prefix-cache hit in the same engine (the paired baseline).
         r = bench.phase("kv_hit", {**base, "model": kv_model, "prompts": store_p + store_p,
@@ -265,15 +349,6 @@ def main() -> None:
         cases["worker_threads"] = max(1, (os.cpu_count() or 1) - int(bench.env["VLLM_CPU_NUM_OF_RESERVED_CPU"]))
         cases["copy_gbps"] = copy_gbps(int(load_bytes) or 64 << 20, cases["worker_threads"])
         cases["copy_gbps_all_threads"] = copy_gbps(int(load_bytes) or 64 << 20, os.cpu_count() or 1)
-        region_miss = bench.region("miss")
-        regions.append(region_miss)
-        # A never-seen prompt: chunks longer than the prompt, so the lookup runs and nothing is stored.
-        r = bench.phase("kv_miss", {**base, "model": kv_model, "prompts": miss_p,
-                                     "kv_transfer_config": _connector(
-                                         region_miss, capacity,
-                                         **{"connector.chunk_size": 128 * (prompt_len // 128 + 1),
-                                            "connector.save_partial_chunks": False})})
-        cases["kv_never_seen_miss"] = _median(r["results"])
         example_dir = tempfile.mkdtemp(prefix="sc-bench-vllm-example-")
         bench.phase("kv_example_store", {**base, "model": kv_model, "prompts": store_p,
                                           "kv_transfer_config": _example_connector(example_dir)})
@@ -334,8 +409,8 @@ def main() -> None:
         "overhead_vs_example_connector": example_extra / max(ours_extra, 0.01 * pc),
         "load_gbps_vs_copy": cases["kv_hit_load_gbps"] / cases["copy_gbps"],
         "cold_vs_hit": cases["compute_cold"] / cases["compute_stratacache_hit"],
-        "miss_overhead": cases["kv_never_seen_miss"] / cases["kv_cold"],
-        "store_overhead": cases["kv_store_miss"] / cases["kv_cold"],
+        "miss_overhead": statistics.median(cases["kv_miss_over_cold_per_prompt"]),
+        "store_overhead": statistics.median(cases["kv_store_over_cold_per_prompt"]),
         "qa_ttft_speedup": cases["qa_prefix_only_mean_ttft"] / cases["qa_stratacache_mean_ttft"],
         "lookup_us_per_request": cases["lookup_us_32_chunks"],
     }
@@ -348,6 +423,9 @@ def main() -> None:
               "kv_example_connector_hit", "kv_example_engine_prefix_cache_hit", "kv_store_miss", "kv_never_seen_miss", "compute_cold", "compute_stratacache_hit",
               "qa_prefix_only_mean_ttft", "qa_stratacache_mean_ttft"):
         print(f"{k:30s}{cases[k]:8.3f}")
+    for n in ("miss", "store"):
+        print(f"{n} / cold TTFT per prompt: " +
+              " ".join(f"{x:.3f}" for x in cases[f"kv_{n}_over_cold_per_prompt"]))
     print(f"hit load: {cases['kv_hit_load_bytes'] / 2**20:.0f} MiB at {cases['kv_hit_load_gbps']:.2f} GB/s; "
           f"copy_ {cases['copy_gbps']:.2f} GB/s on {cases['worker_threads']} thread(s) (the worker's), "
           f"{cases['copy_gbps_all_threads']:.2f} GB/s on all")

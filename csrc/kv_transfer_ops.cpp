@@ -3,10 +3,11 @@
 // on torch's intra-op thread pool.
 #include "kv_transfer_ops.h"
 
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+
+#include "torch_parallel.h"
 
 namespace stratacache {
 
@@ -158,14 +159,6 @@ TokenPlan plan_tokens(at::TensorList layers, const at::Tensor& slot_mapping, con
 }
 
 namespace {
-
-// at::parallel_for with the signature the kernels in kv_transfer.h take.
-struct TorchParallel {
-  template <class Fn>
-  void operator()(int64_t begin, int64_t end, int64_t grain, const Fn& fn) const {
-    at::parallel_for(begin, end, grain, fn);
-  }
-};
 
 at::Tensor checksum64_cpu(const at::Tensor& data) {
   check_contiguous_bytes(data, "data");

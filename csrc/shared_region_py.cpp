@@ -7,7 +7,7 @@
 #include "shared_region_bindings.h"
 
 #include "shared_region.h"
-#include "vector_copy.h"
+#include "torch_parallel.h"
 
 namespace py = pybind11;
 
@@ -19,13 +19,6 @@ std::string_view view_of(const py::bytes& b) {
   Py_ssize_t n = 0;
   if (PyBytes_AsStringAndSize(b.ptr(), &p, &n) != 0) throw py::error_already_set();
   return {p, size_t(n)};
-}
-
-// The payload copy, spread over torch's intra-op threads like Tensor.copy_.
-void parallel_copy(uint8_t* dst, const uint8_t* src, uint64_t n) {
-  at::parallel_for(0, int64_t(n), int64_t(1) << 18, [&](int64_t begin, int64_t end) {
-    vector_copy(dst + begin, src + begin, size_t(end - begin));
-  });
 }
 
 py::object handle_tuple(const std::optional<ReadHandle>& h) {

@@ -154,3 +154,25 @@ def test_thread_concurrency_stress():
     assert s["used_bytes"] == sum(tier.get(k).meta.size for k in list(tier.keys()))
     runs = tier._alloc.runs()
     assert len(runs) == s["items"]                 # no leaked arena runs
+
+
+def test_copy_bytes_is_exact_and_bounds_checked():
+    from stratacache._C import copy_bytes
+
+    rng = random.Random(5)
+    src = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8)
+    for _ in range(20):
+        n = rng.choice([0, 1, 4095, 4096 + 77, 1 << 20, (1 << 20) + 3])
+        so, do = rng.randrange(0, src.numel() - n + 1), rng.randrange(0, 64)
+        dst = torch.full((n + 128,), 0xA5, dtype=torch.uint8)
+        copy_bytes(dst, do, src, so, n)
+        assert torch.equal(dst[do:do + n], src[so:so + n])
+        assert (dst[:do] == 0xA5).all() and (dst[do + n:] == 0xA5).all()
+    dst = torch.zeros(100, dtype=torch.uint8)
+    for args in [(dst, 1, src, 0, 100), (dst, 0, src, src.numel() - 10, 11), (dst, -1, src, 0, 1),
+                 (dst, 0, src, 0, -1)]:
+        with pytest.raises(ValueError, match="do not fit"):
+            copy_bytes(*args)
+    assert (dst == 0).all()
+    with pytest.raises(ValueError, match="contiguous"):
+        copy_bytes(torch.zeros(10, 2, dtype=torch.uint8).t(), 0, src, 0, 4)

@@ -19,7 +19,7 @@ Contract (all tiers):
 * Batched forms exist so remote tiers can pipeline; the defaults loop.
 * ``on_evict`` is set by the TierChain so evicted objects can be written down
   (write-back / demotion). Called as ``on_evict(key, artifact)`` before the
-  space is reused.
+  space is reused; None (victims are simply freed) where nothing below needs them.
 * Tiers are thread-safe.
 """
 

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from stratacache._C import copy_bytes
 from stratacache.backends.allocator import ArenaAllocator
 from stratacache.backends.base import EvictCallback
 from stratacache.backends.residency import Entry, ObjectTable, TableBackedLayer
@@ -79,18 +80,14 @@ class CpuMemoryLayer(TableBackedLayer):
 
     def _write(self, entry: Entry, data: torch.Tensor) -> bool:
         self._ensure_pinned(self._alloc.high_water)
-        if entry.size:
-            self._arena.narrow(0, entry.loc, entry.size).copy_(data)
+        copy_bytes(self._arena, entry.loc, data, 0, entry.size)
         return True
 
     def _read(self, entry: Entry, out: Optional[torch.Tensor]) -> Artifact:
-        view = self._arena.narrow(0, entry.loc, entry.size)
-        if out is not None:
-            if out.numel() != entry.size:
-                out = out.narrow(0, 0, entry.size)
-            out.copy_(view)
-            view = out
-        return Artifact(entry.meta, view)
+        if out is None:
+            return self._view(entry)
+        copy_bytes(out, 0, self._arena, entry.loc, entry.size)
+        return Artifact(entry.meta, out if out.numel() == entry.size else out.narrow(0, 0, entry.size))
 
     def pinned_get(self, key: ArtifactKey, lease_s: Optional[float] = None):
         """Atomically lease and view the object: (Artifact, release) or None.

@@ -13,8 +13,9 @@ new file, so a reader of the previous version never sees the new one half-way.
   capacity in the ``ObjectTable`` before the file is written; the table is the
   single source of truth, so the directory never grows past its cap.
 * Reads verify the payload checksum in the same pass as the read: the native
-  ``read_and_checksum`` preads the payload in 256 KiB pieces on several
-  threads and sums each piece while it is still in cache (csrc/file_read.h).
+  ``read_record`` checks the header and size, then preads the payload in 256
+  KiB pieces on several threads and sums each piece while it is still in
+  cache (csrc/record_file.h), in one call with the GIL released.
   A bad or truncated file is a counted miss and is removed.
 * On start the index is rebuilt from the files (headers only), so objects
   survive restarts. One process owns a directory at a time (an flock on
@@ -40,7 +41,7 @@ from stratacache.backends.base import EvictCallback
 from stratacache.backends.residency import Entry, ObjectTable, TableBackedLayer
 from stratacache.core.artifact import Artifact, ArtifactMeta, CorruptArtifact
 from stratacache.core.keys import ArtifactKey
-from stratacache._C import read_and_checksum
+from stratacache._C import read_record, write_record
 from stratacache.telemetry.metrics import TierCounters
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ INFO_FILE = "stratacache-disk.json"
 _KEYLEN = struct.Struct("<I")
 _MAX_KEY = 1 << 16
 _HEAD_READ = ArtifactMeta.header_size(16) + _KEYLEN.size + _MAX_KEY
+# read_record statuses (csrc/record_file.h RecordStatus)
+_RECORD_OPEN_FAILED, _RECORD_BAD_HEADER, _RECORD_BAD_SIZE, _RECORD_READ_FAILED = 1, 2, 3, 4
 
 
 class DiskTierError(RuntimeError):
@@ -198,37 +201,27 @@ class DiskMemoryLayer(TableBackedLayer):
         return os.path.join(self.path, h[:2], f"{h[2:]}.{os.getpid():x}-{seq:x}{SUFFIX}")
 
     def _write_file(self, final: str, head: bytes, data: torch.Tensor) -> None:
-        tmp = final + TMP_MARK
         subdir = os.path.dirname(final)
         if subdir not in self._subdirs:
             os.makedirs(subdir, mode=0o700, exist_ok=True)
             self._subdirs.add(subdir)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb", buffering=0) as f:
-                _write_all(f, head)
-                if data.numel():
-                    _write_all(f, data.numpy())
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        err = write_record(final + TMP_MARK, final, head, data)
+        if err:
+            raise OSError(err, f"{os.strerror(err)} writing {final}")
 
     def _read_file(self, entry: Entry, out: Optional[torch.Tensor]) -> Artifact:
         meta = entry.meta
-        head_len = entry.size - meta.size
-        with open(entry.loc, "rb", buffering=0) as f:
-            if f.read(head_len) != _record_head(entry.key, meta):
-                raise CorruptArtifact("header or key does not match the index")
-            if os.fstat(f.fileno()).st_size != entry.size:
-                raise CorruptArtifact("file size does not match its header")
-            dest = out.narrow(0, 0, meta.size) if out is not None else torch.empty(meta.size, dtype=torch.uint8)
-            got, nread, err = read_and_checksum(f.fileno(), head_len, dest)
-        if err:
+        if out is None:
+            dest = torch.empty(meta.size, dtype=torch.uint8)
+        else:
+            dest = out if out.numel() == meta.size else out.narrow(0, 0, meta.size)
+        status, err, got, nread = read_record(entry.loc, _record_head(entry.key, meta), dest)
+        if status in (_RECORD_OPEN_FAILED, _RECORD_READ_FAILED):
             raise OSError(err, f"{os.strerror(err)} reading {entry.loc}")
+        if status == _RECORD_BAD_HEADER:
+            raise CorruptArtifact("header or key does not match the index")
+        if status == _RECORD_BAD_SIZE:
+            raise CorruptArtifact("file size does not match its header")
         if nread != meta.size:
             raise CorruptArtifact(f"file truncated at {nread} of {meta.size} payload bytes")
         if got != meta.checksum:
@@ -288,13 +281,6 @@ class DiskMemoryLayer(TableBackedLayer):
 
 def _key_hash(key: ArtifactKey) -> str:
     return hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
-
-
-def _write_all(f, buf) -> None:
-    view = memoryview(buf)
-    done = 0
-    while done < len(view):
-        done += f.write(view[done:])
 
 
 def _record_head(key: ArtifactKey, meta: ArtifactMeta) -> bytes:

@@ -87,7 +87,11 @@ class TierChain:
         self._err_lock = threading.Lock()
         self._last_log = 0.0
         for i, tier in enumerate(self.tiers):
-            tier.on_evict = self._evict_handler(i)
+            # Only a victim that may have to go down needs the handler; without one the
+            # tier frees victims at once, with no view of their bytes made.
+            needs = i + 1 < len(self.tiers) and (self.settings[i].write_policy == "write_back"
+                                                 or self.settings[i].demote_on_evict)
+            tier.on_evict = self._evict_handler(i) if needs else None
 
     @classmethod
     def from_config(cls, cfg, names: Optional[Sequence[str]] = None) -> "TierChain":
@@ -218,8 +222,6 @@ class TierChain:
 
     def _evict_handler(self, i: int):
         def on_evict(key: ArtifactKey, art: Artifact) -> None:
-            if i + 1 >= len(self.tiers):
-                return
             dirty = self.flusher.take(i, key)
             if not (dirty or self.settings[i].demote_on_evict):
                 return
