@@ -18,8 +18,9 @@ baselines are paired with what they are compared to:
 
 * miss and store overhead: three engines (no connector, a connector that finds
   and stores nothing, a connector that stores) are alive at once and take
-  turns on each prompt; each ratio is the median over prompts of the
-  per-prompt ratio;
+  turns, in rotating order, on each of ``--overhead-prompts`` prompts (9; a
+  single 4k prefill varies by several percent here); each ratio is the
+  median over prompts of the per-prompt ratio;
 * hits: a new engine gets each stored prompt twice, first as a connector hit,
   then as vLLM's own prefix-cache hit of the same prompt.
 ``load_gbps_vs_copy`` compares the connector's load rate with ``copy_`` on as
@@ -259,6 +260,8 @@ def main() -> None:
     ap.add_argument("--json", help="write results (device, summary, cases) to this file")
     ap.add_argument("--quick", action="store_true", help="small models and prompts (minutes)")
     ap.add_argument("--repeats", type=int, default=None, help="prompts per case (default 5; quick 3)")
+    ap.add_argument("--overhead-prompts", type=int, default=None,
+                    help="prompts the three miss/store-overhead engines take turns on (default 9; quick 3)")
     ap.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -299,7 +302,7 @@ def main() -> None:
         # connector, a connector that finds nothing and stores nothing (chunks longer
         # than the prompt: the lookup runs, nothing is saved), and a connector that
         # stores. The stored prompts are the hits below.
-        trio_prompts = prompts(1000)
+        trio_prompts = prompts(1000, n=args.overhead_prompts or (3 if quick else 9))
         region = bench.region("kv")
         region_miss = bench.region("miss")
         regions += [region, region_miss]
@@ -314,12 +317,13 @@ def main() -> None:
         }
         names = list(trio)
         turns: dict = {n: [] for n in names}
+        prefix_hits = []
         t0 = time.time()
         for i, prompt in enumerate(trio_prompts):
             for n in names[i % 3:] + names[:i % 3]:
                 turns[n].append(trio[n].run(prompt))
-        # vLLM's own prefix-cache hit, in the engine without a connector (for reference).
-        prefix_hits = [trio["noconn"].run(p) for p in trio_prompts]
+                if n == "noconn":   # vLLM's own prefix-cache hit of it, for reference
+                    prefix_hits.append(trio[n].run(prompt))
         for engine in trio.values():
             engine.close()
         print(f"  [kv_noconn/kv_miss/kv_store taking turns: {time.time() - t0:.0f}s]", flush=True)
@@ -331,7 +335,7 @@ def main() -> None:
             cases[f"kv_{n}_over_cold_per_prompt"] = [m["ttft_s"] / c["ttft_s"]
                                                       for m, c in zip(turns[n], turns["noconn"])]
         cases["kv_turn_ttfts"] = {n: [r["ttft_s"] for r in turns[n]] for n in names}
-        store_p = trio_prompts
+        store_p = trio_prompts[:repeats]
         # Each stored prompt twice in one new engine: the first time is a StrataCache hit,
         # the second vLLM's own prefix-cache hit in the same engine (the paired baseline).
         r = bench.phase("kv_hit", {**base, "model": kv_model, "prompts": store_p + store_p,
