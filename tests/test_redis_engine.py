@@ -70,6 +70,7 @@ def test_engine_batched_forms_through_redis():
         missing = random_chunks(8, 1)[0][0]
         assert eng.contains_many(keys[:3] + [missing]) == [True, True, True, False]
         assert eng.prefix_lookup(keys[:5] + [missing] + keys[5:]) == 5
+        assert eng.prefix_lookup([k.encode() for k in keys[:5] + [missing]]) == 5
         outs = [torch.full((t.numel() * t.element_size() + 3,), 0xEE, dtype=torch.uint8)
                 for _, t in pairs]
         arts = eng.load_many(keys + [missing], outs=outs + [None])

@@ -97,8 +97,12 @@ def test_prefix_lookup_and_contains_many(tmp_path):
     assert e.prefix_lookup(keys[5:]) == 0
     assert e.prefix_lookup([]) == 0
     assert e.contains_many(keys) == [True] * 5 + [False]
+    encoded = [k.encode() for k in keys]                                # the scheduler's key form
+    assert e.prefix_lookup(encoded) == 5 and e.contains_many(encoded) == [True] * 5 + [False]
+    upper = [i != 3 for i in range(5)] + [False]                        # K(3) is only on disk
+    assert [t.contains_encoded(encoded) for t in e.tiers] == [upper, upper, [True] * 5 + [False]]
     e.delete(K(2))
-    assert e.prefix_lookup(keys) == 2
+    assert e.prefix_lookup(keys) == 2 and e.prefix_lookup(encoded) == 2
     e.close()
 
 

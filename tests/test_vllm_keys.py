@@ -105,13 +105,14 @@ def test_prometheus_counters_per_engine():
         assert registry.get_sample_value(f"{name}_total", {"engine": "0"}) == 0
 
 
-def test_key_maker_builds_ordinary_keys():
-    from stratacache.adapters.vllm.keys import artifact_key, key_maker
+def test_encoded_key_prefix_matches_artifact_key_encoding():
+    from stratacache.adapters.vllm.keys import artifact_key, encoded_key_prefix
     from stratacache.core.keys import ArtifactKey
 
-    make = key_maker("vllm-ns-tp0of1")
-    fast, slow = make("ab12"), artifact_key("vllm-ns-tp0of1", "ab12")
-    assert fast == slow and hash(fast) == hash(slow) and fast.encode() == slow.encode()
-    assert isinstance(fast, ArtifactKey) and {fast: 1}[slow] == 1
+    prefix = encoded_key_prefix("vllm-ns-tp0of1")
+    for name in ("ab12", "0" * 64):
+        key = artifact_key("vllm-ns-tp0of1", name)
+        assert prefix + name.encode() == key.encode()
+        assert ArtifactKey.decode(prefix + name.encode()) == key
     with pytest.raises(ValueError):
-        key_maker("bad\x1fnamespace")
+        encoded_key_prefix("bad\x1fnamespace")

@@ -560,10 +560,14 @@ class RedisMemoryLayer:
         return self.contains_many([key])[0]
 
     def contains_many(self, keys: Sequence[ArtifactKey]) -> list[bool]:
+        return self.contains_encoded([k.encode() for k in keys])
+
+    def contains_encoded(self, encoded_keys: Sequence[bytes]) -> list[bool]:
         """EXISTS per key, pipelined (one reply each, also across cluster slots)."""
-        if not keys:
+        if not encoded_keys:
             return []
-        return [n == 1 for n in self._integer_replies(b"EXISTS", [self._rkey(k) for k in keys])]
+        prefix = self.key_prefix
+        return [n == 1 for n in self._integer_replies(b"EXISTS", [prefix + e for e in encoded_keys])]
 
     def pin(self, key: ArtifactKey, lease_s: Optional[float] = None) -> bool:
         """Reads always copy out of Redis, so no view can go stale: pinning only checks presence."""

@@ -16,7 +16,6 @@ under-reports what the tier occupies.
 
 from __future__ import annotations
 
-import operator
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -26,18 +25,16 @@ import torch
 from stratacache.backends.base import BatchDefaults
 from stratacache.backends.eviction import make_policy
 from stratacache.core.artifact import Artifact, ArtifactMeta
-from stratacache.core.keys import ArtifactKey
+from stratacache.core.keys import ArtifactKey, key_bytes
 
 
-# (kind, namespace, name): hashed and compared in C, unlike the dataclass key itself.
-key_tuple = operator.attrgetter("kind", "namespace", "name")
 
 
 class Entry:
-    __slots__ = ("key", "kt", "meta", "loc", "size", "refs", "leases")
+    __slots__ = ("key", "kb", "meta", "loc", "size", "refs", "leases")
 
-    def __init__(self, key: ArtifactKey, kt: tuple, meta: ArtifactMeta, loc: Any, size: int):
-        self.key, self.kt, self.meta, self.loc = key, kt, meta, loc
+    def __init__(self, key: ArtifactKey, kb: bytes, meta: ArtifactMeta, loc: Any, size: int):
+        self.key, self.kb, self.meta, self.loc = key, kb, meta, loc
         self.size = size                  # bytes charged: the payload plus any per-object overhead
         self.refs = 0
         self.leases: list[float] = []     # monotonic deadlines of pins
@@ -51,8 +48,8 @@ class Entry:
 class ObjectTable:
     """Index + accounting + eviction for one tier. All methods take ``self.lock``.
 
-    Internally objects are keyed by ``key_tuple(key)``, whose hash and equality
-    run in C; the dataclass ``ArtifactKey`` would cost a Python call per probe.
+    Internally objects are keyed by ``key.encode()`` bytes, so lookups by
+    already-encoded keys (``contains_encoded``) need no key objects at all.
     """
 
     def __init__(self, capacity_bytes: int, eviction: str = "lru", lease_s: float = 30.0,
@@ -63,7 +60,7 @@ class ObjectTable:
         self.priorities = dict(priorities or {})
         self.policy = make_policy(eviction, self.capacity)
         self.lock = threading.RLock()
-        self.entries: dict[tuple, Entry] = {}   # key_tuple -> visible entry
+        self.entries: dict[bytes, Entry] = {}   # key.encode() -> visible entry
         self.used = 0
         self.used_by_kind: dict[str, int] = {}
         self._detached: set[Entry] = set()      # out of the index, space still held by a reader/lease
@@ -100,7 +97,7 @@ class ObjectTable:
                             (quota is None or self.used_by_kind.get(kind, 0) + size <= quota):
                         loc = place(size)
                         if loc is not None:
-                            entry = Entry(key, key_tuple(key), meta, loc, size)
+                            entry = Entry(key, key_bytes(key), meta, loc, size)
                             self._account(kind, size)
                             return entry
                     pending = sum(e.size for e in held)
@@ -130,11 +127,11 @@ class ObjectTable:
     def publish(self, entry: Entry, free_loc: Callable[[Entry], None]) -> None:
         """Make an admitted entry visible, replacing the object previously stored under its key."""
         with self.lock:
-            old = self.entries.get(entry.kt)
+            old = self.entries.get(entry.kb)
             if old is not None:
                 self._detach(old, free_loc)
-            self.entries[entry.kt] = entry
-            self.policy.insert(entry.kt, entry.size)
+            self.entries[entry.kb] = entry
+            self.policy.insert(entry.kb, entry.size)
 
     def abort(self, entry: Entry, free_loc: Callable[[Entry], None]) -> None:
         """Give back an admitted entry whose bytes could not be written."""
@@ -145,13 +142,13 @@ class ObjectTable:
 
     def acquire(self, key: ArtifactKey) -> Optional[Entry]:
         """The entry with a reader reference held (release it), or None."""
-        kt = key_tuple(key)
+        kb = key_bytes(key)
         with self.lock:
-            entry = self.entries.get(kt)
+            entry = self.entries.get(kb)
             if entry is None:
                 return None
             entry.refs += 1
-            self.policy.touch(kt)
+            self.policy.touch(kb)
             return entry
 
     def release(self, entry: Entry, free_loc: Callable[[Entry], None]) -> None:
@@ -166,15 +163,15 @@ class ObjectTable:
         Leases last at most the table's ``lease_s``, so a leaked pin cannot hold space forever.
         """
         lease = self.lease_s if lease_s is None else min(float(lease_s), self.lease_s)
-        kt = key_tuple(key)
+        kb = key_bytes(key)
         with self.lock:
-            entry = self.entries.get(kt)
+            entry = self.entries.get(kb)
             if entry is None:
                 return None
             deadline = time.monotonic() + lease
             entry.leases.append(deadline)
             entry.leases.sort()
-            self.policy.touch(kt)
+            self.policy.touch(kb)
             return entry, deadline
 
     def release_lease(self, entry: Entry, deadline: float, free_loc: Callable[[Entry], None]) -> None:
@@ -188,7 +185,7 @@ class ObjectTable:
 
     def unpin(self, key: ArtifactKey, free_loc: Callable[[Entry], None]) -> None:
         with self.lock:
-            entry = self.entries.get(key_tuple(key))
+            entry = self.entries.get(key_bytes(key))
             if entry is not None and entry.leases:
                 entry.leases.pop()
             self._reap(free_loc)
@@ -196,24 +193,14 @@ class ObjectTable:
     # -- lookups and removal -----------------------------------------------------------
 
     def get(self, key: ArtifactKey) -> Optional[Entry]:
-        return self.entries.get(key_tuple(key))
+        return self.entries.get(key_bytes(key))
 
     def __contains__(self, key: ArtifactKey) -> bool:
-        return key_tuple(key) in self.entries
-
-    def prefix_count(self, keys) -> int:
-        """How many leading ``keys`` are resident (lock-free: a dict probe is atomic)."""
-        entries = self.entries
-        n = 0
-        for kt in map(key_tuple, keys):
-            if kt not in entries:
-                break
-            n += 1
-        return n
+        return key_bytes(key) in self.entries
 
     def remove(self, key: ArtifactKey, free_loc: Callable[[Entry], None]) -> bool:
         with self.lock:
-            entry = self.entries.get(key_tuple(key))
+            entry = self.entries.get(key_bytes(key))
             if entry is None:
                 return False
             self._detach(entry, free_loc)
@@ -222,7 +209,7 @@ class ObjectTable:
     def remove_entry(self, entry: Entry, free_loc: Callable[[Entry], None]) -> bool:
         """Remove ``entry`` only if it is still the object stored under its key."""
         with self.lock:
-            if self.entries.get(entry.kt) is not entry:
+            if self.entries.get(entry.kb) is not entry:
                 return False
             self._detach(entry, free_loc)
             return True
@@ -244,19 +231,20 @@ class ObjectTable:
         entries, priorities = self.entries, self.priorities
         prio = priorities.get(kind, 0)
 
-        def eligible(kt: tuple) -> bool:
-            if entries[kt].busy(now):
+        def eligible(kb: bytes) -> bool:
+            entry = entries[kb]
+            if entry.busy(now):
                 return False
             if same_kind_only:
-                return kt[0] == kind
-            return priorities.get(kt[0], 0) <= prio
+                return entry.key.kind == kind
+            return priorities.get(entry.key.kind, 0) <= prio
 
-        kt = self.policy.victim(eligible)
-        return None if kt is None else entries.pop(kt)
+        kb = self.policy.victim(eligible)
+        return None if kb is None else entries.pop(kb)
 
     def _detach(self, entry: Entry, free_loc) -> None:
-        del self.entries[entry.kt]
-        self.policy.remove(entry.kt)
+        del self.entries[entry.kb]
+        self.policy.remove(entry.kb)
         if entry.busy(time.monotonic()):
             self._detached.add(entry)
         else:
@@ -274,7 +262,7 @@ class ObjectTable:
             self._free(entry, free_loc)
 
     def _free(self, entry: Entry, free_loc) -> None:
-        self._account(entry.kt[0], -entry.size)
+        self._account(entry.key.kind, -entry.size)
         free_loc(entry)
 
     def _account(self, kind: str, delta: int) -> None:
@@ -338,11 +326,11 @@ class TableBackedLayer(BatchDefaults):
 
     def contains_many(self, keys) -> list[bool]:
         entries = self._table.entries
-        return [kt in entries for kt in map(key_tuple, keys)]
+        return [kb in entries for kb in map(key_bytes, keys)]
 
-    def prefix_count(self, keys) -> int:
-        """Leading ``keys`` resident here, at set-probe cost (the engine's prefix_lookup fast path)."""
-        return self._table.prefix_count(keys)
+    def contains_encoded(self, encoded_keys) -> list[bool]:
+        entries = self._table.entries   # lock-free: a dict probe is atomic
+        return [kb in entries for kb in encoded_keys]
 
     def delete(self, key: ArtifactKey) -> bool:
         removed = self._table.remove(key, self._free_loc)

@@ -17,6 +17,7 @@ and compares in full; tiers never identify an object by a hash alone.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 KINDS = ("kv", "params", "custom")
@@ -57,3 +58,8 @@ class ArtifactKey:
 
     def __str__(self) -> str:
         return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+# ``key.encode()`` without a Python-level call, for loops over many keys: the canonical
+# bytes are hashed and compared in C, where the dataclass key would run Python __hash__/__eq__.
+key_bytes = operator.attrgetter("_encoded")

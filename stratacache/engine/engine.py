@@ -18,12 +18,12 @@ from __future__ import annotations
 import threading
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
 from stratacache.core.artifact import Artifact, ArtifactMeta, CorruptArtifact, as_bytes
-from stratacache.core.keys import ArtifactKey
+from stratacache.core.keys import ArtifactKey, key_bytes
 from stratacache.tiering.chain import TierChain
 
 MODES = ("chain", "exact", "prefer")
@@ -78,8 +78,6 @@ class StorageEngine:
             from stratacache.telemetry import PrometheusExporter
             self._exporter = PrometheusExporter(self.stats)
             self._exporter.start(cfg.telemetry.host, cfg.telemetry.port)
-        # prefix_lookup fast path: an in-process top tier counts resident leading keys itself.
-        self._top_prefix = getattr(self.chain.tiers[0], "prefix_count", None)
 
     @classmethod
     def from_config(cls, path=None, overrides=None, tiers: Optional[Sequence[str]] = None) -> "StorageEngine":
@@ -266,30 +264,31 @@ class StorageEngine:
     def contains(self, key: ArtifactKey, *, mode: str = "chain", tier: Optional[str] = None) -> bool:
         return self.chain.find(key, self._order(mode, tier)) is not None
 
-    def contains_many(self, keys: Sequence[ArtifactKey]) -> list[bool]:
-        keys = list(keys)
-        present = [False] * len(keys)
-        todo = list(range(len(keys)))
+    def contains_many(self, keys: Union[Sequence[ArtifactKey], Sequence[bytes]]) -> list[bool]:
+        """Whether each key is present in some tier; no data moves, nothing is promoted.
+
+        ``keys`` is a sequence of ArtifactKeys or one of their ``encode()`` bytes:
+        every tier looks keys up by their bytes, so a caller on a hot path (the
+        vLLM scheduler) can skip building key objects.
+        """
+        encoded = list(keys) if keys and isinstance(keys[0], bytes) else list(map(key_bytes, keys))
+        present = [False] * len(encoded)
+        todo = range(len(encoded))
         for i, tier in enumerate(self.chain.tiers):
+            batch = encoded if i == 0 else [encoded[j] for j in todo]
+            hits = self.chain._call(i, tier.contains_encoded, batch, default=[False] * len(batch))
+            for j, hit in zip(todo, hits):
+                if hit:
+                    present[j] = True
+            todo = [j for j in todo if not present[j]]
             if not todo:
                 break
-            hits = self.chain._call(i, tier.contains_many, [keys[j] for j in todo],
-                                    default=[False] * len(todo))
-            for j, hit in zip(todo, hits):
-                present[j] = present[j] or bool(hit)
-            todo = [j for j in todo if not present[j]]
         return present
 
-    def prefix_lookup(self, keys: Sequence[ArtifactKey]) -> int:
-        """How many leading keys are present in some tier (stops at the first miss)."""
+    def prefix_lookup(self, keys: Union[Sequence[ArtifactKey], Sequence[bytes]]) -> int:
+        """How many leading keys are present in some tier (keys as for ``contains_many``)."""
         n = 0
-        if self._top_prefix is not None:
-            n = self.chain._call(0, self._top_prefix, keys, default=0)
-            if n == len(keys):
-                return n
-        rest = keys[n:]
-        present = self.contains_many(rest)
-        for hit in present:
+        for hit in self.contains_many(keys):
             if not hit:
                 break
             n += 1

@@ -91,23 +91,14 @@ def artifact_key(namespace: str, name: str) -> ArtifactKey:
     return ArtifactKey(KIND, namespace, name)
 
 
-def key_maker(namespace: str):
-    """A fast ``name -> ArtifactKey`` for one namespace (the scheduler's lookup hot path).
+def encoded_key_prefix(namespace: str) -> bytes:
+    """``artifact_key(namespace, name).encode() == prefix + name.encode()``.
 
-    The namespace is validated once here; names are hex digests, valid by
-    construction, so each key skips ArtifactKey's per-field checks.
+    The scheduler's lookups run on encoded keys built from this prefix, so a
+    32-chunk lookup builds no ArtifactKey objects. The namespace is validated
+    here; names are hex digests, valid by construction.
     """
-    prefix = artifact_key(namespace, "0").encode()[:-1]  # validates the namespace
-    new, put = object.__new__, object.__setattr__
-
-    def make(name: str) -> ArtifactKey:
-        key = new(ArtifactKey)
-        put(key, "kind", KIND)
-        put(key, "namespace", namespace)
-        put(key, "name", name)
-        put(key, "_encoded", prefix + name.encode())
-        return key
-    return make
+    return artifact_key(namespace, "0").encode()[:-1]
 
 
 def hash_stability_problem(hash_algo: str, env: Optional[dict] = None) -> Optional[str]:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from stratacache.adapters.vllm.keys import ChunkGeometry, key_maker
+from stratacache.adapters.vllm.keys import ChunkGeometry, encoded_key_prefix
 from stratacache.adapters.vllm.metadata import (
     ChunkLoad,
     ChunkSave,
@@ -62,7 +62,7 @@ class SchedulerSide:
                  make_events: Optional[Callable[[_EventInfo, list], Iterable]] = None) -> None:
         self.geometry = geometry
         self.namespaces = namespaces          # one per TP rank: a chunk is present if all have it
-        self._key_makers = [key_maker(ns) for ns in namespaces]
+        self._key_prefixes = [encoded_key_prefix(ns) for ns in namespaces]
         self.engine = lookup_engine           # None: no cross-process tier, never a hit
         self.save_partial = save_partial_chunks
         self.load_async = load_async
@@ -81,8 +81,8 @@ class SchedulerSide:
         if not names:
             return 0
         n = len(names)
-        for make in self._key_makers:
-            n = min(n, self.engine.prefix_lookup([make(name) for name in names[:n]]))
+        for prefix in self._key_prefixes:
+            n = min(n, self.engine.prefix_lookup([prefix + name.encode() for name in names[:n]]))
             if n == 0:
                 break
         return n
@@ -197,8 +197,8 @@ class SchedulerSide:
                 wanted.append((g.name_at(request.block_hashes, partial_end), start, partial_end))
         if not wanted:
             return []
-        present = self.engine.contains_many(
-            [self._key_makers[0](name) for name, _, _ in wanted])
+        prefix = self._key_prefixes[0]
+        present = self.engine.contains_many([prefix + name.encode() for name, _, _ in wanted])
         todo = [w for w, have in zip(wanted, present) if not have]
         if len(todo) < len(wanted):
             self.stats.add(save_skipped=len(wanted) - len(todo))
