@@ -30,6 +30,11 @@ struct BlockPlan {
   int64_t num_blocks = 0;    // smallest block count over the layers
   std::vector<uint8_t*> layer_base;         // address of block 0 of layer l
   std::vector<int64_t> layer_block_stride;  // bytes between consecutive blocks of layer l
+  // Bytes between consecutive blocks of the flat side; 0: n_layers * page_bytes
+  // (contiguous). Larger for a layer slice [n, l0:l1, P] of a chunk payload,
+  // which layer-wise loads copy one layer at a time (no checksums then).
+  int64_t flat_row_bytes = 0;
+  int64_t row_bytes() const { return flat_row_bytes ? flat_row_bytes : n_layers * page_bytes; }
   int64_t chunk_bytes() const { return chunk_blocks * n_layers * page_bytes; }
   int64_t chunk_len(int64_t c) const {
     return std::min(chunk_blocks, n_blocks - c * chunk_blocks) * n_layers * page_bytes;
@@ -54,8 +59,9 @@ enum class Direction { kGather, kScatter };
 constexpr int64_t kSegmentBytes = int64_t{1} << 18;
 
 // Copies every (block, layer) page between the layers and `flat` (ids must be
-// in range). With `with_sums` (needs page_bytes % 8 == 0 and chunk_blocks > 0)
-// returns each chunk's checksum word-term sum, computed in the copy loop.
+// in range). With `with_sums` (needs page_bytes % 8 == 0, chunk_blocks > 0 and
+// a contiguous flat side) returns each chunk's checksum word-term sum,
+// computed in the copy loop.
 // `parallel_for(begin, end, grain, fn(b, e))` runs the work, e.g. at::parallel_for.
 template <class ParallelFor>
 std::vector<uint64_t> copy_pages(const BlockPlan& p, const int64_t* ids, uint8_t* flat, Direction dir,
@@ -73,7 +79,7 @@ std::vector<uint64_t> copy_pages(const BlockPlan& p, const int64_t* ids, uint8_t
       const int64_t off = seg * kSegmentBytes;
       const size_t len = static_cast<size_t>(std::min(kSegmentBytes, P - off));
       uint8_t* paged = p.layer_base[l] + ids[i] * p.layer_block_stride[l] + off;
-      uint8_t* linear = flat + page * P + off;
+      uint8_t* linear = flat + i * p.row_bytes() + l * P + off;
       uint8_t* dst = dir == Direction::kGather ? linear : paged;
       const uint8_t* src = dir == Direction::kGather ? paged : linear;
       if (with_sums) {

@@ -33,6 +33,27 @@ void check_flat(const at::Tensor& flat, const char* name, int64_t need_bytes, co
                     " bytes, needs ", need_bytes);
 }
 
+// The flat side of a block transfer: contiguous uint8 with room for [n, L, P],
+// or a [n, L, P] uint8 view whose rows (blocks) lie further apart than L * P
+// bytes, such as the slice [:, l0:l1] of a chunk payload. Returns the row
+// stride in bytes.
+int64_t check_block_flat(const at::Tensor& flat, const char* name, const BlockPlan& p, const char* op) {
+  const int64_t row = p.n_layers * p.page_bytes;
+  if (!flat.defined() || flat.is_contiguous() || flat.scalar_type() != at::kByte) {
+    check_flat(flat, name, p.n_blocks * row, op);
+    return row;
+  }
+  const bool rows = flat.dim() == 3 && flat.size(0) == p.n_blocks && flat.size(1) == p.n_layers &&
+                    flat.size(2) == p.page_bytes && flat.stride(2) == 1 &&
+                    (p.n_layers <= 1 || flat.stride(1) == p.page_bytes) && flat.stride(0) >= row;
+  TORCH_CHECK_VALUE(rows, op, ": ", name, " must be contiguous, or a [", p.n_blocks, ", ", p.n_layers, ", ",
+                    p.page_bytes, "] view with contiguous rows of pages; got shape ", flat.sizes(), ", strides ",
+                    flat.strides());
+  TORCH_CHECK_VALUE(p.chunk_blocks == 0, op, ": checksums (chunk_blocks > 0) need a contiguous ", name,
+                    "; got strides ", flat.strides());
+  return flat.stride(0);
+}
+
 // Every layer on one device; the flat buffer there too, or on the host when
 // the layers are on an accelerator (UVA / staging transfers).
 void check_devices(at::TensorList layers, const at::Tensor& flat, const char* flat_name, const char* op) {
@@ -91,7 +112,7 @@ BlockPlan plan_blocks(at::TensorList layers, const at::Tensor& block_ids, const 
   check_devices(layers, flat, flat_name, op);
   TORCH_CHECK_VALUE(block_ids.device() == layers[0].device() || block_ids.device().is_cpu(), op,
                     ": block_ids is on ", block_ids.device(), " but the layers are on ", layers[0].device());
-  check_flat(flat, flat_name, p.n_blocks * p.n_layers * p.page_bytes, op);
+  p.flat_row_bytes = check_block_flat(flat, flat_name, p, op);
   return p;
 }
 

@@ -98,8 +98,11 @@ def gather_blocks(layers: Sequence[torch.Tensor], block_ids: torch.Tensor, out: 
     layers: L tensors ``[num_blocks, ...]`` (views of one buffer are fine), each
     block's page contiguous and of the same byte size P. block_ids: int64 ``[n]``.
     out: contiguous uint8 with at least ``n * L * P`` bytes, filled as
-    ``[n, L, P]``. Returns int64 checksums, one per chunk of ``chunk_blocks``
-    blocks, computed while copying (empty when ``chunk_blocks`` is 0).
+    ``[n, L, P]``; or, without checksums, a ``[n, L, P]`` uint8 view whose
+    block rows lie further apart, such as ``payload[:, l0:l1]`` of a chunk
+    with more layers (layer-wise transfers). Returns int64 checksums, one per
+    chunk of ``chunk_blocks`` blocks, computed while copying (empty when
+    ``chunk_blocks`` is 0).
 
     On CUDA the call is asynchronous on the current stream and returns device
     checksums; ``out`` may be device memory or host memory, read through UVA
@@ -113,6 +116,10 @@ def scatter_blocks(src: torch.Tensor, block_ids: torch.Tensor, layers: Sequence[
                    chunk_blocks: int = 0, expected: Optional[torch.Tensor] = None,
                    transfer: str = "auto") -> torch.Tensor:
     """Copy ``src`` (``[n, L, P]`` bytes) back into the pages of ``block_ids`` of every layer.
+
+    ``src`` is contiguous or, without checksums, a layer slice as for
+    :func:`gather_blocks`: ``scatter_blocks(payload[:, l:l + 1], ids, [layer_l])``
+    loads one layer of a stored chunk.
 
     With ``chunk_blocks`` and ``expected`` (int64 checksums from ``gather_blocks``
     or ``chunk_checksums``) the source is verified while copying and a bool

@@ -209,6 +209,52 @@ def test_block_round_trip_randomized():
                 assert torch.equal(dst_l[b].reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
 
 
+@pytest.mark.parametrize("case", CASES[:6], ids=[f"{c[0]}-{c[1]}L" for c in CASES[:6]])
+def test_layer_slices_of_a_payload_move_like_the_whole(case):
+    """Layer-wise loads: scatter_blocks(payload[:, l:l+1], ids, [layer l]) per layer (and a
+    multi-layer slice) writes exactly what one whole-payload scatter writes; gathering slices
+    into a poisoned payload rebuilds the whole gather."""
+    kind, L, nb, page, dtype, n, _ = case
+    gen = torch.Generator().manual_seed(stable_seed(("slices", case)))
+    layers = make_layers(gen, kind, L, nb, page, dtype)
+    ids = torch.randperm(nb, generator=gen)[:n]
+    P = layers[0][0].numel() * layers[0].element_size()
+    payload = torch.randint(0, 256, (n, L, P), dtype=torch.uint8, generator=gen)
+    whole = make_layers(gen, kind, L, nb, page, dtype)
+    ops.scatter_blocks(payload, ids, whole)
+    sliced = make_layers(gen, kind, L, nb, page, dtype)
+    for t, w in zip(sliced, whole):     # unloaded blocks must match too: start from the same bytes
+        t.copy_(w)
+        t.view(torch.uint8)[ids] = POISON
+    cut = L // 2
+    for l in range(cut):
+        ops.scatter_blocks(payload[:, l:l + 1], ids, [sliced[l]])
+    ops.scatter_blocks(payload[:, cut:], ids, sliced[cut:])
+    assert all(same_bytes(a, b) for a, b in zip(sliced, whole))
+
+    back = torch.full((n, L, P), POISON, dtype=torch.uint8)
+    for l in range(L):
+        assert ops.gather_blocks([whole[l]], ids, back[:, l:l + 1]).numel() == 0
+    assert torch.equal(back, payload)
+    partial = torch.full((n, L, P), POISON, dtype=torch.uint8)
+    ops.gather_blocks(whole[cut:], ids, partial[:, cut:])
+    assert torch.equal(partial[:, cut:], payload[:, cut:]) and bool((partial[:, :cut] == POISON).all())
+
+
+def test_layer_slices_take_no_checksums_and_need_page_rows():
+    layers, ids, _ = _blocks()
+    payload = torch.zeros(2, 4, 32, dtype=torch.uint8)     # a chunk of 4 layers, 2 of them wanted
+    with pytest.raises(ValueError, match="checksums \\(chunk_blocks > 0\\) need a contiguous src"):
+        ops.scatter_blocks(payload[:, 1:3], ids, layers, chunk_blocks=1,
+                           expected=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="checksums \\(chunk_blocks > 0\\) need a contiguous out"):
+        ops.gather_blocks(layers, ids, payload[:, 1:3], chunk_blocks=2)
+    for bad in (payload[:, :, ::2][:, :2], payload.transpose(0, 1)[:2], payload[:, 0:3:2]):
+        with pytest.raises(ValueError, match="src must be contiguous, or a \\[2, 2, 32\\] view"):
+            ops.scatter_blocks(bad, ids, layers)
+    assert bool((payload == 0).all())
+
+
 # --------------------------------------------------------------------------- token gather / scatter
 
 def layer_for(layout, nb, bs, h, d, dtype, gen):
@@ -269,6 +315,9 @@ def test_opcheck_every_op():
     sums = ops.gather_blocks(layers, ids, out, 3)
     _opcheck(torch.ops.stratacache.scatter_blocks.default, (out, ids, layers, 3, sums))
     _opcheck(torch.ops.stratacache.scatter_blocks.default, (out, ids, layers, 0, None))
+    payload = out.view(4, 3, 128)
+    _opcheck(torch.ops.stratacache.scatter_blocks.default, (payload[:, 1:], ids, layers[1:], 0, None))
+    _opcheck(torch.ops.stratacache.gather_blocks.default, (layers[:1], ids, payload[:, :1], 0))
     views = [ops.token_view(layer_for("HND", 4, 8, 2, 8, torch.bfloat16, gen), "HND") for _ in range(2)]
     slots = torch.tensor([3, -1, 17, 30], dtype=torch.int64)
     tok = torch.empty(4 * 2 * 2 * 8 * 2, dtype=torch.uint8)

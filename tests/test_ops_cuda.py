@@ -73,6 +73,34 @@ def test_block_ops_on_cuda_match_reference(case, where, transfer):
         assert not bool(ok[0]) and bool(ok[1:].all())
 
 
+@pytest.mark.parametrize("where,transfer", [("pinned", "uva"), ("pinned", "staging"), ("pageable", "auto"),
+                                            ("device", "auto")])
+def test_layer_slices_on_cuda(where, transfer):
+    """Layer-wise loads on CUDA: one layer (or a slice of layers) of a [n, L, P] payload at a
+    time, through each host path (a row-pitched DMA for staging), equals the whole-payload copy."""
+    gen = torch.Generator().manual_seed(stable_seed(("cuda-slices", where, transfer)))
+    L, nb, n = 6, 20, 11
+    layers = [t.to(DEV) for t in make_layers(gen, "separate", L, nb, (2, 4, 16), torch.float16)]
+    P = 2 * 4 * 16 * 2
+    ids = torch.randperm(nb, generator=gen)[:n]
+    payload = torch.randint(0, 256, (n, L, P), dtype=torch.uint8, generator=gen)
+    payload = payload.pin_memory() if where == "pinned" else (payload.to(DEV) if where == "device" else payload)
+    want = [t.cpu() for t in layers]
+    ops.ref_scatter_blocks(payload.cpu(), ids, want)
+    for l in range(L - 2):
+        ops.scatter_blocks(payload[:, l:l + 1], ids, [layers[l]], transfer=transfer)
+    ops.scatter_blocks(payload[:, L - 2:], ids, layers[L - 2:], transfer=transfer)
+    torch.cuda.synchronize()
+    for got, w in zip(layers, want):
+        assert torch.equal(got.cpu().reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8))
+    back = torch.full((n, L, P), POISON, dtype=torch.uint8)
+    back = back.pin_memory() if where == "pinned" else (back.to(DEV) if where == "device" else back)
+    for l in range(1, L):
+        ops.gather_blocks([layers[l]], ids, back[:, l:l + 1], transfer=transfer)
+    torch.cuda.synchronize()
+    assert torch.equal(back[:, 1:].cpu(), payload[:, 1:].cpu()) and bool((back[:, 0].cpu() == POISON).all())
+
+
 @pytest.mark.parametrize("layout", sorted(ops.LAYOUTS))
 @pytest.mark.parametrize("where", ["pinned", "pageable", "device"])
 def test_token_ops_on_cuda_match_reference(layout, where):

@@ -37,7 +37,7 @@ def _tokens(n: int, seed: int) -> list[int]:
 
 # Prefix families: 1024 tokens (4 chunks) each, stored by process A.
 FAM = {name: _tokens(1024, seed) for seed, name in enumerate(
-    ["shared", "diverge", "delete", "corrupt", "garbage", "exact"], start=100)}
+    ["shared", "diverge", "delete", "corrupt", "garbage", "exact", "layerwise"], start=100)}
 PROMPTS = {
     "a_shared": FAM["shared"] + _tokens(200, 1),
     "b_shared": FAM["shared"] + _tokens(300, 2),        # 1324 tokens: chunk 4 is stored too
@@ -55,13 +55,16 @@ PROMPTS = {
                                                         # last token, so only its head loads
     "unique": _tokens(700, 12),
     "long_chunked": FAM["shared"] + _tokens(900, 13),  # 1924 tokens: 4 prefill steps of 512
+    "lw_shared": FAM["shared"] + _tokens(150, 15),
+    "store_lw": FAM["layerwise"] + _tokens(50, 16),
+    "hit_lw": FAM["layerwise"] + _tokens(90, 17),
 }
 # Preemption: 8 concurrent distinct prompts of 600 tokens growing 160 tokens each
 # need 48 blocks of the 40 available, so vLLM must preempt and resume them.
 PREEMPT = [_tokens(600, 20 + i) for i in range(8)]
 PREEMPT_MAX_TOKENS = 160
 STORED_BY_A = ["a_shared", "b_shared", "store_diverge", "store_delete", "store_corrupt",
-               "store_garbage", "store_exact", "unique"]
+               "store_garbage", "store_exact", "store_lw", "unique"]
 
 
 def _run(job: dict, tmp: Path, name: str) -> dict:
@@ -212,3 +215,30 @@ def test_chunked_prefill_and_preemption_async_loads(world, process_a):
     assert tokens == world["expected_preempt"]
     assert report["metrics"]["vllm:num_preemptions"] > 0, report["metrics"]
     assert report["metrics"].get("vllm:stratacache_load_errors", 0) == 0
+
+
+def test_layerwise_loads_keep_outputs_identical_and_recompute_corrupt_chunks(world, process_a):
+    """load_mode=layerwise: each layer is copied while earlier layers compute (vLLM calls
+    wait_for_layer_load per attention layer). A chunk corrupted after the lookup is only found
+    after its copy, when its pages are gathered back: vLLM discards that step's output for the
+    request and recomputes, so the tokens are still the reference's."""
+    report = _run({"model": world["model"],
+                   "connector": _connector(world["region"], **{"connector.load_mode": "layerwise"}),
+                   "engine": ENGINE, "inprocess": True, "steps": [
+                       _generate([PROMPTS["lw_shared"]]),
+                       {"op": "fault_after_lookup", "action": "corrupt", "chunk": 1},
+                       _generate([PROMPTS["hit_lw"]]),
+                       {"op": "state"},
+                   ]}, world["tmp"], "E")
+    clean, _, corrupt, state = report["steps"]
+    result = clean["results"][0]
+    assert result["tokens"] == world["expected"]["lw_shared"]
+    assert result["metrics_delta"]["vllm:stratacache_hit_tokens"] >= 1024
+    assert result["metrics_delta"]["vllm:stratacache_load_chunks"] >= 4
+    assert result["metrics_delta"].get("vllm:stratacache_load_errors", 0) == 0
+    assert result["num_cached_tokens"] >= 1024
+    result = corrupt["results"][0]
+    assert result["tokens"] == world["expected"]["hit_lw"]
+    assert result["metrics_delta"]["vllm:stratacache_load_errors"] == 1
+    assert result["metrics_delta"]["vllm:stratacache_load_error_blocks"] >= 2 * CHUNK // 128
+    assert state["worker"]["inflight_loads"] == 0 and state["worker"]["queued_stores"] == 0

@@ -53,17 +53,17 @@ def engine_factory(tmp_path):
             os.unlink(region)
 
 
-def make_worker(engine, *, load_async=False, limit=1 << 30):
-    return WorkerSide(engine=engine, namespace=NS, load_async=load_async, verify=True,
+def make_worker(engine, *, load_mode="sync", limit=1 << 30):
+    return WorkerSide(engine=engine, namespace=NS, load_mode=load_mode, verify=True,
                       stats=StatsCounter(), max_inflight_save_bytes=limit)
 
 
-def saver_and_loader(engine_factory, src_seed: int, dst_seed: int, load_async: bool = False):
+def saver_and_loader(engine_factory, src_seed: int, dst_seed: int, load_mode: str = "sync"):
     """Two workers on one engine: one saving from a source KV, one loading into another."""
     src_buf, src_layers = paged_kv(src_seed)
     dst_buf, dst_layers = paged_kv(dst_seed)
     engine = engine_factory()
-    saver, loader = make_worker(engine), make_worker(engine, load_async=load_async)
+    saver, loader = make_worker(engine), make_worker(engine, load_mode=load_mode)
     saver.register(src_layers)
     loader.register(dst_layers)
     return src_buf, dst_buf, engine, saver, loader
@@ -83,8 +83,9 @@ def test_register_deduplicates_and_validates():
         PagedKV(bad)
 
 
-def test_save_then_load_into_other_blocks_is_byte_exact(engine_factory):
-    src_buf, dst_buf, engine, saver, loader = saver_and_loader(engine_factory, 1, 2)
+@pytest.mark.parametrize("mode", ["sync", "layerwise"])
+def test_save_then_load_into_other_blocks_is_byte_exact(engine_factory, mode):
+    src_buf, dst_buf, engine, saver, loader = saver_and_loader(engine_factory, 1, 2, mode)
     src_ids = [[3, 9, 1, 20], [5, 6, 7, 8], [0, 2]]              # two chunks + a partial
     saves = [ChunkSave(f"chunk{i}", ids) for i, ids in enumerate(src_ids)]
     saver.save(saves)
@@ -107,8 +108,9 @@ def test_save_then_load_into_other_blocks_is_byte_exact(engine_factory):
     assert (dst_buf[:10] != POISON).all()                       # nothing else written
 
 
-def test_skip_blocks_writes_only_missing_blocks(engine_factory):
-    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 3, 4)
+@pytest.mark.parametrize("mode", ["sync", "layerwise"])
+def test_skip_blocks_writes_only_missing_blocks(engine_factory, mode):
+    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 3, 4, mode)
     saver.save([ChunkSave("c", [4, 5, 6, 7])])
     saver.drain_saves()
     dst_buf[20:24] = POISON
@@ -120,10 +122,11 @@ def test_skip_blocks_writes_only_missing_blocks(engine_factory):
         assert torch.equal(dst_buf[t].view(torch.int16), src_buf[s].view(torch.int16))
 
 
+@pytest.mark.parametrize("mode", ["sync", "layerwise"])
 @pytest.mark.parametrize("skip,take", [(0, 3), (1, 2), (2, 1)])
-def test_head_of_a_stored_chunk_writes_only_those_blocks(engine_factory, skip, take):
+def test_head_of_a_stored_chunk_writes_only_those_blocks(engine_factory, skip, take, mode):
     # A prompt ending exactly on a chunk boundary loads only the chunk's head.
-    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 5, 6)
+    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 5, 6, mode)
     saver.save([ChunkSave("c", [4, 5, 6, 7])])
     saver.drain_saves()
     dst_buf[:] = POISON
@@ -137,9 +140,12 @@ def test_head_of_a_stored_chunk_writes_only_those_blocks(engine_factory, skip, t
     assert (dst_buf[untouched] == POISON).all()
 
 
+@pytest.mark.parametrize("mode", ["sync", "layerwise"])
 @pytest.mark.parametrize("fault", ["missing", "corrupt", "wrong_size"])
-def test_faulty_chunk_reports_it_and_every_later_block(engine_factory, fault):
-    src_buf, dst_buf, engine, saver, loader = saver_and_loader(engine_factory, 5, 6)
+def test_faulty_chunk_reports_it_and_every_later_block(engine_factory, fault, mode):
+    """Layer-wise loads find a corrupt full chunk only after copying it (by gathering it back):
+    they report exactly what a sync load reports."""
+    src_buf, dst_buf, engine, saver, loader = saver_and_loader(engine_factory, 5, 6, mode)
     saver.save([ChunkSave(f"c{i}", list(range(4 * i, 4 * i + 4))) for i in range(3)])
     saver.drain_saves()
     key = artifact_key(NS, "c1")
@@ -168,7 +174,7 @@ def test_faulty_chunk_reports_it_and_every_later_block(engine_factory, fault):
 
 
 def test_async_loads_finish_through_finished_loads(engine_factory):
-    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 7, 8, load_async=True)
+    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 7, 8, load_mode="async")
     saver.save([ChunkSave("a", [0, 1, 2, 3])])
     saver.drain_saves()
     loads = [RequestLoad("ok", [ChunkLoad("a", 4, 0, [8, 9, 10, 11])], True, BS),
@@ -183,6 +189,65 @@ def test_async_loads_finish_through_finished_loads(engine_factory):
     assert loader.take_load_errors() == {12, 13, 14, 15}
     assert torch.equal(dst_buf[8].view(torch.int16), src_buf[0].view(torch.int16))
     assert loader.state_sizes()["inflight_loads"] == 0
+
+
+def test_layerwise_layer_is_in_place_once_its_wait_returns(engine_factory):
+    """Each layer's pages are loaded when wait_layer(name) returns, before the step finishes;
+    a layer sharing another's KV waits for that one."""
+    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 11, 12, "layerwise")
+    srcs = [list(range(4 * i, 4 * i + 4)) for i in range(4)]
+    saver.save([ChunkSave(f"l{i}", ids) for i, ids in enumerate(srcs)])
+    saver.drain_saves()
+    dsts = [[23 - 4 * i - k for k in range(4)] for i in range(4)]
+    dst_buf[:] = POISON
+    loads = [RequestLoad("a", [ChunkLoad("l0", 4, 0, dsts[0]), ChunkLoad("l1", 4, 0, dsts[1])], False, BS),
+             RequestLoad("b", [ChunkLoad("l2", 4, 0, dsts[2]), ChunkLoad("l3", 4, 1, dsts[3][1:])],
+                         False, BS)]
+    loader.start_loads(StrataCacheConnectorMetadata(loads=loads))
+    names = list(paged_kv(0)[1])
+    for name in ["model.layers.shared.attn"] + names:
+        loader.wait_layer(name)
+        layer = loader.kv.index_of[name]
+        for s_ids, d_ids in zip(srcs, dsts):
+            for s, t in list(zip(s_ids, d_ids))[-3:]:
+                assert torch.equal(dst_buf[t, layer].view(torch.int16), src_buf[s, layer].view(torch.int16))
+    loader.wait_layer("not.an.attention.layer")                 # unknown names are ignored
+    assert loader.take_load_errors() == set()
+    assert (dst_buf[dsts[3][0]] == POISON).all()                 # the skipped block stays untouched
+    totals = loader.stats.totals()
+    assert totals["load_chunks"] == 4 and totals["load_bytes"] == 15 * loader.kv.block_bytes
+    assert loader.kv.index_of["model.layers.shared.attn"] == 0
+    loader.wait_layer(names[1])                                  # after finish: nothing to wait for
+
+
+def test_layerwise_copy_failure_reports_every_block_and_never_hangs(engine_factory, monkeypatch):
+    from stratacache.adapters.vllm import layerwise
+
+    src_buf, dst_buf, _, saver, loader = saver_and_loader(engine_factory, 13, 14, "layerwise")
+    saver.save([ChunkSave("x", [0, 1, 2, 3]), ChunkSave("y", [4, 5, 6, 7])])
+    saver.drain_saves()
+    real, calls = layerwise.ops.scatter_blocks, []
+
+    def flaky(src, ids, layers, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:                                      # layer 1 of the first chunk
+            raise RuntimeError("injected copy fault")
+        return real(src, ids, layers, *args, **kwargs)
+    monkeypatch.setattr(layerwise.ops, "scatter_blocks", flaky)
+    load = RequestLoad("r", [ChunkLoad("x", 4, 0, [8, 9, 10, 11]), ChunkLoad("y", 4, 0, [12, 13, 14, 15])],
+                       False, BS)
+    loader.start_loads(StrataCacheConnectorMetadata(loads=[load]))
+    for name in paged_kv(0)[1]:
+        loader.wait_layer(name)                                  # returns even though the copy failed
+    assert loader.take_load_errors() == set(range(8, 16))
+    totals = loader.stats.totals()
+    assert totals["load_errors"] == 1 and totals["load_error_blocks"] == 8 and totals["load_chunks"] == 0
+    assert loader.state_sizes()["inflight_loads"] == 0
+
+
+def test_unknown_load_mode_is_rejected(engine_factory):
+    with pytest.raises(ValueError, match="connector.load_mode must be one of"):
+        make_worker(engine_factory(), load_mode="eager")
 
 
 def test_full_save_queue_drops_instead_of_blocking(engine_factory):

@@ -99,9 +99,10 @@ __device__ __forceinline__ uint64_t warp_copy(uint8_t* __restrict__ dst, const u
 // ----------------------------------------------------------------------------- block kernels
 
 // table: [L layer base addresses][L block strides][n block ids] (int64).
+// Block i's pages lie at flat + i * R (R == L * P unless flat is a layer slice; no sums then).
 template <typename V, bool kSums, bool kGather>
 __global__ void block_copy_kernel(const int64_t* __restrict__ table, int64_t L, int64_t n, int64_t P,
-                                  uint8_t* __restrict__ flat, int64_t chunk_blocks,
+                                  uint8_t* __restrict__ flat, int64_t R, int64_t chunk_blocks,
                                   unsigned long long* __restrict__ chunk_sums) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarp);
@@ -110,7 +111,7 @@ __global__ void block_copy_kernel(const int64_t* __restrict__ table, int64_t L, 
        page += warps) {
     const int64_t i = page / L, l = page % L;
     uint8_t* paged = reinterpret_cast<uint8_t*>(table[l]) + table[2 * L + i] * table[L + l];
-    uint8_t* linear = flat + page * P;
+    uint8_t* linear = flat + i * R + l * P;
     uint64_t first_word = 0;
     if constexpr (kSums) first_word = uint64_t(page * P - (i / chunk_blocks) * chunk_blocks * L * P) / 8;
     uint64_t s = kGather ? warp_copy<V, kSums>(linear, paged, P, first_word, lane)
@@ -209,28 +210,29 @@ at::Tensor upload_table(const BlockPlan& p, const std::vector<int64_t>& ids, c10
   return host.to(dev, /*non_blocking=*/true);
 }
 
-bool aligned(const BlockPlan& p, const uint8_t* flat, int64_t a) {
-  if (p.page_bytes % a || reinterpret_cast<uintptr_t>(flat) % a) return false;
+bool aligned(const BlockPlan& p, const uint8_t* flat, int64_t row_bytes, int64_t a) {
+  if (p.page_bytes % a || row_bytes % a || reinterpret_cast<uintptr_t>(flat) % a) return false;
   for (int64_t l = 0; l < p.n_layers; ++l)
     if (reinterpret_cast<uintptr_t>(p.layer_base[l]) % a || p.layer_block_stride[l] % a) return false;
   return true;
 }
 
 template <bool kSums, bool kGather>
-void launch_block_copy(const BlockPlan& p, const at::Tensor& table, uint8_t* flat, unsigned long long* sums) {
+void launch_block_copy(const BlockPlan& p, const at::Tensor& table, uint8_t* flat, int64_t row_bytes,
+                       unsigned long long* sums) {
   if (p.n_blocks == 0) return;
   dim3 grid(static_cast<unsigned>(grid_for(p.n_blocks * p.n_layers))), block(kThreads);
   const int64_t* t = table.data_ptr<int64_t>();
-  if (aligned(p, flat, 16)) {
+  if (aligned(p, flat, row_bytes, 16)) {
     block_copy_kernel<uint4, kSums, kGather><<<grid, block, 0, current_stream()>>>(
-        t, p.n_layers, p.n_blocks, p.page_bytes, flat, p.chunk_blocks, sums);
-  } else if (aligned(p, flat, 8)) {
+        t, p.n_layers, p.n_blocks, p.page_bytes, flat, row_bytes, p.chunk_blocks, sums);
+  } else if (aligned(p, flat, row_bytes, 8)) {
     block_copy_kernel<uint2, kSums, kGather><<<grid, block, 0, current_stream()>>>(
-        t, p.n_layers, p.n_blocks, p.page_bytes, flat, p.chunk_blocks, sums);
+        t, p.n_layers, p.n_blocks, p.page_bytes, flat, row_bytes, p.chunk_blocks, sums);
   } else {
     TORCH_INTERNAL_ASSERT(!kSums, "fused checksums need 8-byte aligned pages");
     block_copy_kernel<uint8_t, false, kGather><<<grid, block, 0, current_stream()>>>(
-        t, p.n_layers, p.n_blocks, p.page_bytes, flat, p.chunk_blocks, sums);
+        t, p.n_layers, p.n_blocks, p.page_bytes, flat, row_bytes, p.chunk_blocks, sums);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -297,6 +299,25 @@ FlatSide flat_side(const at::Tensor& flat, Path path, int64_t nbytes, c10::Devic
   return {static_cast<uint8_t*>(staging.data_ptr()), staging};
 }
 
+// Bytes between block rows of a block transfer's flat side as the kernel sees it: a
+// staging buffer is contiguous, host or device memory addressed directly keeps its stride.
+int64_t kernel_row_bytes(const BlockPlan& p, const FlatSide& side) {
+  return side.staging.defined() ? p.n_layers * p.page_bytes : p.row_bytes();
+}
+
+// DMA between the host flat buffer (rows p.row_bytes() apart) and a contiguous staging buffer.
+void copy_staging(const BlockPlan& p, void* dst, const void* src, bool to_device) {
+  const int64_t width = p.n_layers * p.page_bytes, host_pitch = p.row_bytes();
+  if (p.n_blocks == 0 || width == 0) return;
+  const auto kind = to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost;
+  if (host_pitch == width) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, p.n_blocks * width, kind, current_stream()));
+  } else {
+    C10_CUDA_CHECK(cudaMemcpy2DAsync(dst, to_device ? width : host_pitch, src, to_device ? host_pitch : width, width,
+                                     p.n_blocks, kind, current_stream()));
+  }
+}
+
 at::Tensor gather_blocks_cuda(at::TensorList layers, const at::Tensor& block_ids, const at::Tensor& out,
                               int64_t chunk_blocks, c10::string_view transfer) {
   auto p = plan_blocks(layers, block_ids, out, "out", chunk_blocks, "gather_blocks");
@@ -305,22 +326,22 @@ at::Tensor gather_blocks_cuda(at::TensorList layers, const at::Tensor& block_ids
   c10::cuda::CUDAGuard guard(dev);
   Path path = choose_path(out, transfer, "gather_blocks", "out");
   auto ids = host_block_ids(block_ids, p.num_blocks);
+  // Checksums imply a contiguous flat side (plan_blocks), so row_bytes == L * P whenever they are taken.
   const int64_t total = p.n_blocks * p.n_layers * p.page_bytes;
   auto side = flat_side(out, path, total, dev);
+  const int64_t row = kernel_row_bytes(p, side);
   auto table = upload_table(p, ids, dev);
   auto result = at::empty({p.n_chunks}, layers[0].options().dtype(at::kLong));
   auto sums = at::zeros({p.n_chunks}, layers[0].options().dtype(at::kLong));
-  bool fused = chunk_blocks > 0 && aligned(p, side.kernel_ptr, 8);
+  bool fused = chunk_blocks > 0 && aligned(p, side.kernel_ptr, row, 8);
   if (fused) {
-    launch_block_copy<true, true>(p, table, side.kernel_ptr, sums_ptr(sums));
+    launch_block_copy<true, true>(p, table, side.kernel_ptr, row, sums_ptr(sums));
   } else {
-    launch_block_copy<false, true>(p, table, side.kernel_ptr, nullptr);
+    launch_block_copy<false, true>(p, table, side.kernel_ptr, row, nullptr);
     if (chunk_blocks > 0) launch_chunk_sums(side.kernel_ptr, total, p.chunk_bytes(), p.n_chunks, sums_ptr(sums));
   }
   launch_finalize(sums, p.n_chunks, total, p.chunk_bytes(), result.data_ptr<int64_t>(), nullptr, nullptr);
-  if (side.staging.defined() && total > 0) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(out.data_ptr(), side.kernel_ptr, total, cudaMemcpyDeviceToHost, current_stream()));
-  }
+  if (side.staging.defined()) copy_staging(p, out.data_ptr(), side.kernel_ptr, /*to_device=*/false);
   return result;
 }
 
@@ -343,18 +364,17 @@ at::Tensor scatter_blocks_cuda(const at::Tensor& src, const at::Tensor& block_id
   auto ids = host_block_ids(block_ids, p.num_blocks);
   const int64_t total = p.n_blocks * p.n_layers * p.page_bytes;
   auto side = flat_side(src, path, total, dev);
-  if (side.staging.defined() && total > 0) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(side.kernel_ptr, src.data_ptr(), total, cudaMemcpyHostToDevice, current_stream()));
-  }
+  const int64_t row = kernel_row_bytes(p, side);
+  if (side.staging.defined()) copy_staging(p, side.kernel_ptr, src.data_ptr(), /*to_device=*/true);
   auto table = upload_table(p, ids, dev);
   auto ok = at::empty({verify ? p.n_chunks : 0}, layers[0].options().dtype(at::kBool));
   auto sums = at::zeros({verify ? p.n_chunks : 0}, layers[0].options().dtype(at::kLong));
-  bool fused = verify && aligned(p, side.kernel_ptr, 8);
+  bool fused = verify && aligned(p, side.kernel_ptr, row, 8);
   if (fused) {
-    launch_block_copy<true, false>(p, table, side.kernel_ptr, sums_ptr(sums));
+    launch_block_copy<true, false>(p, table, side.kernel_ptr, row, sums_ptr(sums));
   } else {
     if (verify) launch_chunk_sums(side.kernel_ptr, total, p.chunk_bytes(), p.n_chunks, sums_ptr(sums));
-    launch_block_copy<false, false>(p, table, side.kernel_ptr, nullptr);
+    launch_block_copy<false, false>(p, table, side.kernel_ptr, row, nullptr);
   }
   if (verify) {
     auto exp = expected->to(dev, /*non_blocking=*/true).contiguous();

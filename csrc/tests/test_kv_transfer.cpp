@@ -63,6 +63,46 @@ static void block_case(std::mt19937_64& rng, int64_t L, int64_t nb, int64_t P, i
   if (n <= nb) CHECK(back == want);
 }
 
+// A layer slice [:, l0:l0+L] of a [n, Ltot, P] payload (rows Ltot * P apart), as layer-wise loads copy it.
+static void layer_slice_case(std::mt19937_64& rng, int64_t Ltot, int64_t l0, int64_t L, int64_t nb, int64_t P,
+                             int64_t n) {
+  const int64_t row = Ltot * P;
+  std::vector<uint8_t> payload(n * row + 32);
+  for (auto& x : payload) x = uint8_t(rng());
+  std::vector<uint8_t> kv(L * nb * P + 64, kPoison);
+  BlockPlan p;
+  p.n_blocks = n;
+  p.n_layers = L;
+  p.page_bytes = P;
+  p.num_blocks = nb;
+  p.flat_row_bytes = row;
+  for (int64_t l = 0; l < L; ++l) {
+    p.layer_base.push_back(kv.data() + l * nb * P);
+    p.layer_block_stride.push_back(P);
+  }
+  std::vector<int64_t> ids(n);
+  for (int64_t i = 0; i < n; ++i) ids[i] = (i * 7 + 3) % nb;  // distinct while n <= nb
+  copy_pages(p, ids.data(), payload.data() + l0 * P, Direction::kScatter, false, TestThreads{});
+  std::vector<uint8_t> want(kv.size(), kPoison);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t l = 0; l < L; ++l)
+      std::copy(payload.begin() + i * row + (l0 + l) * P, payload.begin() + i * row + (l0 + l + 1) * P,
+                want.begin() + l * nb * P + ids[i] * P);
+  CHECK(kv == want);
+  // Gather the slice back into a poisoned payload: only the slice's pages are written.
+  std::vector<uint8_t> back(payload.size(), kPoison);
+  copy_pages(p, ids.data(), back.data() + l0 * P, Direction::kGather, false, TestThreads{});
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t l = 0; l < Ltot; ++l) {
+      const bool in = l >= l0 && l < l0 + L;
+      for (int64_t b = 0; b < P; ++b) {
+        const size_t at = size_t(i * row + l * P + b);
+        CHECK(back[at] == (in ? payload[at] : kPoison));
+      }
+    }
+  for (size_t k = n * row; k < back.size(); ++k) CHECK(back[k] == kPoison);
+}
+
 static void token_case(std::mt19937_64& rng, int64_t kv, int64_t nb, int64_t bs, int64_t H, int64_t row, bool hnd) {
   // Layer memory [kv, nb, bs, H, row] (NHD) or [kv, nb, H, bs, row] (HND).
   const int64_t L = 2;
@@ -136,6 +176,9 @@ int main() {
   block_case(rng, 3, 6, 4096 + 8 * 17, 8, 5, 0);           // vector copy with a tail, pages not 32-aligned
   block_case(rng, 2, 5, 40001, 3, 4, 0);                    // odd page size
   block_case(rng, 2, 4, 64, 0, 0, 2);                       // no blocks
+  layer_slice_case(rng, 8, 0, 1, 12, 256, 10);
+  layer_slice_case(rng, 8, 5, 3, 12, 104, 12);
+  layer_slice_case(rng, 4, 3, 1, 5, 13, 5);                 // unaligned pages
   for (bool hnd : {false, true}) {
     token_case(rng, 1, 3, 4, 2, 16, hnd);
     token_case(rng, 2, 2, 8, 3, 6, hnd);

@@ -265,8 +265,9 @@ SCHEMA: dict = {
     },
     "connector": {
         "chunk_size": Key("int", "tokens per stored KV chunk; a multiple of vLLM's block size", minimum=1),
-        "load_mode": Key("choice", "sync loads before the forward pass; async finishes through get_finished",
-                         choices=("sync", "async")),
+        "load_mode": Key("choice", "sync loads before the forward pass; async finishes through "
+                         "get_finished; layerwise overlaps each layer's load with the forward (GPU)",
+                         choices=("sync", "async", "layerwise")),
         "save_partial_chunks": Key("bool", "also store the last, partial chunk of a prompt"),
         "verify_checksums": Key("bool", "reject a corrupt chunk at load time (vLLM recomputes it)"),
         "log_stats": Key("bool", "log connector statistics"),

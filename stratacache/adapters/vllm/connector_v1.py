@@ -113,7 +113,7 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
             self._worker = WorkerSide(
                 engine=StorageEngine(cfg),
                 namespace=identity.namespace(get_tensor_model_parallel_rank()),
-                load_async=self._load_async, verify=bool(conn.verify_checksums),
+                load_mode=str(conn.load_mode), verify=bool(conn.verify_checksums),
                 stats=self._stats)
             self._log = PeriodicLogger(logger, "worker", bool(conn.log_stats),
                                        int(conn.log_every), float(conn.log_min_interval_s))
@@ -132,12 +132,15 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
             self._worker.start_loads(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv (sync) or report through get_finished (async)
+        # Only layer-wise loads are still running here: sync loads completed in
+        # start_load_kv, async ones report through get_finished.
+        self._worker.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
         return  # all layers are gathered at once in wait_for_save, after the forward
 
     def wait_for_save(self) -> None:
+        self._worker.finish_layerwise()
         meta = self._connector_metadata
         if isinstance(meta, StrataCacheConnectorMetadata) and meta.saves:
             self._worker.save(meta.saves)

@@ -6,8 +6,9 @@
   while copying. A chunk that is missing, evicted, the wrong size or corrupt
   stops the request's load there: its blocks and every later block of the
   load are reported through ``load_errors`` so vLLM recomputes them.
-  Loads run inline (``sync``) or on a background thread (``async``), the
-  latter finishing through ``finished_loads``.
+  Loads run inline (``sync``), on a background thread (``async``, finishing
+  through ``finished_loads``), or layer by layer alongside the forward pass
+  (``layerwise``, see ``layerwise.py``).
 * Saves: the step loop only copies the chunks out of paged memory with one
   ``ops.gather_blocks`` call (checksums computed while copying) into a pooled
   buffer; a background thread stores them, so the step never waits on a tier.
@@ -22,12 +23,14 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Optional
 
 import torch
 
 from stratacache import ops  # imported here: loading the ops costs ~0.4 s, not for a first hit to pay
 from stratacache.adapters.vllm.keys import artifact_key
+from stratacache.adapters.vllm.layerwise import LayerwiseChunk, LayerwiseLoad
 from stratacache.adapters.vllm.metadata import (
     ChunkSave,
     RequestLoad,
@@ -45,14 +48,18 @@ class PagedKV:
     def __init__(self, kv_caches: dict[str, torch.Tensor]) -> None:
         seen: dict[int, str] = {}
         layers: list[torch.Tensor] = []
+        self.index_of: dict[str, int] = {}   # every layer name -> index of its (shared) tensor
         for name, tensor in kv_caches.items():
             if not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"StrataCache: KV cache of layer {name} is a "
                                  f"{type(tensor).__name__}, expected one tensor per layer")
             ptr = tensor.data_ptr()
             if ptr in seen:
-                continue  # a layer sharing another layer's KV (cross-layer sharing)
+                # a layer sharing another layer's KV (cross-layer sharing)
+                self.index_of[name] = self.index_of[seen[ptr]]
+                continue
             seen[ptr] = name
+            self.index_of[name] = len(layers)
             layers.append(tensor)
         if not layers:
             raise ValueError("StrataCache: register_kv_caches received no KV cache tensors")
@@ -104,12 +111,17 @@ class _BufferPool:
             self._free.append(buf)
 
 
+LOAD_MODES = ("sync", "async", "layerwise")
+
+
 class WorkerSide:
-    def __init__(self, *, engine, namespace: str, load_async: bool, verify: bool,
+    def __init__(self, *, engine, namespace: str, load_mode: str, verify: bool,
                  stats: StatsCounter, max_inflight_save_bytes: int = 1 << 30) -> None:
+        if load_mode not in LOAD_MODES:
+            raise ValueError(f"connector.load_mode must be one of {LOAD_MODES}, got {load_mode!r}")
         self.engine = engine
         self.namespace = namespace
-        self.load_async = load_async
+        self.load_mode = load_mode
         self.verify = verify
         self.stats = stats
         self.kv: Optional[PagedKV] = None
@@ -119,8 +131,9 @@ class WorkerSide:
                                               daemon=True)
         self._store_thread.start()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="stratacache-load") \
-            if load_async else None
+            if load_mode == "async" else None
         self._inflight_loads: dict[str, Future] = {}
+        self._layerwise: Optional[LayerwiseLoad] = None   # this step's layer-wise loads
         self._lock = threading.Lock()
         self._load_errors: set[int] = set()
         self._stored_names: list[str] = []
@@ -141,14 +154,28 @@ class WorkerSide:
     def start_loads(self, meta: StrataCacheConnectorMetadata) -> None:
         if self.kv is None:
             return
+        inline = []
         for load in meta.loads:
             if load.is_async and self._loader is not None:
                 self._inflight_loads[load.req_id] = self._loader.submit(self._load_request, load)
             else:
-                failed = self._load_request(load)
-                if failed:
-                    with self._lock:
-                        self._load_errors.update(failed)
+                inline.append(load)
+        if inline and self.load_mode == "layerwise":
+            self.finish_layerwise()   # a step that never reached finish (defensive)
+            self._layerwise = self._start_layerwise(inline)
+            return
+        for load in inline:
+            failed = self._load_request(load)
+            if failed:
+                with self._lock:
+                    self._load_errors.update(failed)
+
+    def _chunk_lost(self, req_id: str, name: str, failed: set[int], why: str) -> None:
+        self.stats.add(load_errors=1, load_error_blocks=len(failed))
+        with self._lock:
+            self._lost_names.append(name)
+        logger.warning("StrataCache: chunk %s of request %s %s; vLLM recomputes %d blocks",
+                       name, req_id, why, len(failed))
 
     def _load_request(self, load: RequestLoad) -> set[int]:
         """Load every chunk of one request; returns the block ids vLLM must recompute."""
@@ -162,11 +189,7 @@ class WorkerSide:
                 logger.exception("StrataCache: loading chunk %s failed", chunk.name)
             if not ok:
                 failed = {b for c in load.chunks[index:] for b in c.block_ids}
-                self.stats.add(load_errors=1, load_error_blocks=len(failed))
-                with self._lock:
-                    self._lost_names.append(chunk.name)
-                logger.warning("StrataCache: chunk %s of request %s missing or corrupt; vLLM "
-                               "recomputes %d blocks", chunk.name, load.req_id, len(failed))
+                self._chunk_lost(load.req_id, chunk.name, failed, "missing or corrupt")
                 break
             chunks_ok += 1
             moved += len(chunk.block_ids) * self.kv.block_bytes
@@ -176,40 +199,130 @@ class WorkerSide:
                        load_seconds=time.perf_counter() - t0)
         return failed
 
-    def _load_chunk(self, chunk) -> bool:
+    def _lease(self, chunk, leases: ExitStack) -> Optional[tuple[torch.Tensor, int]]:
+        """Lease a stored chunk until ``leases`` closes: its payload as ``[blocks, L, P]`` and
+        its stored checksum, or None when it is missing or the wrong size (then deleted)."""
         kv = self.kv
         key = self._key(chunk.name)
         expected_size = chunk.num_blocks * kv.block_bytes
+        art = leases.enter_context(self.engine.pinned(key, verify=False))
+        if art is None:
+            return None
+        if art.meta.size != expected_size:
+            logger.warning("StrataCache: chunk %s holds %d bytes, expected %d", chunk.name,
+                           art.meta.size, expected_size)
+            self.engine.delete(key)
+            return None
+        src = art.data[:expected_size].view(chunk.num_blocks, len(kv.layers), kv.page_bytes)
+        return src, art.meta.checksum
+
+    def _partial_intact(self, chunk, src: torch.Tensor, checksum: int) -> bool:
+        """Only part of the chunk is needed (its head is already in vLLM's own cache, or its
+        tail is past what vLLM lets us load): verify the whole payload before writing part."""
+        return (not self.verify) or _same_checksum(ops.checksum64(src), checksum)
+
+    def _load_chunk(self, chunk) -> bool:
+        kv = self.kv
         ids = torch.tensor(chunk.block_ids, dtype=torch.int64)
-        # The scatter verifies the checksum while copying: no separate verification pass.
-        with self.engine.pinned(key, verify=False) as art:
-            if art is None:
+        with ExitStack() as leases:
+            leased = self._lease(chunk, leases)
+            if leased is None:
                 return False
-            if art.meta.size != expected_size:
-                logger.warning("StrataCache: chunk %s holds %d bytes, expected %d", chunk.name,
-                               art.meta.size, expected_size)
-                self.engine.delete(key)
-                return False
-            src = art.data[:expected_size].view(chunk.num_blocks, len(kv.layers), kv.page_bytes)
+            src, checksum = leased
             if chunk.skip_blocks == 0 and len(chunk.block_ids) == chunk.num_blocks:
-                expected = torch.tensor([_signed64(art.meta.checksum)], dtype=torch.int64) \
+                # The scatter verifies the checksum while copying: no separate verification pass.
+                expected = torch.tensor([_signed64(checksum)], dtype=torch.int64) \
                     if self.verify else None
                 ok = ops.scatter_blocks(src, ids, kv.layers, chunk_blocks=chunk.num_blocks,
                                         expected=expected)
                 good = bool(ok[0]) if self.verify else True
             else:
-                # Only part of the chunk is needed (its head is already in vLLM's own
-                # cache, or its tail is past what vLLM lets us load): verify the whole
-                # payload, then write only those blocks.
-                good = (not self.verify) or _same_checksum(ops.checksum64(art.data[:expected_size]),
-                                                           art.meta.checksum)
+                good = self._partial_intact(chunk, src, checksum)
                 if good:
                     ops.scatter_blocks(src[chunk.skip_blocks:chunk.skip_blocks + len(ids)], ids,
                                        kv.layers)
         if not good:
-            logger.warning("StrataCache: chunk %s failed its checksum; deleting it", chunk.name)
-            self.engine.delete(key)
+            self._drop_corrupt(chunk.name)
         return good
+
+    def _drop_corrupt(self, name: str) -> None:
+        logger.warning("StrataCache: chunk %s failed its checksum; deleting it", name)
+        self.engine.delete(self._key(name))
+
+    # ---- layer-wise loads ------------------------------------------------
+    def _start_layerwise(self, loads: list[RequestLoad]) -> Optional[LayerwiseLoad]:
+        """Lease every chunk of the step and start copying them layer by layer."""
+        leases = ExitStack()
+        chunks: list[LayerwiseChunk] = []
+        for load in loads:
+            for index, chunk in enumerate(load.chunks):
+                failed = {b for c in load.chunks[index:] for b in c.block_ids}
+                try:
+                    leased = self._lease(chunk, leases)
+                    partial = chunk.skip_blocks != 0 or len(chunk.block_ids) != chunk.num_blocks
+                    if leased is not None and partial and \
+                            not self._partial_intact(chunk, *leased):
+                        self._drop_corrupt(chunk.name)
+                        leased = None
+                except Exception:  # a tier fault is a miss, never a crash of the step
+                    logger.exception("StrataCache: leasing chunk %s failed", chunk.name)
+                    leased = None
+                if leased is None:
+                    self._chunk_lost(load.req_id, chunk.name, failed, "missing or corrupt")
+                    with self._lock:
+                        self._load_errors.update(failed)
+                    break
+                src, checksum = leased
+                first, n = chunk.skip_blocks, len(chunk.block_ids)
+                chunks.append(LayerwiseChunk(
+                    req_id=load.req_id, name=chunk.name, src=src[first:first + n],
+                    block_ids=torch.tensor(chunk.block_ids, dtype=torch.int64),
+                    checksum=checksum if self.verify and not partial else None,
+                    fail_blocks=failed))
+        if not chunks:
+            leases.close()
+            return None
+        try:
+            step = LayerwiseLoad(self.kv.layers, chunks, leases, on_bad_chunk=self._on_bad_layerwise)
+            step.start()
+        except Exception:  # e.g. no CUDA stream to be had: the step's loads become misses
+            logger.exception("StrataCache: starting layer-wise loads failed")
+            leases.close()
+            failed = set().union(*(c.fail_blocks for c in chunks))
+            self.stats.add(load_errors=1, load_error_blocks=len(failed))
+            with self._lock:
+                self._load_errors.update(failed)
+            return None
+        return step
+
+    def _on_bad_layerwise(self, chunk: LayerwiseChunk) -> None:
+        self._drop_corrupt(chunk.name)
+        self._chunk_lost(chunk.req_id, chunk.name, chunk.fail_blocks, "failed its checksum")
+
+    def wait_layer(self, layer_name: str) -> None:
+        """vLLM's wait_for_layer_load: return once ``layer_name``'s pages may be read."""
+        step = self._layerwise
+        if step is not None:
+            index = self.kv.index_of.get(layer_name)
+            if index is not None:
+                step.wait_layer(index)
+
+    def finish_layerwise(self) -> None:
+        """Complete this step's layer-wise loads (end of the forward): errors, stats, leases."""
+        step, self._layerwise = self._layerwise, None
+        if step is None:
+            return
+        failed, chunks_ok, seconds = step.finish()
+        if step.error is not None:
+            logger.error("StrataCache: layer-wise load failed (%r); vLLM recomputes %d blocks",
+                         step.error, len(failed))
+            self.stats.add(load_errors=1, load_error_blocks=len(failed))
+        moved = sum(c.src.shape[0] for c in step.chunks
+                    if int(c.block_ids[0]) not in failed) * self.kv.block_bytes
+        self.stats.add(load_chunks=chunks_ok, load_bytes=moved, load_seconds=seconds)
+        if failed:
+            with self._lock:
+                self._load_errors.update(failed)
 
     def finished_loads(self) -> set[str]:
         """Async loads that completed since the last call; their errors join load_errors."""
@@ -224,6 +337,7 @@ class WorkerSide:
         return done
 
     def take_load_errors(self) -> set[int]:
+        self.finish_layerwise()
         with self._lock:
             errors, self._load_errors = self._load_errors, set()
         return errors
@@ -320,6 +434,7 @@ class WorkerSide:
         if self._closed:
             return
         self._closed = True
+        self.finish_layerwise()
         for fut in list(self._inflight_loads.values()):
             fut.exception()
         if self._loader is not None:
