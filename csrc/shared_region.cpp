@@ -13,6 +13,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14; older headers lack the name
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
@@ -1067,6 +1071,39 @@ void SharedRegion::clear() {
   memset(buckets(), 0, uint64_t(hdr_->bucket_count) * 8);
   hdr_->tombstones = 0;
   hdr_->alloc_cursor = 0;  // an empty region starts packing from the front again
+}
+
+uint64_t SharedRegion::prefault(uint64_t max_bytes) {
+  std::vector<std::pair<uint64_t, uint64_t>> extents;  // (offset, bytes) in data_
+  uint64_t covered = 0;
+  {
+    REGION_LOCKED;
+    for (uint32_t i = 0; i < hdr_->max_objects && covered < max_bytes; ++i) {
+      const Entry* e = entry(i);
+      if (e->state != kReady || e->size == 0) continue;
+      const uint64_t n = std::min<uint64_t>(e->size, max_bytes - covered);
+      extents.emplace_back(e->unit * hdr_->block_bytes, n);
+      covered += n;
+    }
+  }
+  const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
+  bool use_madvise = true;
+  uint64_t done = 0;
+  for (const auto& [off, n] : extents) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(data_ + off) & ~(page - 1);
+    const uintptr_t end = reinterpret_cast<uintptr_t>(data_ + off + n);
+    if (use_madvise) {
+      if (madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ) == 0) {
+        done += n;
+        continue;
+      }
+      if (errno != EINVAL) break;  // EFAULT/ENOMEM: stop; this is only a hint
+      use_madvise = false;         // kernel older than 5.14
+    }
+    for (uintptr_t p = begin; p < end; p += page) (void)*reinterpret_cast<volatile const uint8_t*>(p);
+    done += n;
+  }
+  return done;
 }
 
 std::vector<ObjectInfo> SharedRegion::snapshot() const {

@@ -133,6 +133,13 @@ class SharedRegion {
   std::vector<std::string> keys();
   void clear();
 
+  // Maps the pages of committed objects (oldest slots first) into this
+  // process, up to max_bytes of payload, so that first reads of them take no
+  // page faults; returns the payload bytes populated. Extents are collected
+  // under the lock and populated without it (madvise(MADV_POPULATE_READ),
+  // or one read per page where the kernel lacks it); an object freed
+  // meanwhile only costs a wasted populate, never a wrong read.
+  uint64_t prefault(uint64_t max_bytes);
   // Lock-free snapshot of committed objects; works on read-only attaches.
   std::vector<ObjectInfo> snapshot() const;
   RegionStats stats() const;

@@ -193,6 +193,10 @@ void bind_shared_region(py::module_& m) {
       .def("clear", &SharedRegion::clear, py::call_guard<py::gil_scoped_release>())
       .def("reclaim", &SharedRegion::reclaim, py::call_guard<py::gil_scoped_release>())
       .def("check", &SharedRegion::check, py::call_guard<py::gil_scoped_release>())
+      .def("prefault", &SharedRegion::prefault, py::arg("max_bytes"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Maps committed objects' pages into this process (up to max_bytes of payload) so "
+           "first reads take no page faults; returns the bytes populated.")
       .def("snapshot",
            [](SharedRegion& r) {
              std::vector<ObjectInfo> objs;

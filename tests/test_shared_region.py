@@ -365,7 +365,84 @@ def test_from_config_uses_the_tier_section(region_path):
     layer = SharedRegionLayer.from_config(cfg.tiers.shared, cfg)
     assert layer.capacity_bytes == 8 * MiB and os.stat(region_path).st_mode & 0o777 == 0o640
     assert layer.stats()["region"]["max_objects"] == 128
+
+    assert layer.prefault_bytes == cfg.tiers.shared.prefault > 0   # on by default
     layer.close()
+
+
+def _minor_faults() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _wait_prefault(layer, timeout: float = 60.0) -> dict:
+    import time
+    deadline = time.monotonic() + timeout
+    while not layer.stats().get("prefault", {}).get("done"):
+        assert time.monotonic() < deadline, "prefault did not finish"
+        time.sleep(0.01)
+    return layer.stats()["prefault"]
+
+
+def test_prefault_maps_stored_objects_so_first_reads_take_no_page_faults(region_path):
+    writer = SharedRegionLayer(region_path, 96 * MiB, 64)
+    gen = torch.Generator().manual_seed(7)
+    stored = {}
+    for i in range(8):
+        t = torch.randint(0, 255, (8 * MiB + 4096 * i + 123,), generator=gen, dtype=torch.uint8)
+        assert put_tensor(writer, key(f"p{i}"), t)
+        stored[key(f"p{i}")] = t
+    total = writer.used_bytes()
+    out = torch.empty(9 * MiB, dtype=torch.uint8)
+    out.fill_(0xAB)   # the destination's own pages are faulted in before any count
+
+    def read_all(layer) -> int:
+        before = _minor_faults()
+        for k, t in stored.items():
+            art = layer.get(k, out=out)
+            assert art is not None and torch.equal(art.data.view(torch.uint8).reshape(-1), t)
+        return _minor_faults() - before
+
+    # Each new attach is a new mapping of the region, with no pages mapped yet.
+    def attach(**kw):
+        return SharedRegionLayer(region_path, 96 * MiB, 64, **kw)
+
+    cold = attach()
+    cold_faults = read_all(cold)
+    warm = attach(prefault_bytes=1 << 40)
+    warm.start_prefault()
+    state = _wait_prefault(warm)
+    assert state["bytes"] == total and state["seconds"] >= 0
+    warm_faults = read_all(warm)
+    assert cold_faults >= 256, cold_faults   # 16384 pages; 1040 faults here with 64 KiB fault-around
+    assert warm_faults * 20 < cold_faults, (warm_faults, cold_faults)
+
+    capped = attach(prefault_bytes=5 * MiB)
+    capped.start_prefault()
+    capped.start_prefault()   # a second call starts nothing new
+    assert _wait_prefault(capped)["bytes"] == 5 * MiB
+    off = attach()
+    off.start_prefault()
+    assert "prefault" not in off.stats()
+    with pytest.raises(ValueError, match="prefault_bytes"):
+        attach(prefault_bytes=-1)
+    for layer in (writer, cold, warm, capped, off):
+        layer.close()
+
+
+def test_engine_start_prefault_reaches_the_shared_tier(region_path):
+    from stratacache.engine import StorageEngine
+    engine = StorageEngine.from_config(overrides={"tiers": {
+        "cpu": {"enabled": True, "capacity": "16MiB"},
+        "shared": {"enabled": True, "path": region_path, "capacity": "16MiB", "max_objects": 64,
+                   "prefault": "1MiB"}}})
+    payload = torch.randint(0, 255, (3 * MiB,), dtype=torch.uint8)
+    assert engine.store(key("e"), payload)
+    engine.start_prefault()
+    shared = next(t for t in engine.tiers if t.name == "shared")
+    assert _wait_prefault(shared)["bytes"] == MiB
+    assert engine.stats()["tiers"]["shared"]["prefault"]["bytes"] == MiB
+    engine.close()
 
 
 @pytest.mark.gpu

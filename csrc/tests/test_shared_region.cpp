@@ -217,9 +217,24 @@ static void test_threads() {
       }
     });
   }
+  // A prefaulter runs beside the writers (as a worker's background thread
+  // does beside its loads and saves): it must neither corrupt nor block them.
+  std::atomic<bool> writers_done{false};
+  std::atomic<long> prefault_rounds{0};
+  std::thread prefaulter([&] {
+    while (!writers_done) {
+      r.prefault(UINT64_MAX);
+      ++prefault_rounds;
+    }
+  });
   for (auto& t : ts) t.join();
-  CHECK(mismatches == 0 && hits > 100);
+  writers_done = true;
+  prefaulter.join();
+  CHECK(mismatches == 0 && hits > 100 && prefault_rounds > 0);
   expect_consistent(r);
+  const RegionStats s = r.stats();
+  CHECK(r.prefault(UINT64_MAX) == s.used_bytes);
+  if (s.used_bytes >= 1000) CHECK(r.prefault(1000) == 1000);
   unlink(path.c_str());
 }
 

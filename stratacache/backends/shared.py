@@ -46,9 +46,11 @@ class SharedRegionLayer(BatchDefaults):
     def __init__(self, path: str = DEFAULT_PATH, capacity: int = 4 << 30, max_objects: int = 65536, *,
                  numa_node: Optional[int] = None, file_mode: int = 0o600, reset: bool = False,
                  lease_s: float = 30.0, max_key_bytes: int = 512, block_bytes: int = 4096,
-                 verify_checksums: bool = False, register_cuda="auto"):
+                 verify_checksums: bool = False, register_cuda="auto", prefault_bytes: int = 0):
         if lease_s <= 0:
             raise ValueError(f"lease_s must be positive, got {lease_s}")
+        if prefault_bytes < 0:
+            raise ValueError(f"prefault_bytes must be >= 0, got {prefault_bytes}")
         self.path = os.path.expanduser(str(path))
         self._region = _C.SharedRegion(
             path=self.path, capacity=int(capacity), max_objects=int(max_objects),
@@ -66,12 +68,36 @@ class SharedRegionLayer(BatchDefaults):
         self._pins: dict[ArtifactKey, list[tuple[int, int]]] = {}
         self._pins_lock = threading.Lock()
         self._cuda_registered = _register_cuda(self._data) if _want_cuda(register_cuda) else False
+        self.prefault_bytes = int(prefault_bytes)
+        self._prefault: Optional[dict] = None
 
     @classmethod
     def from_config(cls, tier_cfg, cfg) -> "SharedRegionLayer":
         return cls(tier_cfg.path, tier_cfg.capacity, tier_cfg.max_objects,
                    numa_node=tier_cfg.numa_node, file_mode=tier_cfg.file_mode,
-                   reset=tier_cfg.reset, lease_s=cfg.lease_s)
+                   reset=tier_cfg.reset, lease_s=cfg.lease_s, prefault_bytes=tier_cfg.prefault)
+
+    def start_prefault(self) -> None:
+        """Map up to ``prefault_bytes`` of stored objects into this process on a
+        background thread. A process that has just attached would otherwise pay a
+        page fault per 4 KiB page on its first read of each object, on the hit
+        path (about a third of a 256 MiB load, measured). No-op when disabled or
+        already started."""
+        if self.prefault_bytes <= 0 or self._prefault is not None:
+            return
+        state = self._prefault = {"bytes": 0, "seconds": 0.0, "done": False}
+        region = self._region
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                state["bytes"] = region.prefault(self.prefault_bytes)
+            except Exception:  # noqa: BLE001 - a hint only; reads fault the pages in anyway
+                log.exception("stratacache shared tier: prefault of %s failed", self.path)
+            state["seconds"] = time.perf_counter() - t0
+            state["done"] = True
+
+        threading.Thread(target=run, name="stratacache-prefault", daemon=True).start()
 
     # -- writes ------------------------------------------------------------------------
 
@@ -224,6 +250,8 @@ class SharedRegionLayer(BatchDefaults):
                    used_bytes=region["used_bytes"], items=region["items"],
                    cuda_registered=self._cuda_registered,
                    region={k: v for k, v in region.items()})
+        if self._prefault is not None:
+            out["prefault"] = dict(self._prefault)
         # Evictions happen inside the region, possibly triggered by another process.
         out["evictions"] = region["evictions"]
         return out

@@ -209,6 +209,9 @@ SCHEMA: dict = {
                              nullable=True, minimum=0),
             "file_mode": Key("file_mode", "permissions of the region file: \"0600\", or \"0660\" to share with a group"),
             "reset": Key("bool", "wipe the region at start-up instead of reusing its contents"),
+            "prefault": Key("size", "bytes of stored objects whose pages a vLLM worker maps in the background "
+                            "when it attaches, so its first hits take no page faults; 0 disables",
+                            minimum=0),
             "write_policy": _WRITE_POLICY,
             "promote": _PROMOTE,
             "demote_on_evict": _DEMOTE,

@@ -296,6 +296,15 @@ class StorageEngine:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def start_prefault(self) -> None:
+        """Start mapping persisted objects into this process on the tiers that
+        support it (the shared region), in the background; see the tier's
+        ``start_prefault``."""
+        for t in self.chain.tiers:
+            start = getattr(t, "start_prefault", None)
+            if start is not None:
+                start()
+
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until every write_back link has written its dirty objects down."""
         return self.chain.flush(timeout)

@@ -146,6 +146,9 @@ class WorkerSide:
         logger.info("StrataCache: registered %d KV layers, %d blocks of %d bytes per layer page, "
                     "namespace %s", len(self.kv.layers), self.kv.num_blocks, self.kv.page_bytes,
                     self.namespace)
+        # Hits read persisted chunks out of the shared region; map their pages now,
+        # off the hit path, while vLLM finishes starting up.
+        self.engine.start_prefault()
 
     def _key(self, name: str):
         return artifact_key(self.namespace, name)
