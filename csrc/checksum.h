@@ -56,6 +56,12 @@ STRATA_HD uint64_t word_term(uint64_t w, uint64_t i) { return mix64(w ^ ((i + 1)
 // Final value of a stream of `nbytes` bytes whose word terms sum to `sum`.
 STRATA_HD uint64_t finalize(uint64_t sum, uint64_t nbytes) { return mix64(sum ^ mix64(nbytes + kLength)); }
 
+// Number of chunk_bytes-long chunks (the last one shorter) covering nbytes;
+// written so that no chunk_bytes up to INT64_MAX overflows.
+STRATA_HD int64_t chunk_count(int64_t nbytes, int64_t chunk_bytes) {
+  return nbytes <= 0 ? 0 : (nbytes - 1) / chunk_bytes + 1;
+}
+
 // Zero-padded little-endian load of the last `nbytes` (< 8) bytes.
 inline uint64_t load_tail(const uint8_t* p, size_t nbytes) {
   uint64_t w = 0;

@@ -81,8 +81,9 @@ BlockPlan plan_blocks(at::TensorList layers, const at::Tensor& block_ids, const 
   BlockPlan p;
   p.n_layers = static_cast<int64_t>(layers.size());
   p.n_blocks = block_ids.size(0);
-  p.chunk_blocks = chunk_blocks;
-  p.n_chunks = chunk_blocks ? (p.n_blocks + chunk_blocks - 1) / chunk_blocks : 0;
+  // A chunk longer than the transfer is the whole transfer (and keeps chunk byte sizes in range).
+  p.chunk_blocks = chunk_blocks ? std::min<int64_t>(chunk_blocks, std::max<int64_t>(p.n_blocks, 1)) : 0;
+  p.n_chunks = chunk_blocks ? checksum::chunk_count(p.n_blocks, p.chunk_blocks) : 0;
   p.num_blocks = INT64_MAX;
   const auto& first = layers[0];
   for (size_t l = 0; l < layers.size(); ++l) {
@@ -192,7 +193,7 @@ at::Tensor chunk_checksums_cpu(const at::Tensor& data, int64_t chunk_bytes) {
   check_contiguous_bytes(data, "data");
   TORCH_CHECK_VALUE(chunk_bytes > 0, "chunk_checksums: chunk_bytes must be positive, got ", chunk_bytes);
   int64_t nbytes = static_cast<int64_t>(data.nbytes());
-  int64_t nchunks = (nbytes + chunk_bytes - 1) / chunk_bytes;
+  int64_t nchunks = checksum::chunk_count(nbytes, chunk_bytes);
   auto out = at::empty({nchunks}, data.options().dtype(at::kLong));
   auto* res = out.data_ptr<int64_t>();
   const uint8_t* p = byte_ptr(data);

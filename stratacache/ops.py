@@ -135,13 +135,26 @@ def _n_chunks(n: int, chunk_blocks: int) -> int:
     return (n + chunk_blocks - 1) // chunk_blocks if chunk_blocks > 0 else 0
 
 
+def _no_meta_with_memory(op: str, **tensors: torch.Tensor) -> None:
+    """A call mixing meta tensors with real ones lands in the fake kernel (Meta wins the
+    dispatch) and would silently move nothing: refuse it, naming the meta arguments."""
+    meta = [name for name, t in tensors.items() if t.device.type == "meta"]
+    if meta and len(meta) < len(tensors):
+        real = [name for name in tensors if name not in meta]
+        raise ValueError(f"stratacache.ops.{op}: {', '.join(meta)} on the meta device but "
+                         f"{', '.join(real)} in real memory; a meta tensor holds no bytes to copy")
+
+
 @torch.library.register_fake("stratacache::gather_blocks")
 def _gather_blocks_fake(layers, block_ids, out, chunk_blocks=0, transfer="auto"):
+    _no_meta_with_memory("gather_blocks", layers=layers[0], block_ids=block_ids, out=out)
     return layers[0].new_empty((_n_chunks(block_ids.shape[0], chunk_blocks),), dtype=torch.int64)
 
 
 @torch.library.register_fake("stratacache::scatter_blocks")
 def _scatter_blocks_fake(src, block_ids, layers, chunk_blocks=0, expected=None, transfer="auto"):
+    _no_meta_with_memory("scatter_blocks", src=src, block_ids=block_ids, layers=layers[0],
+                         **({"expected": expected} if expected is not None else {}))
     n = _n_chunks(block_ids.shape[0], chunk_blocks) if expected is not None else 0
     return layers[0].new_empty((n,), dtype=torch.bool)
 

@@ -1,4 +1,5 @@
-"""LayerwiseLoad on its own (no vLLM): per-layer readiness, verification after the copy, faults.
+"""LayerwiseLoad on its own (no vLLM): per-layer readiness, chunks opened (leased and verified)
+before any copy, faults, and how the compute stream is ordered after the side stream.
 
 The CPU cases run everywhere; the CUDA cases (side stream + one event per layer,
 host payloads read through UVA or staged) run on GPU machines.
@@ -11,8 +12,8 @@ from contextlib import ExitStack
 import pytest
 import torch
 
-from stratacache import ops
-from stratacache.adapters.vllm.layerwise import LayerwiseChunk, LayerwiseLoad
+from stratacache.adapters.vllm import layerwise
+from stratacache.adapters.vllm.layerwise import LayerwiseLoad, OpenChunk
 
 from .test_ops import POISON, stable_seed
 
@@ -24,67 +25,74 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
 def _setup(device: str, pinned: bool, seed: int):
     gen = torch.Generator().manual_seed(seed)
     layers = [torch.full((NB, PAGE), POISON, dtype=torch.uint8, device=device) for _ in range(L)]
-    chunks, payloads = [], []
+    chunks = []
     ids = torch.randperm(NB, generator=gen)
     for c, (n, skip) in enumerate([(4, 0), (4, 0), (4, 1), (3, 0)]):
         payload = torch.randint(0, 256, (n, L, PAGE), dtype=torch.uint8, generator=gen)
         if pinned:
             payload = payload.pin_memory()
         block_ids = ids[4 * c:4 * c + n - skip].clone()
-        checksum = None if skip else ops.checksum64(payload)
-        chunks.append(LayerwiseChunk(req_id=f"r{c // 2}", name=f"c{c}", src=payload[skip:],
-                                     block_ids=block_ids, checksum=checksum,
-                                     fail_blocks=set(block_ids.tolist())))
-        payloads.append(payload[skip:])
-    return layers, chunks, payloads
+        chunks.append(OpenChunk(req_id=f"r{c // 2}", name=f"c{c}", src=payload[skip:],
+                                block_ids=block_ids))
+    return layers, chunks
 
 
-def _layer_ok(layer: torch.Tensor, chunk: LayerwiseChunk, payload: torch.Tensor, l: int) -> bool:
+def _opener(chunks, failed=frozenset(), released=None):
+    """open_chunks for LayerwiseLoad: hands out `chunks`, reports `failed`, and records when
+    the leases close."""
+    def open_chunks(leases: ExitStack):
+        if released is not None:
+            leases.callback(lambda: released.append(True))
+        return list(chunks), set(failed)
+    return open_chunks
+
+
+def _every_block(chunks) -> set[int]:
+    return set().union(*(set(c.block_ids.tolist()) for c in chunks))
+
+
+def _layer_ok(layer: torch.Tensor, chunk: OpenChunk, l: int) -> bool:
     got = layer[chunk.block_ids.to(layer.device)]          # read on the current stream
-    return torch.equal(got.cpu(), payload[:, l].cpu())
+    return torch.equal(got.cpu(), chunk.src[:, l].cpu())
 
 
 @pytest.mark.parametrize("device,pinned", [("cpu", False), pytest.param(*CUDA.values, True, marks=CUDA.marks),
                                            pytest.param(*CUDA.values, False, marks=CUDA.marks)])
-def test_each_layer_is_readable_once_waited_and_the_step_verifies(device, pinned):
-    layers, chunks, payloads = _setup(device, pinned, stable_seed(("lw", device, pinned)))
-    bad: list[str] = []
-    leases = ExitStack()
-    released = []
-    leases.callback(lambda: released.append(True))
-    step = LayerwiseLoad(layers, chunks, leases, on_bad_chunk=lambda c: bad.append(c.name))
+def test_each_layer_is_readable_once_waited(device, pinned):
+    layers, chunks = _setup(device, pinned, stable_seed(("lw", device, pinned)))
+    released: list[bool] = []
+    step = LayerwiseLoad(layers, _opener(chunks, released=released), _every_block(chunks))
     step.start()
     for l in range(L):
         step.wait_layer(l)
-        assert all(_layer_ok(layers[l], c, p, l) for c, p in zip(chunks, payloads)), l
-    failed, ok, seconds = step.finish()
-    assert failed == set() and ok == 4 and seconds > 0 and bad == [] and released == [True]
-    written = set().union(*(set(c.block_ids.tolist()) for c in chunks))
+        assert all(_layer_ok(layers[l], c, l) for c in chunks), l
+    failed, loaded, seconds = step.finish()
+    assert failed == set() and loaded == chunks and seconds > 0 and released == [True]
+    written = _every_block(chunks)
     for layer in layers:                                     # nothing else was written
         rest = [b for b in range(NB) if b not in written]
         assert bool((layer[rest] == POISON).all())
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_a_chunk_whose_landed_bytes_mismatch_is_reported_after_the_copy(device):
-    layers, chunks, _ = _setup(device, device == "cuda", 3)
-    chunks[1].checksum ^= 1                                  # as if the stored bytes were corrupt
-    chunks[1].fail_blocks |= chunks[2].fail_blocks           # ... and the request's later chunks
-    bad: list[str] = []
-    step = LayerwiseLoad(layers, chunks, ExitStack(), on_bad_chunk=lambda c: bad.append(c.name))
+def test_chunks_that_fail_to_open_are_reported_and_never_written(device):
+    layers, chunks = _setup(device, device == "cuda", 3)
+    bad = chunks[1]
+    failed_blocks = set(bad.block_ids.tolist())
+    step = LayerwiseLoad(layers, _opener([c for c in chunks if c is not bad], failed_blocks),
+                         _every_block(chunks))
     step.start()
-    failed, ok, _ = step.finish()                            # finish without any wait_layer
-    assert bad == ["c1"]
-    assert failed == chunks[1].fail_blocks
-    assert ok == 2                                           # c0 and c3 (c2's blocks are in c1's fail set)
+    failed, loaded, _ = step.finish()                        # finish without any wait_layer
+    assert failed == failed_blocks
+    assert [c.name for c in loaded] == ["c0", "c2", "c3"]
     assert step.error is None
+    for layer in layers:
+        assert bool((layer[bad.block_ids.to(layer.device)] == POISON).all())
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_a_copy_fault_releases_every_waiter_and_fails_the_step(device, monkeypatch):
-    from stratacache.adapters.vllm import layerwise
-
-    layers, chunks, _ = _setup(device, False, 4)
+    layers, chunks = _setup(device, False, 4)
     real, calls = layerwise.ops.scatter_blocks, []
 
     def flaky(*args, **kwargs):
@@ -93,10 +101,59 @@ def test_a_copy_fault_releases_every_waiter_and_fails_the_step(device, monkeypat
             raise RuntimeError("injected")
         return real(*args, **kwargs)
     monkeypatch.setattr(layerwise.ops, "scatter_blocks", flaky)
-    step = LayerwiseLoad(layers, chunks, ExitStack(), on_bad_chunk=lambda c: None)
+    released: list[bool] = []
+    step = LayerwiseLoad(layers, _opener(chunks, released=released), _every_block(chunks))
     step.start()
     for l in range(L):
         step.wait_layer(l)                                   # never hangs
-    failed, ok, _ = step.finish()
-    assert isinstance(step.error, RuntimeError) and ok == 0
-    assert failed == set().union(*(c.fail_blocks for c in chunks))
+    failed, loaded, _ = step.finish()
+    assert isinstance(step.error, RuntimeError) and loaded == []
+    assert failed == _every_block(chunks) and released == [True]
+
+
+def test_a_failing_open_fails_the_whole_step_and_never_hangs():
+    layers, chunks = _setup("cpu", False, 5)
+
+    def broken(leases):
+        raise OSError("tier gone")
+    step = LayerwiseLoad(layers, broken, _every_block(chunks))
+    step.start()
+    for l in range(L):
+        step.wait_layer(l)
+    failed, loaded, _ = step.finish()
+    assert isinstance(step.error, OSError) and loaded == [] and failed == _every_block(chunks)
+    assert all(bool((layer == POISON).all()) for layer in layers)
+
+
+class _Stream:
+    """Stands in for a CUDA stream: records what the compute stream was told to wait for."""
+
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name = log, name
+
+    def wait_event(self, event) -> None:
+        self.log.append((self.name, "wait_event", event))
+
+    def wait_stream(self, stream) -> None:
+        self.log.append((self.name, "wait_stream", stream.name))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_cuda_compute_stream_always_waits_for_the_side_stream(monkeypatch, fail):
+    """On CUDA a copy error must not let the forward skip ordering itself after copies already
+    queued: wait_layer then makes the compute stream wait for the whole side stream (the
+    per-layer events after the error were never recorded). Stub streams stand in for CUDA."""
+    layers, chunks = _setup("cpu", False, 6)
+    log: list = []
+    compute = _Stream(log, "compute")
+    step = LayerwiseLoad(layers, _opener(chunks), _every_block(chunks))
+    step._cuda, step._stream = True, _Stream(log, "side")
+    step._events = [f"event{l}" for l in range(L)]
+    monkeypatch.setattr(layerwise.torch.cuda, "current_stream", lambda device=None: compute)
+    if fail:
+        step._error = RuntimeError("copy of layer 1 failed")
+    for done in step._copied:
+        done.set()
+    step.wait_layer(3)
+    expected = ("compute", "wait_stream", "side") if fail else ("compute", "wait_event", "event3")
+    assert log == [expected]

@@ -9,7 +9,9 @@ shares another's tensor (deduplicated by data_ptr).
 from __future__ import annotations
 
 import os
+import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -140,12 +142,14 @@ def test_head_of_a_stored_chunk_writes_only_those_blocks(engine_factory, skip, t
     assert (dst_buf[untouched] == POISON).all()
 
 
-@pytest.mark.parametrize("mode", ["sync", "layerwise"])
+@pytest.mark.parametrize("mode", ["sync", "layerwise", "async"])
 @pytest.mark.parametrize("fault", ["missing", "corrupt", "wrong_size"])
 def test_faulty_chunk_reports_it_and_every_later_block(engine_factory, fault, mode):
-    """Layer-wise loads find a corrupt full chunk only after copying it (by gathering it back):
-    they report exactly what a sync load reports."""
+    """Every load mode verifies a chunk on its source, before any byte reaches paged memory
+    (vLLM may already share those blocks with another request): the faulty chunk's pages and
+    the later ones keep what they held, and exactly those blocks are reported."""
     src_buf, dst_buf, engine, saver, loader = saver_and_loader(engine_factory, 5, 6, mode)
+    dst_buf[:] = POISON
     saver.save([ChunkSave(f"c{i}", list(range(4 * i, 4 * i + 4))) for i in range(3)])
     saver.drain_saves()
     key = artifact_key(NS, "c1")
@@ -159,9 +163,13 @@ def test_faulty_chunk_reports_it_and_every_later_block(engine_factory, fault, mo
         garbage = torch.randint(0, 256, (n,), dtype=torch.uint8)
         assert engine.store(key, garbage, checksum=checksum if fault == "corrupt" else None)
     dst_ids = [[12, 13, 14, 15], [16, 17, 18, 19], [20, 21, 22, 23]]
-    load = RequestLoad("r", [ChunkLoad(f"c{i}", 4, 0, d) for i, d in enumerate(dst_ids)], False, BS)
+    load = RequestLoad("r", [ChunkLoad(f"c{i}", 4, 0, d) for i, d in enumerate(dst_ids)],
+                       mode == "async", BS)
     loader.start_loads(StrataCacheConnectorMetadata(loads=[load]))
+    if mode == "async":
+        _wait_finished(loader, {"r"})
     assert loader.take_load_errors() == set(dst_ids[1] + dst_ids[2])
+    assert (dst_buf[dst_ids[1] + dst_ids[2]] == POISON).all()   # no byte of it was written
     assert loader.take_load_errors() == set()                   # reported once
     for s, t in zip(range(4), dst_ids[0]):                      # chunk 0 still loaded
         assert torch.equal(dst_buf[t].view(torch.int16), src_buf[s].view(torch.int16))
@@ -171,6 +179,15 @@ def test_faulty_chunk_reports_it_and_every_later_block(engine_factory, fault, mo
     assert not engine.contains(key)                             # a bad chunk is removed
     meta = loader.worker_meta()
     assert meta.lost == ["c1"]
+
+
+def _wait_finished(loader, req_ids: set) -> None:
+    done: set = set()
+    deadline = time.time() + 30
+    while done != req_ids and time.time() < deadline:
+        done |= loader.finished_loads()
+        time.sleep(0.01)
+    assert done == req_ids
 
 
 def test_async_loads_finish_through_finished_loads(engine_factory):
@@ -271,3 +288,141 @@ def test_shutdown_drains_pending_stores(engine_factory):
     assert worker.stats.totals()["save_chunks"] == NUM_BLOCKS
     meta = worker.worker_meta()
     assert sorted(meta.stored) == sorted(f"s{i}" for i in range(NUM_BLOCKS))
+
+
+class _HeldLeases:
+    """Wraps engine.pinned to count the leases currently held."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.held, self.released = engine, 0, 0
+        self._pinned = engine.pinned
+
+    @contextmanager
+    def pinned(self, key, **kwargs):
+        with self._pinned(key, **kwargs) as art:
+            self.held += art is not None
+            try:
+                yield art
+            finally:
+                if art is not None:
+                    self.held -= 1
+                    self.released += 1
+
+
+class _DelayedFence:
+    """A device whose copies complete only when the test says so."""
+
+    def __init__(self) -> None:
+        self.recorded = threading.Event()
+        self.complete = threading.Event()
+        self.waited_with_leases: list[int] = []
+
+    def record(self):
+        self.recorded.set()
+        return "mark"
+
+    def wait(self, mark) -> None:
+        assert mark == "mark"
+        assert self.complete.wait(30), "the test never completed the transfer"
+
+
+def _delayed_loader(engine_factory, mode):
+    src_buf, dst_buf, engine, saver, loader = saver_and_loader(engine_factory, 21, 22, mode)
+    saver.save([ChunkSave("a", [0, 1, 2, 3]), ChunkSave("p", [4, 5])])
+    saver.drain_saves()
+    leases = _HeldLeases(engine)
+    loader.engine.pinned = leases.pinned     # the loader's engine object is the shared one
+    fence = _DelayedFence()
+    loader._loads.fence = fence
+    return src_buf, dst_buf, loader, leases, fence
+
+
+def test_async_load_keeps_its_leases_and_is_unfinished_until_the_device_completes(engine_factory):
+    """Item 1: with the transfer's completion delayed on purpose, no lease is released and the
+    request is not reported finished; both happen only once the copy completed. A full chunk
+    and a partial one (never synchronised before) are both covered."""
+    src_buf, dst_buf, loader, leases, fence = _delayed_loader(engine_factory, "async")
+    load = RequestLoad("r", [ChunkLoad("a", 4, 0, [8, 9, 10, 11]), ChunkLoad("p", 2, 1, [12])],
+                       True, BS)
+    loader.start_loads(StrataCacheConnectorMetadata(loads=[load]))
+    assert fence.recorded.wait(30)
+    for _ in range(20):                      # however often vLLM polls meanwhile
+        assert loader.finished_loads() == set()
+        assert leases.held == 2 and leases.released == 0
+        time.sleep(0.005)
+    fence.complete.set()
+    _wait_finished(loader, {"r"})
+    assert leases.held == 0 and leases.released == 2
+    assert loader.take_load_errors() == set()
+    assert torch.equal(dst_buf[12].view(torch.int16), src_buf[5].view(torch.int16))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_sync_load_releases_its_leases_only_after_the_device_completes(engine_factory, verify):
+    """Item 1 for sync loads, with and without checksum verification: start_loads does not
+    return, and so no lease is released, before the delayed transfer completes."""
+    src_buf, dst_buf, loader, leases, fence = _delayed_loader(engine_factory, "sync")
+    loader._loads.verify = verify
+    load = RequestLoad("r", [ChunkLoad("a", 4, 0, [8, 9, 10, 11]), ChunkLoad("p", 2, 0, [12, 13])],
+                       False, BS)
+    runner = threading.Thread(target=loader.start_loads,
+                              args=(StrataCacheConnectorMetadata(loads=[load]),))
+    runner.start()
+    assert fence.recorded.wait(30)
+    time.sleep(0.05)
+    assert runner.is_alive() and leases.held == 2 and leases.released == 0
+    fence.complete.set()
+    runner.join(30)
+    assert not runner.is_alive() and leases.held == 0 and leases.released == 2
+    assert loader.take_load_errors() == set()
+
+
+def test_a_step_with_failed_loads_saves_nothing(engine_factory):
+    """Pages computed in a step whose loads failed may rest on the failed blocks (this request's
+    or another's sharing them in vLLM's prefix cache): that step's saves are dropped, and
+    the next step saves again."""
+    src_buf, dst_buf, engine, saver, loader = saver_and_loader(engine_factory, 23, 24)
+    load = RequestLoad("r", [ChunkLoad("gone", 4, 0, [8, 9, 10, 11])], False, BS)
+    loader.start_loads(StrataCacheConnectorMetadata(loads=[load]))
+    loader.end_step([ChunkSave("later", [12, 13, 14, 15])])
+    loader.drain_saves()
+    assert not engine.contains(artifact_key(NS, "later"))
+    assert loader.stats.totals()["save_dropped"] == 1
+    assert loader.take_load_errors() == {8, 9, 10, 11}
+    loader.end_step([ChunkSave("later", [12, 13, 14, 15])])   # the next, clean step saves
+    loader.drain_saves()
+    assert engine.contains(artifact_key(NS, "later"))
+
+
+def test_a_failing_gather_is_counted_and_never_raises(engine_factory, monkeypatch):
+    from stratacache.adapters.vllm import worker as worker_module
+
+    _, layers = paged_kv(25)
+    engine = engine_factory()
+    worker = make_worker(engine)
+    worker.register(layers)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected gather fault")
+    monkeypatch.setattr(worker_module.ops, "gather_blocks", broken)
+    worker.end_step([ChunkSave("x", [0, 1, 2, 3]), ChunkSave("y", [4, 5, 6, 7])])
+    worker.drain_saves()
+    assert worker.stats.totals()["save_dropped"] == 2
+    monkeypatch.undo()
+    worker.end_step([ChunkSave("x", [0, 1, 2, 3])])           # the pooled buffer came back
+    worker.drain_saves()
+    assert engine.contains(artifact_key(NS, "x"))
+
+
+def test_save_buffers_are_page_locked_when_the_kv_cache_is_on_cuda(engine_factory):
+    """Item 2: on a GPU the pool hands out pinned buffers (the gather then writes them through
+    UVA in one launch, no device staging buffer); on the CPU, pageable ones."""
+    _, layers = paged_kv(26)
+    worker = make_worker(engine_factory())
+    worker.register(layers)
+    assert worker._saver._pool.pinned is False
+
+    class _CudaKV:
+        device = torch.device("cuda", 0)
+    worker._saver.bind(_CudaKV(), worker._loads.fence)
+    assert worker._saver._pool.pinned is True

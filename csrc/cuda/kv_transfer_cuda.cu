@@ -1,18 +1,25 @@
 // CUDA kernels of the stratacache ops.
 //
-// One kernel launch moves every (block, layer) page: one warp per page, each
-// lane moving 16-byte vectors (8- or 1-byte when an address or the page size
-// is not 16-aligned), four vectors in flight per lane. The host side of a
-// transfer is either
+// One kernel launch moves every (block, layer) page. Each page is cut into
+// segments of at most kSegmentBytes (32 KiB) and one warp moves one segment,
+// so a call with a few large pages (a layer-wise load of one chunk) still
+// spreads over every SM. Each lane moves 16-byte vectors (8- or 1-byte when
+// an address or the page size is not 16-aligned), four vectors in flight per
+// lane. The host side of a transfer is either
 //   * "uva": pinned / cudaHostRegister'ed host memory addressed directly by the
-//     kernel through unified virtual addressing (zero copy), or
+//     kernel through unified virtual addressing (zero copy); chosen only when
+//     the first and the last byte of the range map to one contiguous device
+//     range (an allocation may straddle a registered and an unregistered piece),
 //   * "staging": a device staging buffer filled or drained by the kernel plus
 //     one cudaMemcpyAsync DMA of the whole flat buffer.
 // "auto" uses uva for page-locked host memory and staging otherwise. Everything
 // runs asynchronously on the caller's current stream; the returned checksum /
-// verification tensors live on the device. Checksums are the CPU's checksum64
-// (csrc/checksum.h): each warp sums its page's word terms and adds them to its
-// chunk's accumulator with one 64-bit atomicAdd (a sum is order-independent).
+// verification tensors live on the device. A host buffer from torch's caching
+// host allocator is recorded for that stream (as copy_ does), so dropping it
+// right after the call cannot recycle it mid-copy. Checksums are the CPU's
+// checksum64 (csrc/checksum.h): each warp sums its segment's word terms and
+// adds them to its chunk's accumulator with one 64-bit atomicAdd (a sum is
+// order-independent, and a segment starts on a word boundary).
 #include <ATen/ATen.h>
 // Only c10/cuda headers (not ATen/cuda/CUDAContext.h, which pulls in the
 // cuBLAS/cuSPARSE/cuSOLVER headers): the compile check then needs nothing
@@ -20,6 +27,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/core/CachingHostAllocator.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -38,6 +46,9 @@ using checksum::word_term;
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;  // 8 warps per CTA
 constexpr int kUnroll = 4;
+// Bytes one warp moves per work item (a multiple of 16, so every segment of a
+// 16-aligned page stays 16-aligned and starts on a checksum word).
+constexpr int64_t kSegmentBytes = int64_t{1} << 15;
 
 // ----------------------------------------------------------------------------- vector helpers
 
@@ -98,24 +109,33 @@ __device__ __forceinline__ uint64_t warp_copy(uint8_t* __restrict__ dst, const u
 
 // ----------------------------------------------------------------------------- block kernels
 
+// Segments of a page of `page_bytes`: at least one, so an empty page is one empty item.
+__host__ __device__ inline int64_t segments_per_page(int64_t page_bytes) {
+  return page_bytes > kSegmentBytes ? (page_bytes + kSegmentBytes - 1) / kSegmentBytes : 1;
+}
+
 // table: [L layer base addresses][L block strides][n block ids] (int64).
 // Block i's pages lie at flat + i * R (R == L * P unless flat is a layer slice; no sums then).
+// Work item = (block i, layer l, segment s) of segments_per_page(P) segments per page.
 template <typename V, bool kSums, bool kGather>
 __global__ void block_copy_kernel(const int64_t* __restrict__ table, int64_t L, int64_t n, int64_t P,
                                   uint8_t* __restrict__ flat, int64_t R, int64_t chunk_blocks,
                                   unsigned long long* __restrict__ chunk_sums) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarp);
-  const int64_t pages = n * L;
-  for (int64_t page = int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp; page < pages;
-       page += warps) {
+  const int64_t segs = segments_per_page(P);
+  const int64_t items = n * L * segs;
+  for (int64_t item = int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp; item < items;
+       item += warps) {
+    const int64_t page = item / segs, off = (item % segs) * kSegmentBytes;
+    const int64_t len = min(kSegmentBytes, P - off);
     const int64_t i = page / L, l = page % L;
-    uint8_t* paged = reinterpret_cast<uint8_t*>(table[l]) + table[2 * L + i] * table[L + l];
-    uint8_t* linear = flat + i * R + l * P;
+    uint8_t* paged = reinterpret_cast<uint8_t*>(table[l]) + table[2 * L + i] * table[L + l] + off;
+    uint8_t* linear = flat + i * R + l * P + off;
     uint64_t first_word = 0;
-    if constexpr (kSums) first_word = uint64_t(page * P - (i / chunk_blocks) * chunk_blocks * L * P) / 8;
-    uint64_t s = kGather ? warp_copy<V, kSums>(linear, paged, P, first_word, lane)
-                         : warp_copy<V, kSums>(paged, linear, P, first_word, lane);
+    if constexpr (kSums) first_word = uint64_t(page * P + off - (i / chunk_blocks) * chunk_blocks * L * P) / 8;
+    uint64_t s = kGather ? warp_copy<V, kSums>(linear, paged, len, first_word, lane)
+                         : warp_copy<V, kSums>(paged, linear, len, first_word, lane);
     if (kSums && lane == 0) atomicAdd(chunk_sums + i / chunk_blocks, static_cast<unsigned long long>(s));
   }
 }
@@ -174,23 +194,51 @@ int64_t grid_for(int64_t warps_needed) {
   return std::max<int64_t>(1, std::min<int64_t>(ctas, sm_count() * 16));
 }
 
-// Device view of a host flat buffer: its UVA address if page-locked, else null.
-uint8_t* uva_address(const at::Tensor& flat) {
+// Device address of one page-locked host byte, or null when it is not page-locked.
+uint8_t* uva_byte(const void* p) {
   cudaPointerAttributes attr{};
-  C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, flat.data_ptr()));
+  C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, p));
   if (attr.type != cudaMemoryTypeHost || attr.devicePointer == nullptr) return nullptr;
   return static_cast<uint8_t*>(attr.devicePointer);
 }
 
+// Device view of the bytes [data_ptr, data_ptr + nbytes) of a host buffer, or null
+// unless both its first and its last byte are page-locked and map to one contiguous
+// device range (a range straddling a registered and an unregistered piece, or two
+// separate registrations, must be staged: a UVA read of it would fault the context).
+uint8_t* uva_range(const at::Tensor& flat, int64_t nbytes) {
+  auto* first = static_cast<const uint8_t*>(flat.data_ptr());
+  uint8_t* dev_first = uva_byte(first);
+  if (dev_first == nullptr || nbytes <= 1) return dev_first;
+  uint8_t* dev_last = uva_byte(first + nbytes - 1);
+  return dev_last == dev_first + (nbytes - 1) ? dev_first : nullptr;
+}
+
+// Host bytes a kernel or DMA addresses: from data_ptr to the end of the last block row.
+int64_t host_span(const BlockPlan& p) {
+  return p.n_blocks == 0 ? 0 : (p.n_blocks - 1) * p.row_bytes() + p.n_layers * p.page_bytes;
+}
+
+// A torch-pinned host buffer used asynchronously on the current stream stays
+// allocated until that stream reaches this point (raw kernels and
+// cudaMemcpyAsync do not tell torch's caching host allocator by themselves).
+void record_host_use(const at::Tensor& flat) {
+  if (flat.is_cuda() || !flat.has_storage()) return;
+  const auto& data = flat.storage().data_ptr();
+  at::getHostAllocator(at::kCUDA)->record_event(data.get(), data.get_context(),
+                                                c10::cuda::getCurrentCUDAStream());
+}
+
 enum class Path { kUva, kStaging };
 
-Path choose_path(const at::Tensor& flat, c10::string_view transfer, const char* op, const char* flat_name) {
+Path choose_path(const at::Tensor& flat, int64_t span, c10::string_view transfer, const char* op,
+                 const char* flat_name) {
   check_transfer(transfer, op);
   if (flat.is_cuda()) return Path::kUva;  // device-resident: addressed directly
-  bool pinned = uva_address(flat) != nullptr;
+  bool pinned = uva_range(flat, span) != nullptr;
   if (transfer == "uva") {
-    TORCH_CHECK_VALUE(pinned, op, ": transfer='uva' needs ", flat_name,
-                      " in pinned or cudaHostRegister'ed host memory");
+    TORCH_CHECK_VALUE(pinned, op, ": transfer='uva' needs all ", span, " bytes of ", flat_name,
+                      " in one pinned or cudaHostRegister'ed host range");
     return Path::kUva;
   }
   if (transfer == "staging") return Path::kStaging;
@@ -221,7 +269,8 @@ template <bool kSums, bool kGather>
 void launch_block_copy(const BlockPlan& p, const at::Tensor& table, uint8_t* flat, int64_t row_bytes,
                        unsigned long long* sums) {
   if (p.n_blocks == 0) return;
-  dim3 grid(static_cast<unsigned>(grid_for(p.n_blocks * p.n_layers))), block(kThreads);
+  dim3 grid(static_cast<unsigned>(grid_for(p.n_blocks * p.n_layers * segments_per_page(p.page_bytes)))),
+      block(kThreads);
   const int64_t* t = table.data_ptr<int64_t>();
   if (aligned(p, flat, row_bytes, 16)) {
     block_copy_kernel<uint4, kSums, kGather><<<grid, block, 0, current_stream()>>>(
@@ -270,7 +319,7 @@ at::Tensor checksums_cuda(const at::Tensor& data, int64_t chunk_bytes, bool scal
   check_contiguous_bytes(data, "data");
   c10::cuda::CUDAGuard guard(data.device());
   int64_t nbytes = static_cast<int64_t>(data.nbytes());
-  int64_t nchunks = scalar ? 1 : (nbytes + chunk_bytes - 1) / chunk_bytes;
+  int64_t nchunks = scalar ? 1 : checksum::chunk_count(nbytes, chunk_bytes);
   if (scalar) chunk_bytes = std::max<int64_t>(nbytes, 1);
   auto sums = at::zeros({nchunks}, data.options().dtype(at::kLong));
   auto out = at::empty({nchunks}, data.options().dtype(at::kLong));
@@ -286,15 +335,20 @@ at::Tensor chunk_checksums_cuda(const at::Tensor& data, int64_t chunk_bytes) {
   return checksums_cuda(data, chunk_bytes, false);
 }
 
+// Checksums of a transfer that moves no bytes: every chunk is the empty byte string.
+at::Tensor checksums_of_empty_chunks(const BlockPlan& p, const at::TensorOptions& options) {
+  return at::full({p.n_chunks}, static_cast<int64_t>(finalize(0, 0)), options.dtype(at::kLong));
+}
+
 // The flat buffer as the kernel addresses it, and the staging tensor if any.
 struct FlatSide {
   uint8_t* kernel_ptr;
   at::Tensor staging;
 };
 
-FlatSide flat_side(const at::Tensor& flat, Path path, int64_t nbytes, c10::Device dev) {
+FlatSide flat_side(const at::Tensor& flat, Path path, int64_t nbytes, int64_t span, c10::Device dev) {
   if (flat.is_cuda()) return {static_cast<uint8_t*>(flat.data_ptr()), {}};
-  if (path == Path::kUva) return {uva_address(flat), {}};
+  if (path == Path::kUva) return {uva_range(flat, span), {}};
   auto staging = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).device(dev));
   return {static_cast<uint8_t*>(staging.data_ptr()), staging};
 }
@@ -324,11 +378,15 @@ at::Tensor gather_blocks_cuda(at::TensorList layers, const at::Tensor& block_ids
   auto dev = layers[0].device();
   TORCH_CHECK_VALUE(dev.is_cuda(), "gather_blocks: layers are on ", dev, "; the CUDA kernel needs CUDA layers");
   c10::cuda::CUDAGuard guard(dev);
-  Path path = choose_path(out, transfer, "gather_blocks", "out");
+  check_transfer(transfer, "gather_blocks");
   auto ids = host_block_ids(block_ids, p.num_blocks);
   // Checksums imply a contiguous flat side (plan_blocks), so row_bytes == L * P whenever they are taken.
   const int64_t total = p.n_blocks * p.n_layers * p.page_bytes;
-  auto side = flat_side(out, path, total, dev);
+  if (total == 0) {  // nothing to move (an empty host tensor may not even have an address)
+    return checksums_of_empty_chunks(p, layers[0].options());
+  }
+  Path path = choose_path(out, host_span(p), transfer, "gather_blocks", "out");
+  auto side = flat_side(out, path, total, host_span(p), dev);
   const int64_t row = kernel_row_bytes(p, side);
   auto table = upload_table(p, ids, dev);
   auto result = at::empty({p.n_chunks}, layers[0].options().dtype(at::kLong));
@@ -342,6 +400,7 @@ at::Tensor gather_blocks_cuda(at::TensorList layers, const at::Tensor& block_ids
   }
   launch_finalize(sums, p.n_chunks, total, p.chunk_bytes(), result.data_ptr<int64_t>(), nullptr, nullptr);
   if (side.staging.defined()) copy_staging(p, out.data_ptr(), side.kernel_ptr, /*to_device=*/false);
+  record_host_use(out);
   return result;
 }
 
@@ -360,10 +419,16 @@ at::Tensor scatter_blocks_cuda(const at::Tensor& src, const at::Tensor& block_id
     TORCH_CHECK_VALUE(expected->dim() == 1 && expected->size(0) == p.n_chunks, "scatter_blocks: expected has ",
                       expected->numel(), " checksums but there are ", p.n_chunks, " chunks");
   }
-  Path path = choose_path(src, transfer, "scatter_blocks", "src");
+  check_transfer(transfer, "scatter_blocks");
   auto ids = host_block_ids(block_ids, p.num_blocks);
   const int64_t total = p.n_blocks * p.n_layers * p.page_bytes;
-  auto side = flat_side(src, path, total, dev);
+  if (total == 0) {  // no bytes: each (empty) chunk matches only the empty string's checksum
+    if (!verify) return at::empty({0}, layers[0].options().dtype(at::kBool));
+    auto empty = checksums_of_empty_chunks(p, layers[0].options());
+    return empty.eq(expected->to(empty.device()));
+  }
+  Path path = choose_path(src, host_span(p), transfer, "scatter_blocks", "src");
+  auto side = flat_side(src, path, total, host_span(p), dev);
   const int64_t row = kernel_row_bytes(p, side);
   if (side.staging.defined()) copy_staging(p, side.kernel_ptr, src.data_ptr(), /*to_device=*/true);
   auto table = upload_table(p, ids, dev);
@@ -380,6 +445,7 @@ at::Tensor scatter_blocks_cuda(const at::Tensor& src, const at::Tensor& block_id
     auto exp = expected->to(dev, /*non_blocking=*/true).contiguous();
     launch_finalize(sums, p.n_chunks, total, p.chunk_bytes(), nullptr, exp.data_ptr<int64_t>(), ok.data_ptr<bool>());
   }
+  record_host_use(src);
   return ok;
 }
 
@@ -434,8 +500,8 @@ void run_tokens(const TokenPlan& p, const at::Tensor& slot_mapping, const at::Te
   }
   std::memcpy(h + 5 * L, slots.data(), slots.size() * sizeof(int64_t));
   auto table = host.to(dev, /*non_blocking=*/true);
-  Path path = choose_path(flat, "auto", op, kGather ? "out" : "src");
-  auto side = flat_side(flat, path, total, dev);
+  Path path = choose_path(flat, total, "auto", op, kGather ? "out" : "src");
+  auto side = flat_side(flat, path, total, total, dev);
   uintptr_t fp = reinterpret_cast<uintptr_t>(side.kernel_ptr);
   a16 = a16 && fp % 16 == 0 && p.token_bytes % 16 == 0;
   a8 = a8 && fp % 8 == 0 && p.token_bytes % 8 == 0;

@@ -75,7 +75,8 @@ class SharedRegionLayer(BatchDefaults):
     def from_config(cls, tier_cfg, cfg) -> "SharedRegionLayer":
         return cls(tier_cfg.path, tier_cfg.capacity, tier_cfg.max_objects,
                    numa_node=tier_cfg.numa_node, file_mode=tier_cfg.file_mode,
-                   reset=tier_cfg.reset, lease_s=cfg.lease_s, prefault_bytes=tier_cfg.prefault)
+                   reset=tier_cfg.reset, lease_s=cfg.lease_s, prefault_bytes=tier_cfg.prefault,
+                   register_cuda=tier_cfg.register_cuda)
 
     def start_prefault(self) -> None:
         """Map up to ``prefault_bytes`` of stored objects into this process on a

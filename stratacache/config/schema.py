@@ -212,6 +212,9 @@ SCHEMA: dict = {
             "prefault": Key("size", "bytes of stored objects whose pages a vLLM worker maps in the background "
                             "when it attaches, so its first hits take no page faults; 0 disables",
                             minimum=0),
+            "register_cuda": Key("choice", "page-lock the region for one-copy GPU transfers "
+                                 "(cudaHostRegister): auto when CUDA is present; vLLM's scheduler "
+                                 "process always opens it unregistered", choices=("auto", True, False)),
             "write_policy": _WRITE_POLICY,
             "promote": _PROMOTE,
             "demote_on_evict": _DEMOTE,

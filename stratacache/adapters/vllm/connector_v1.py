@@ -16,6 +16,7 @@ request end, and a chunk that cannot be loaded is recomputed by vLLM.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
@@ -32,6 +33,7 @@ from stratacache.adapters.vllm.keys import (
     identity_from_vllm,
 )
 from stratacache.adapters.vllm.metadata import StrataCacheConnectorMetadata
+from stratacache.config import load_config
 from stratacache.adapters.vllm.scheduler import SchedulerSide
 from stratacache.adapters.vllm.settings import settings_from_extra_config
 from stratacache.adapters.vllm.stats import (
@@ -56,6 +58,17 @@ logger = logging.getLogger("vllm.stratacache")
 # Tiers another process can see: the scheduler looks only there.
 CROSS_PROCESS_TIERS = ("shared", "disk", "redis")
 MEDIUM = "stratacache"
+
+
+def lookup_config(settings):
+    """The scheduler's config: the user's, with the shared region never registered with CUDA.
+
+    The scheduler process never touches KV bytes, so it must not touch CUDA either:
+    registering would create a CUDA context on GPU 0 and page-lock (and so commit) the
+    whole region at start-up, defeating the lazy prefault."""
+    overrides = copy.deepcopy(settings.overrides)
+    overrides.setdefault("tiers", {}).setdefault("shared", {})["register_cuda"] = False
+    return load_config(settings.config_path, overrides)
 
 
 class StrataCacheConnectorV1(KVConnectorBase_V1):
@@ -93,7 +106,8 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
                                "stratacache.adapters.vllm.kv_transfer_config() sets)",
                                self._kv_transfer_config.kv_load_failure_policy)
             tiers = [t for t in CROSS_PROCESS_TIERS if cfg.tiers[t].enabled]
-            engine = StorageEngine(cfg, tiers=tiers) if tiers else None
+            lookup_cfg = lookup_config(settings)
+            engine = StorageEngine(lookup_cfg, tiers=tiers) if tiers else None
             if engine is None:
                 logger.warning("StrataCache: no cross-process tier (shared, disk, redis) is "
                                "enabled, so the scheduler can never find stored KV")
@@ -140,10 +154,9 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
         return  # all layers are gathered at once in wait_for_save, after the forward
 
     def wait_for_save(self) -> None:
-        self._worker.finish_layerwise()
         meta = self._connector_metadata
-        if isinstance(meta, StrataCacheConnectorMetadata) and meta.saves:
-            self._worker.save(meta.saves)
+        saves = meta.saves if isinstance(meta, StrataCacheConnectorMetadata) else []
+        self._worker.end_step(saves)
         self._log.step(self._stats)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:

@@ -8,7 +8,11 @@ Redis): that is where it sees what the workers stored. It decides
   lookup over chunk keys, no data movement, no side effects but a memo of the
   lookup's start that ``on_alloc`` consumes);
 * which chunks each worker loads (block ids + key names) and which freshly
-  computed chunks it saves (only those not stored yet).
+  computed chunks it saves: every full chunk (and the prompt's partial one)
+  the step completes. Whether one is stored already is the workers' check,
+  made when they save. A chunk whose tokens vLLM recomputes (a failed load,
+  a preemption) is asked for again: the save cursor never stays past
+  ``num_computed_tokens``.
 
 Per-request state lives from admission to ``request_finished``.
 """
@@ -43,7 +47,7 @@ class _Tracked:
     """A request between admission and request_finished."""
 
     request: object               # vllm Request (scheduler-local object)
-    saved_chunks: int = 0         # full chunks already stored or handed to workers
+    saved_chunks: int = 0         # full chunks handed to workers to save
     partial_saved: bool = False
 
 
@@ -182,6 +186,11 @@ class SchedulerSide:
         request = tracked.request
         computed = request.num_computed_tokens + n_new
         prompt = request.num_prompt_tokens
+        # Tokens from num_computed_tokens on are computed by this step, again if vLLM rolled
+        # them back (a failed load, whose step saved nothing; a preemption): save them again.
+        tracked.saved_chunks = min(tracked.saved_chunks, request.num_computed_tokens // g.chunk_size)
+        if request.num_computed_tokens < prompt:
+            tracked.partial_saved = False
         savable = min(computed, prompt, g.hashed_tokens(request.block_hashes))
         n_full = savable // g.chunk_size
         wanted: list[tuple[str, int, int]] = []   # (name, start token, end token)
@@ -197,16 +206,9 @@ class SchedulerSide:
                 wanted.append((g.name_at(request.block_hashes, partial_end), start, partial_end))
         if not wanted:
             return []
-        prefix = self._key_prefixes[0]
-        present = self.engine.contains_many([prefix + name.encode() for name, _, _ in wanted])
-        todo = [w for w, have in zip(wanted, present) if not have]
-        if len(todo) < len(wanted):
-            self.stats.add(save_skipped=len(wanted) - len(todo))
-        if not todo:
-            return []
         block_ids = _request_block_ids(block_state, request)
         saves = []
-        for name, start, end in todo:
+        for name, start, end in wanted:
             ids = block_ids[start // g.block_size:end // g.block_size]
             if len(ids) != (end - start) // g.block_size:
                 continue  # blocks not allocated (should not happen): skip, best effort

@@ -1,17 +1,26 @@
 """Worker-side half of the connector: moving KV pages between paged memory and the tiers.
 
-* Loads: each chunk is read under a lease straight from tier memory
-  (``engine.pinned``) and written into every layer's pages with one
-  multi-layer ``ops.scatter_blocks`` call that verifies the chunk's checksum
-  while copying. A chunk that is missing, evicted, the wrong size or corrupt
-  stops the request's load there: its blocks and every later block of the
-  load are reported through ``load_errors`` so vLLM recomputes them.
-  Loads run inline (``sync``), on a background thread (``async``, finishing
-  through ``finished_loads``), or layer by layer alongside the forward pass
-  (``layerwise``, see ``layerwise.py``).
-* Saves: the step loop only copies the chunks out of paged memory with one
-  ``ops.gather_blocks`` call (checksums computed while copying) into a pooled
-  buffer; a background thread stores them, so the step never waits on a tier.
+* Loads (``_Loader``): one routine leases each chunk straight in tier memory
+  (``engine.pinned``), checks its size and verifies its checksum ON THE
+  SOURCE, before any of its bytes reach vLLM's paged memory: vLLM has already
+  entered the destination blocks in its prefix cache, so a chunk verified only
+  while or after being copied would let another request read corrupt pages.
+  The lease keeps the verified bytes fixed until the copy has completed on the
+  device (a ``DeviceFence``); only then is it released. A chunk that is
+  missing, evicted, the wrong size or corrupt stops the request's load there:
+  its blocks and every later block of the load are reported through
+  ``load_errors`` so vLLM recomputes them. The same routine serves the three
+  load modes: inline (``sync``), on a background thread (``async``, reported
+  through ``finished_loads`` only once its copies completed), or layer by
+  layer alongside the forward pass (``layerwise``, see ``layerwise.py``).
+* Saves (``_Saver``): the buffer pool plus one store thread. The step loop
+  only copies the chunks out of paged memory with one ``ops.gather_blocks``
+  call (checksums computed while copying) into a pooled buffer (page-locked
+  when the KV cache is on CUDA, so the gather writes it directly through
+  UVA); the store thread waits for that copy, reads all its checksums at
+  once, and stores. The saver is the one place that skips chunks already
+  stored. A step whose loads failed saves nothing: its forward may have read
+  pages that vLLM now recomputes.
 
 Page bytes are opaque: a chunk payload is ``uint8 [blocks, layers, page_bytes]``.
 """
@@ -24,14 +33,16 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from stratacache import ops  # imported here: loading the ops costs ~0.4 s, not for a first hit to pay
 from stratacache.adapters.vllm.keys import artifact_key
-from stratacache.adapters.vllm.layerwise import LayerwiseChunk, LayerwiseLoad
+from stratacache.adapters.vllm.layerwise import LayerwiseLoad, OpenChunk
 from stratacache.adapters.vllm.metadata import (
+    ChunkLoad,
     ChunkSave,
     RequestLoad,
     StrataCacheConnectorMetadata,
@@ -83,14 +94,42 @@ class PagedKV:
         return len(self.layers) * self.page_bytes
 
 
+class DeviceFence:
+    """A point in the device's queued work, and a wait for it.
+
+    On CUDA the ops run asynchronously on the current stream: ``record`` puts
+    an event there and ``wait`` blocks the calling thread until the device has
+    passed it. On the CPU the ops have completed when they return. Leases on
+    tier memory and pooled save buffers are released only after ``wait``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device if device.type == "cuda" else None
+
+    def record(self):
+        if self._device is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._device))
+        return event
+
+    def wait(self, mark) -> None:
+        if mark is not None:
+            mark.synchronize()
+
+
 class _BufferPool:
-    """Reusable gather buffers, bounded in total bytes (a full pool drops saves)."""
+    """Reusable gather buffers, bounded in total bytes (a full pool drops saves).
+
+    Page-locked when the KV cache is on CUDA, so a gather writes the host
+    buffer directly through UVA instead of staging through device memory."""
 
     def __init__(self, limit_bytes: int) -> None:
         self._limit = limit_bytes
         self._free: list[torch.Tensor] = []
         self._used = 0
         self._lock = threading.Lock()
+        self.pinned = False
 
     def take(self, nbytes: int) -> Optional[torch.Tensor]:
         with self._lock:
@@ -104,11 +143,237 @@ class _BufferPool:
                 if self._used + nbytes > self._limit:
                     return None
             self._used += nbytes
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
 
     def give(self, buf: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buf)
+
+
+@dataclass
+class _StoreJob:
+    names: list[str]
+    payloads: list[torch.Tensor]   # views of buf, one per chunk
+    checksums: torch.Tensor        # int64 per chunk (host tensor, valid after `copied`)
+    copied: object                 # DeviceFence mark of the gather
+    buf: torch.Tensor
+
+
+class _Saver:
+    """The buffer pool plus the store thread: chunks leave paged memory in the step, reach
+    the tiers in the background. The one place that skips chunks already stored."""
+
+    def __init__(self, engine, key_of: Callable[[str], object], stats: StatsCounter,
+                 limit_bytes: int) -> None:
+        self.engine = engine
+        self._key_of = key_of
+        self.stats = stats
+        self._pool = _BufferPool(limit_bytes)
+        self._kv: Optional[PagedKV] = None
+        self._fence = DeviceFence(torch.device("cpu"))
+        self._queue: "queue.Queue[Optional[_StoreJob]]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._stored_names: list[str] = []
+        self._thread = threading.Thread(target=self._store_loop, name="stratacache-store",
+                                        daemon=True)
+        self._thread.start()
+
+    def bind(self, kv: PagedKV, fence: DeviceFence) -> None:
+        self._kv = kv
+        self._fence = fence
+        self._pool.pinned = kv.device.type == "cuda"
+
+    def save(self, saves: list[ChunkSave]) -> None:
+        """Copy the chunks not stored yet out of paged memory now; store them in the background.
+        A failed gather drops its chunks (counted), never raises into vLLM's step."""
+        kv = self._kv
+        try:
+            present = self.engine.contains_many([self._key_of(s.name) for s in saves])
+        except Exception:
+            logger.exception("StrataCache: looking up %d chunks to save failed", len(saves))
+            self.stats.add(save_dropped=len(saves))
+            return
+        todo = [s for s, have in zip(saves, present) if not have]
+        if len(todo) < len(saves):
+            self.stats.add(save_skipped=len(saves) - len(todo))
+        # One gather per distinct chunk length (full chunks share one call).
+        by_len: dict[int, list[ChunkSave]] = {}
+        for s in todo:
+            by_len.setdefault(len(s.block_ids), []).append(s)
+        for n_blocks, group in by_len.items():
+            nbytes = len(group) * n_blocks * kv.block_bytes
+            buf = self._pool.take(nbytes)
+            if buf is None:
+                self.stats.add(save_dropped=len(group))
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = buf[:nbytes].view(len(group) * n_blocks, len(kv.layers), kv.page_bytes)
+                ids = torch.tensor([b for s in group for b in s.block_ids], dtype=torch.int64)
+                sums = ops.gather_blocks(kv.layers, ids, out, chunk_blocks=n_blocks)
+                # All of the save's checksums come back in one transfer, read by the store thread.
+                sums = sums.to("cpu", non_blocking=True) if sums.is_cuda else sums
+                copied = self._fence.record()
+            except Exception:
+                logger.exception("StrataCache: gathering %d chunks to save failed", len(group))
+                self.stats.add(save_dropped=len(group))
+                self._pool.give(buf)
+                continue
+            self.stats.add(save_gather_seconds=time.perf_counter() - t0)
+            payloads = [out[i * n_blocks:(i + 1) * n_blocks] for i in range(len(group))]
+            self._queue.put(_StoreJob([s.name for s in group], payloads, sums, copied, buf))
+
+    def _store_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                self._queue.task_done()
+                return
+            try:
+                self._store(job)
+            finally:
+                self._pool.give(job.buf)
+                self._queue.task_done()
+
+    def _store(self, job: _StoreJob) -> None:
+        t0 = time.perf_counter()
+        stored = nbytes = 0
+        names = []
+        try:
+            self._fence.wait(job.copied)
+            checksums = job.checksums.tolist()
+        except Exception:
+            logger.exception("StrataCache: the gather of %d chunks failed", len(job.names))
+            self.stats.add(save_dropped=len(job.names))
+            return
+        for name, payload, checksum in zip(job.names, job.payloads, checksums):
+            try:
+                ok = self.engine.store(self._key_of(name), payload, checksum=checksum)
+            except Exception:
+                logger.exception("StrataCache: storing chunk %s failed", name)
+                ok = False
+            if ok:
+                stored += 1
+                nbytes += payload.numel()
+                names.append(name)
+        self.stats.add(save_chunks=stored, save_bytes=nbytes, save_dropped=len(job.names) - stored,
+                       store_seconds=time.perf_counter() - t0)
+        with self._lock:
+            self._stored_names.extend(names)
+
+    def take_stored_names(self) -> list[str]:
+        with self._lock:
+            names, self._stored_names = self._stored_names, []
+        return names
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def unreported(self) -> int:
+        with self._lock:
+            return len(self._stored_names)
+
+    def drain(self) -> None:
+        """Wait until every gathered chunk has been handed to the tiers."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+class _Loader:
+    """Leases, verifies on the source, copies and reports: the one load routine of every mode."""
+
+    def __init__(self, engine, key_of: Callable[[str], object], verify: bool,
+                 stats: StatsCounter) -> None:
+        self.engine = engine
+        self._key_of = key_of
+        self.verify = verify
+        self.stats = stats
+        self.kv: Optional[PagedKV] = None
+        self.fence = DeviceFence(torch.device("cpu"))
+        self._lock = threading.Lock()
+        self._lost_names: list[str] = []
+
+    def open_request(self, load: RequestLoad, leases: ExitStack) -> tuple[list[OpenChunk], set[int]]:
+        """Lease and verify the chunks of one request, in order, until the first bad one.
+        Returns the verified chunks (their leases held by ``leases``) and the block ids vLLM
+        must recompute (the bad chunk's and every later one's)."""
+        opened: list[OpenChunk] = []
+        for index, chunk in enumerate(load.chunks):
+            src = None
+            try:
+                src = self._lease_verified(chunk, leases)
+            except Exception:  # a tier fault is a miss, never a crash of the step
+                logger.exception("StrataCache: leasing chunk %s failed", chunk.name)
+            if src is None:
+                failed = {b for c in load.chunks[index:] for b in c.block_ids}
+                self.chunk_lost(load.req_id, chunk.name, failed, "missing, wrong-sized or corrupt")
+                return opened, failed
+            opened.append(OpenChunk(req_id=load.req_id, name=chunk.name, src=src,
+                                    block_ids=torch.tensor(chunk.block_ids, dtype=torch.int64)))
+        return opened, set()
+
+    def _lease_verified(self, chunk: ChunkLoad, leases: ExitStack) -> Optional[torch.Tensor]:
+        """The payload blocks to write (``[n, L, P]`` in leased tier memory), or None when the
+        chunk is missing, the wrong size or fails its checksum (then it is deleted)."""
+        kv = self.kv
+        key = self._key_of(chunk.name)
+        expected_size = chunk.num_blocks * kv.block_bytes
+        art = leases.enter_context(self.engine.pinned(key, verify=False))
+        if art is None:
+            return None
+        if art.meta.size != expected_size:
+            logger.warning("StrataCache: chunk %s holds %d bytes, expected %d; deleting it",
+                           chunk.name, art.meta.size, expected_size)
+            self.engine.delete(key)
+            return None
+        payload = art.data[:expected_size]
+        if self.verify and ops.checksum64(payload) != int(art.meta.checksum) & ops.MASK64:
+            logger.warning("StrataCache: chunk %s failed its checksum; deleting it", chunk.name)
+            self.engine.delete(key)
+            return None
+        src = payload.view(chunk.num_blocks, len(kv.layers), kv.page_bytes)
+        return src[chunk.skip_blocks:chunk.skip_blocks + len(chunk.block_ids)]
+
+    def chunk_lost(self, req_id: str, name: str, failed: set[int], why: str) -> None:
+        self.stats.add(load_errors=1, load_error_blocks=len(failed))
+        with self._lock:
+            self._lost_names.append(name)
+        logger.warning("StrataCache: chunk %s of request %s %s; vLLM recomputes %d blocks",
+                       name, req_id, why, len(failed))
+
+    def unreported(self) -> int:
+        with self._lock:
+            return len(self._lost_names)
+
+    def take_lost_names(self) -> list[str]:
+        with self._lock:
+            names, self._lost_names = self._lost_names, []
+        return names
+
+    def load_request(self, load: RequestLoad) -> set[int]:
+        """Load every chunk of one request (sync and async modes); returns the block ids vLLM
+        must recompute. Returns only once the device has finished reading the leased bytes."""
+        t0 = time.perf_counter()
+        with ExitStack() as leases:
+            opened, failed = self.open_request(load, leases)
+            mark = None
+            try:
+                for chunk in opened:
+                    ops.scatter_blocks(chunk.src, chunk.block_ids, self.kv.layers)
+                mark = self.fence.record()
+            except Exception:  # an op fault: the copied pages cannot be trusted either
+                logger.exception("StrataCache: copying request %s's chunks failed", load.req_id)
+                failed = set(load.block_ids)
+                self.stats.add(load_errors=1, load_error_blocks=len(failed))
+                opened = []
+            self.fence.wait(mark)   # the leases outlive every read of the tier's bytes
+        moved = sum(c.src.shape[0] for c in opened) * self.kv.block_bytes
+        self.stats.add(load_chunks=len(opened), load_bytes=moved,
+                       load_seconds=time.perf_counter() - t0)
+        return failed
 
 
 LOAD_MODES = ("sync", "async", "layerwise")
@@ -122,27 +387,26 @@ class WorkerSide:
         self.engine = engine
         self.namespace = namespace
         self.load_mode = load_mode
-        self.verify = verify
         self.stats = stats
         self.kv: Optional[PagedKV] = None
-        self._pool = _BufferPool(max_inflight_save_bytes)
-        self._store_queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
-        self._store_thread = threading.Thread(target=self._store_loop, name="stratacache-store",
-                                              daemon=True)
-        self._store_thread.start()
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="stratacache-load") \
+        self._loads = _Loader(engine, self._key, verify, stats)
+        self._saver = _Saver(engine, self._key, stats, max_inflight_save_bytes)
+        self._async = ThreadPoolExecutor(1, thread_name_prefix="stratacache-load") \
             if load_mode == "async" else None
         self._inflight_loads: dict[str, Future] = {}
         self._layerwise: Optional[LayerwiseLoad] = None   # this step's layer-wise loads
         self._lock = threading.Lock()
         self._load_errors: set[int] = set()
-        self._stored_names: list[str] = []
-        self._lost_names: list[str] = []
+        self._step_failed = False      # a sync or layer-wise load of this step failed
         self._closed = False
 
     # ---- setup ---------------------------------------------------------
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.kv = PagedKV(kv_caches)
+        fence = DeviceFence(self.kv.device)
+        self._loads.kv = self.kv
+        self._loads.fence = fence
+        self._saver.bind(self.kv, fence)
         logger.info("StrataCache: registered %d KV layers, %d blocks of %d bytes per layer page, "
                     "namespace %s", len(self.kv.layers), self.kv.num_blocks, self.kv.page_bytes,
                     self.namespace)
@@ -159,8 +423,8 @@ class WorkerSide:
             return
         inline = []
         for load in meta.loads:
-            if load.is_async and self._loader is not None:
-                self._inflight_loads[load.req_id] = self._loader.submit(self._load_request, load)
+            if load.is_async and self._async is not None:
+                self._inflight_loads[load.req_id] = self._async.submit(self._loads.load_request, load)
             else:
                 inline.append(load)
         if inline and self.load_mode == "layerwise":
@@ -168,139 +432,39 @@ class WorkerSide:
             self._layerwise = self._start_layerwise(inline)
             return
         for load in inline:
-            failed = self._load_request(load)
-            if failed:
-                with self._lock:
-                    self._load_errors.update(failed)
+            self._step_errors(self._loads.load_request(load))
 
-    def _chunk_lost(self, req_id: str, name: str, failed: set[int], why: str) -> None:
-        self.stats.add(load_errors=1, load_error_blocks=len(failed))
-        with self._lock:
-            self._lost_names.append(name)
-        logger.warning("StrataCache: chunk %s of request %s %s; vLLM recomputes %d blocks",
-                       name, req_id, why, len(failed))
-
-    def _load_request(self, load: RequestLoad) -> set[int]:
-        """Load every chunk of one request; returns the block ids vLLM must recompute."""
-        t0 = time.perf_counter()
-        moved = chunks_ok = 0
-        for index, chunk in enumerate(load.chunks):
-            ok = False
-            try:
-                ok = self._load_chunk(chunk)
-            except Exception:  # a tier or op fault is a miss, never a crash of the step
-                logger.exception("StrataCache: loading chunk %s failed", chunk.name)
-            if not ok:
-                failed = {b for c in load.chunks[index:] for b in c.block_ids}
-                self._chunk_lost(load.req_id, chunk.name, failed, "missing or corrupt")
-                break
-            chunks_ok += 1
-            moved += len(chunk.block_ids) * self.kv.block_bytes
-        else:
-            failed = set()
-        self.stats.add(load_chunks=chunks_ok, load_bytes=moved,
-                       load_seconds=time.perf_counter() - t0)
-        return failed
-
-    def _lease(self, chunk, leases: ExitStack) -> Optional[tuple[torch.Tensor, int]]:
-        """Lease a stored chunk until ``leases`` closes: its payload as ``[blocks, L, P]`` and
-        its stored checksum, or None when it is missing or the wrong size (then deleted)."""
-        kv = self.kv
-        key = self._key(chunk.name)
-        expected_size = chunk.num_blocks * kv.block_bytes
-        art = leases.enter_context(self.engine.pinned(key, verify=False))
-        if art is None:
-            return None
-        if art.meta.size != expected_size:
-            logger.warning("StrataCache: chunk %s holds %d bytes, expected %d", chunk.name,
-                           art.meta.size, expected_size)
-            self.engine.delete(key)
-            return None
-        src = art.data[:expected_size].view(chunk.num_blocks, len(kv.layers), kv.page_bytes)
-        return src, art.meta.checksum
-
-    def _partial_intact(self, chunk, src: torch.Tensor, checksum: int) -> bool:
-        """Only part of the chunk is needed (its head is already in vLLM's own cache, or its
-        tail is past what vLLM lets us load): verify the whole payload before writing part."""
-        return (not self.verify) or _same_checksum(ops.checksum64(src), checksum)
-
-    def _load_chunk(self, chunk) -> bool:
-        kv = self.kv
-        ids = torch.tensor(chunk.block_ids, dtype=torch.int64)
-        with ExitStack() as leases:
-            leased = self._lease(chunk, leases)
-            if leased is None:
-                return False
-            src, checksum = leased
-            if chunk.skip_blocks == 0 and len(chunk.block_ids) == chunk.num_blocks:
-                # The scatter verifies the checksum while copying: no separate verification pass.
-                expected = torch.tensor([_signed64(checksum)], dtype=torch.int64) \
-                    if self.verify else None
-                ok = ops.scatter_blocks(src, ids, kv.layers, chunk_blocks=chunk.num_blocks,
-                                        expected=expected)
-                good = bool(ok[0]) if self.verify else True
-            else:
-                good = self._partial_intact(chunk, src, checksum)
-                if good:
-                    ops.scatter_blocks(src[chunk.skip_blocks:chunk.skip_blocks + len(ids)], ids,
-                                       kv.layers)
-        if not good:
-            self._drop_corrupt(chunk.name)
-        return good
-
-    def _drop_corrupt(self, name: str) -> None:
-        logger.warning("StrataCache: chunk %s failed its checksum; deleting it", name)
-        self.engine.delete(self._key(name))
+    def _step_errors(self, failed: set[int]) -> None:
+        """Failed blocks of this step's inline (sync or layer-wise) loads."""
+        if failed:
+            with self._lock:
+                self._load_errors.update(failed)
+                self._step_failed = True
 
     # ---- layer-wise loads ------------------------------------------------
     def _start_layerwise(self, loads: list[RequestLoad]) -> Optional[LayerwiseLoad]:
-        """Lease every chunk of the step and start copying them layer by layer."""
-        leases = ExitStack()
-        chunks: list[LayerwiseChunk] = []
-        for load in loads:
-            for index, chunk in enumerate(load.chunks):
-                failed = {b for c in load.chunks[index:] for b in c.block_ids}
-                try:
-                    leased = self._lease(chunk, leases)
-                    partial = chunk.skip_blocks != 0 or len(chunk.block_ids) != chunk.num_blocks
-                    if leased is not None and partial and \
-                            not self._partial_intact(chunk, *leased):
-                        self._drop_corrupt(chunk.name)
-                        leased = None
-                except Exception:  # a tier fault is a miss, never a crash of the step
-                    logger.exception("StrataCache: leasing chunk %s failed", chunk.name)
-                    leased = None
-                if leased is None:
-                    self._chunk_lost(load.req_id, chunk.name, failed, "missing or corrupt")
-                    with self._lock:
-                        self._load_errors.update(failed)
-                    break
-                src, checksum = leased
-                first, n = chunk.skip_blocks, len(chunk.block_ids)
-                chunks.append(LayerwiseChunk(
-                    req_id=load.req_id, name=chunk.name, src=src[first:first + n],
-                    block_ids=torch.tensor(chunk.block_ids, dtype=torch.int64),
-                    checksum=checksum if self.verify and not partial else None,
-                    fail_blocks=failed))
-        if not chunks:
-            leases.close()
-            return None
+        """Start this step's layer-wise loads: chunks are leased and verified on their source,
+        then copied layer by layer, on the loader's own thread."""
+        def open_all(leases: ExitStack) -> tuple[list[OpenChunk], set[int]]:
+            chunks: list[OpenChunk] = []
+            failed: set[int] = set()
+            for load in loads:
+                opened, bad = self._loads.open_request(load, leases)
+                chunks.extend(opened)
+                failed |= bad
+            return chunks, failed
+
+        every_block = {b for load in loads for b in load.block_ids}
         try:
-            step = LayerwiseLoad(self.kv.layers, chunks, leases, on_bad_chunk=self._on_bad_layerwise)
+            step = LayerwiseLoad(self.kv.layers, open_all, every_block)
             step.start()
         except Exception:  # e.g. no CUDA stream to be had: the step's loads become misses
             logger.exception("StrataCache: starting layer-wise loads failed")
-            leases.close()
-            failed = set().union(*(c.fail_blocks for c in chunks))
+            failed = every_block
             self.stats.add(load_errors=1, load_error_blocks=len(failed))
-            with self._lock:
-                self._load_errors.update(failed)
+            self._step_errors(failed)
             return None
         return step
-
-    def _on_bad_layerwise(self, chunk: LayerwiseChunk) -> None:
-        self._drop_corrupt(chunk.name)
-        self._chunk_lost(chunk.req_id, chunk.name, chunk.fail_blocks, "failed its checksum")
 
     def wait_layer(self, layer_name: str) -> None:
         """vLLM's wait_for_layer_load: return once ``layer_name``'s pages may be read."""
@@ -315,20 +479,17 @@ class WorkerSide:
         step, self._layerwise = self._layerwise, None
         if step is None:
             return
-        failed, chunks_ok, seconds = step.finish()
+        failed, chunks, seconds = step.finish()
         if step.error is not None:
             logger.error("StrataCache: layer-wise load failed (%r); vLLM recomputes %d blocks",
                          step.error, len(failed))
             self.stats.add(load_errors=1, load_error_blocks=len(failed))
-        moved = sum(c.src.shape[0] for c in step.chunks
-                    if int(c.block_ids[0]) not in failed) * self.kv.block_bytes
-        self.stats.add(load_chunks=chunks_ok, load_bytes=moved, load_seconds=seconds)
-        if failed:
-            with self._lock:
-                self._load_errors.update(failed)
+        moved = sum(c.src.shape[0] for c in chunks) * self.kv.block_bytes
+        self.stats.add(load_chunks=len(chunks), load_bytes=moved, load_seconds=seconds)
+        self._step_errors(failed)
 
     def finished_loads(self) -> set[str]:
-        """Async loads that completed since the last call; their errors join load_errors."""
+        """Async loads whose copies completed since the last call; their errors join load_errors."""
         done = {req_id for req_id, fut in self._inflight_loads.items() if fut.done()}
         for req_id in done:
             fut = self._inflight_loads.pop(req_id)
@@ -353,85 +514,47 @@ class WorkerSide:
                 fut.exception()  # waits; the result is collected by finished_loads
 
     # ---- saves ---------------------------------------------------------
+    def end_step(self, saves: list[ChunkSave]) -> None:
+        """vLLM's wait_for_save: finish the step's layer-wise loads, then save.
+
+        A step whose sync or layer-wise loads failed saves nothing: its forward
+        ran on pages vLLM is about to recompute (the failed blocks, and blocks of
+        other requests computed on top of them), and vLLM re-schedules every
+        affected request, whose chunks the scheduler then asks to save again."""
+        self.finish_layerwise()
+        with self._lock:
+            failed, self._step_failed = self._step_failed, False
+        if failed and saves:
+            logger.warning("StrataCache: not saving %d chunks of a step with failed loads",
+                           len(saves))
+            self.stats.add(save_dropped=len(saves))
+            return
+        self.save(saves)
+
     def save(self, saves: list[ChunkSave]) -> None:
         """Copy the chunks out of paged memory now; store them in the background."""
         if self.kv is None or not saves or self._closed:
             return
-        kv = self.kv
-        present = self.engine.contains_many([self._key(s.name) for s in saves])
-        todo = [s for s, have in zip(saves, present) if not have]
-        if len(todo) < len(saves):
-            self.stats.add(save_skipped=len(saves) - len(todo))
-        # One gather per distinct chunk length (full chunks share one call).
-        by_len: dict[int, list[ChunkSave]] = {}
-        for s in todo:
-            by_len.setdefault(len(s.block_ids), []).append(s)
-        for n_blocks, group in by_len.items():
-            nbytes = len(group) * n_blocks * kv.block_bytes
-            buf = self._pool.take(nbytes)
-            if buf is None:
-                self.stats.add(save_dropped=len(group))
-                continue
-            t0 = time.perf_counter()
-            out = buf[:nbytes].view(len(group) * n_blocks, len(kv.layers), kv.page_bytes)
-            ids = torch.tensor([b for s in group for b in s.block_ids], dtype=torch.int64)
-            checksums = ops.gather_blocks(kv.layers, ids, out, chunk_blocks=n_blocks)
-            self.stats.add(save_gather_seconds=time.perf_counter() - t0)
-            items = [(s.name, out[i * n_blocks:(i + 1) * n_blocks], int(checksums[i]))
-                     for i, s in enumerate(group)]
-            self._store_queue.put((items, buf))
-
-    def _store_loop(self) -> None:
-        while True:
-            job = self._store_queue.get()
-            if job is None:
-                self._store_queue.task_done()
-                return
-            items, buf = job
-            try:
-                t0 = time.perf_counter()
-                stored = dropped = nbytes = 0
-                names = []
-                for name, payload, checksum in items:
-                    try:
-                        ok = self.engine.store(self._key(name), payload, checksum=checksum)
-                    except Exception:
-                        logger.exception("StrataCache: storing chunk %s failed", name)
-                        ok = False
-                    if ok:
-                        stored += 1
-                        nbytes += payload.numel()
-                        names.append(name)
-                    else:
-                        dropped += 1
-                self.stats.add(save_chunks=stored, save_bytes=nbytes, save_dropped=dropped,
-                               store_seconds=time.perf_counter() - t0)
-                with self._lock:
-                    self._stored_names.extend(names)
-            finally:
-                self._pool.give(buf)
-                self._store_queue.task_done()
+        self._saver.save(saves)
 
     def drain_saves(self) -> None:
         """Wait until every gathered chunk has been handed to the tiers."""
-        self._store_queue.join()
+        self._saver.drain()
 
     # ---- reporting and shutdown ------------------------------------------
     def state_sizes(self) -> dict[str, int]:
         """Sizes of the per-request tables (tests assert they drain)."""
         with self._lock:
             return {"inflight_loads": len(self._inflight_loads),
-                    "queued_stores": self._store_queue.qsize(),
+                    "queued_stores": self._saver.queued(),
                     "load_errors": len(self._load_errors),
-                    "unreported_names": len(self._stored_names) + len(self._lost_names)}
+                    "unreported_names": self._saver.unreported() + self._loads.unreported()}
 
     def worker_meta(self) -> Optional[StrataCacheWorkerMetadata]:
-        with self._lock:
-            if not self._stored_names and not self._lost_names:
-                return None
-            meta = StrataCacheWorkerMetadata(stored=self._stored_names, lost=self._lost_names)
-            self._stored_names, self._lost_names = [], []
-        return meta
+        stored, lost = self._saver.take_stored_names(), self._loads.take_lost_names()
+        if not stored and not lost:
+            return None
+        return StrataCacheWorkerMetadata(stored=stored, lost=lost)
 
     def shutdown(self) -> None:
         if self._closed:
@@ -440,22 +563,10 @@ class WorkerSide:
         self.finish_layerwise()
         for fut in list(self._inflight_loads.values()):
             fut.exception()
-        if self._loader is not None:
-            self._loader.shutdown(wait=True)
-        self._store_queue.put(None)
-        self._store_thread.join()
+        if self._async is not None:
+            self._async.shutdown(wait=True)
+        self._saver.close()
         try:
             self.engine.flush()
         finally:
             self.engine.close()
-
-
-def _signed64(value: int) -> int:
-    """A 64-bit checksum as the int64 the ops' tensors hold."""
-    value = int(value) & 0xFFFFFFFFFFFFFFFF
-    return value - (1 << 64) if value >= (1 << 63) else value
-
-
-def _same_checksum(a: int, b: int) -> bool:
-    mask = 0xFFFFFFFFFFFFFFFF
-    return (int(a) & mask) == (int(b) & mask)
