@@ -181,7 +181,9 @@ def test_load_plan_skips_local_blocks_and_state_drains(engine):
                                   "pending_events": 0, "events": 0}
 
 
-def test_saves_follow_computed_chunks_and_skip_stored(engine):
+def test_saves_follow_computed_chunks(engine):
+    """Every chunk a step completes is handed to the workers, stored or not: whether it is
+    stored already is checked once, by the workers' saver, when they save."""
     side = make_side(engine, partial=True)
     req = FakeRequest("r1", tokens(3 * CHUNK + 2 * BS + 3, 6))
     side.matched_tokens(req, 0)
@@ -189,9 +191,9 @@ def test_saves_follow_computed_chunks_and_skip_stored(engine):
     side.on_alloc(req, block_ids, 0)
     state = FakeBlockState({"r1": block_ids})
     store_ends(engine, req, [CHUNK])                            # chunk 0 already stored
-    # Step 1: 100 tokens computed -> chunk 0 is complete, but already stored.
+    # Step 1: 100 tokens computed -> chunk 0 is complete (the saver will skip it).
     meta = side.build_meta(FakeOutput({"r1": 100}, state))
-    assert meta.saves == [] and not meta.loads
+    assert [s.block_ids for s in meta.saves] == [block_ids[0:4]] and not meta.loads
     req.num_computed_tokens = 100
     # Step 2: 200 computed -> chunks 1 and 2 complete.
     meta = side.build_meta(FakeOutput({"r1": 100}, state))
@@ -207,6 +209,36 @@ def test_saves_follow_computed_chunks_and_skip_stored(engine):
     assert side.build_meta(FakeOutput({"r1": 1}, state)).saves == []
     side.request_finished("r1")
     assert side.state_sizes()["tracked"] == 0
+
+
+def test_chunks_vllm_recomputes_after_a_failed_load_are_saved_again(engine):
+    """A load fails in the worker (the chunk was corrupt and is deleted; that step saves
+    nothing) and vLLM rolls num_computed_tokens back to the failed block: the scheduler asks
+    for the recomputed chunks again, so the next engine gets the full hit."""
+    side = make_side(engine, partial=True)
+    geometry = ChunkGeometry(CHUNK, BS, BS)
+    req = FakeRequest("r1", tokens(3 * CHUNK + BS + 3, 16))
+    store_ends(engine, req, [CHUNK, 2 * CHUNK])
+    matched, _ = side.matched_tokens(req, 0)
+    assert matched == 2 * CHUNK
+    block_ids = list(range(10, 10 + 14))
+    side.on_alloc(req, block_ids, matched)
+    state = FakeBlockState({"r1": block_ids})
+    req.num_computed_tokens = matched                           # vLLM counts the hit as computed
+    first = side.build_meta(FakeOutput({"r1": req.num_tokens - matched}, state))
+    assert len(first.loads) == 1
+    # The worker found chunk 1 corrupt: vLLM truncates at its first block and recomputes.
+    engine.delete(artifact_key(NS, geometry.name_at(req.block_hashes, 2 * CHUNK)))
+    req.num_computed_tokens = CHUNK
+    again = side.build_meta(FakeOutput({"r1": req.num_tokens - CHUNK}, state))
+    names = [s.name for s in again.saves]
+    assert geometry.name_at(req.block_hashes, 2 * CHUNK) in names
+    assert geometry.name_at(req.block_hashes, 3 * CHUNK) in names
+    assert geometry.name_at(req.block_hashes, 3 * CHUNK + BS) in names   # the partial tail
+    assert [s.block_ids for s in again.saves][0] == block_ids[4:8]
+    assert geometry.name_at(req.block_hashes, CHUNK) not in names        # not recomputed
+    req.num_computed_tokens = req.num_tokens
+    assert side.build_meta(FakeOutput({"r1": 1}, state)).saves == []     # once only
 
 
 def test_events_on_worker_confirmation(engine):
