@@ -18,6 +18,7 @@ from stratacache.adapters.vllm.layerwise import LayerwiseLoad, OpenChunk
 from .test_ops import POISON, stable_seed
 
 L, NB, PAGE = 6, 40, 1024
+ONE_PLANE_EACH = [(l, l + 1) for l in range(L)]      # each layer's page is one contiguous plane
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])
 
@@ -61,7 +62,8 @@ def _layer_ok(layer: torch.Tensor, chunk: OpenChunk, l: int) -> bool:
 def test_each_layer_is_readable_once_waited(device, pinned):
     layers, chunks = _setup(device, pinned, stable_seed(("lw", device, pinned)))
     released: list[bool] = []
-    step = LayerwiseLoad(layers, _opener(chunks, released=released), _every_block(chunks))
+    step = LayerwiseLoad(layers, ONE_PLANE_EACH, _opener(chunks, released=released),
+                         _every_block(chunks))
     step.start()
     for l in range(L):
         step.wait_layer(l)
@@ -79,8 +81,8 @@ def test_chunks_that_fail_to_open_are_reported_and_never_written(device):
     layers, chunks = _setup(device, device == "cuda", 3)
     bad = chunks[1]
     failed_blocks = set(bad.block_ids.tolist())
-    step = LayerwiseLoad(layers, _opener([c for c in chunks if c is not bad], failed_blocks),
-                         _every_block(chunks))
+    step = LayerwiseLoad(layers, ONE_PLANE_EACH, _opener([c for c in chunks if c is not bad],
+                                                         failed_blocks), _every_block(chunks))
     step.start()
     failed, loaded, _ = step.finish()                        # finish without any wait_layer
     assert failed == failed_blocks
@@ -102,7 +104,8 @@ def test_a_copy_fault_releases_every_waiter_and_fails_the_step(device, monkeypat
         return real(*args, **kwargs)
     monkeypatch.setattr(layerwise.ops, "scatter_blocks", flaky)
     released: list[bool] = []
-    step = LayerwiseLoad(layers, _opener(chunks, released=released), _every_block(chunks))
+    step = LayerwiseLoad(layers, ONE_PLANE_EACH, _opener(chunks, released=released),
+                         _every_block(chunks))
     step.start()
     for l in range(L):
         step.wait_layer(l)                                   # never hangs
@@ -116,7 +119,7 @@ def test_a_failing_open_fails_the_whole_step_and_never_hangs():
 
     def broken(leases):
         raise OSError("tier gone")
-    step = LayerwiseLoad(layers, broken, _every_block(chunks))
+    step = LayerwiseLoad(layers, ONE_PLANE_EACH, broken, _every_block(chunks))
     step.start()
     for l in range(L):
         step.wait_layer(l)
@@ -146,7 +149,7 @@ def test_cuda_compute_stream_always_waits_for_the_side_stream(monkeypatch, fail)
     layers, chunks = _setup("cpu", False, 6)
     log: list = []
     compute = _Stream(log, "compute")
-    step = LayerwiseLoad(layers, _opener(chunks), _every_block(chunks))
+    step = LayerwiseLoad(layers, ONE_PLANE_EACH, _opener(chunks), _every_block(chunks))
     step._cuda, step._stream = True, _Stream(log, "side")
     step._events = [f"event{l}" for l in range(L)]
     monkeypatch.setattr(layerwise.torch.cuda, "current_stream", lambda device=None: compute)

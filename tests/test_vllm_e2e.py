@@ -41,7 +41,8 @@ def _tokens(n: int, seed: int) -> list[int]:
 
 # Prefix families: 1024 tokens (4 chunks) each, stored by process A.
 FAM = {name: _tokens(1024, seed) for seed, name in enumerate(
-    ["shared", "diverge", "delete", "corrupt", "garbage", "exact", "layerwise"], start=100)}
+    ["shared", "diverge", "delete", "corrupt", "garbage", "exact", "layerwise", "window",
+     "window_next"], start=100)}
 PROMPTS = {
     "a_shared": FAM["shared"] + _tokens(200, 1),
     "b_shared": FAM["shared"] + _tokens(300, 2),        # 1324 tokens: chunk 4 is stored too
@@ -63,6 +64,14 @@ PROMPTS = {
     "store_lw": FAM["layerwise"] + _tokens(50, 16),
     "hit_lw": FAM["layerwise"] + _tokens(90, 17),
 }
+# A corrupt chunk's request (x) and a second one sharing its prefix (y), admitted in the same
+# engine step and in the next one (y hits x's blocks in vLLM's own prefix cache).
+for _seed, _fam in enumerate(("window", "window_next"), start=10):
+    PROMPTS[f"store_{_fam}"] = FAM[_fam] + _tokens(50, 3 * _seed)
+    PROMPTS[f"{_fam}_x"] = FAM[_fam] + _tokens(60, 3 * _seed + 1)
+    PROMPTS[f"{_fam}_y"] = FAM[_fam] + _tokens(90, 3 * _seed + 2)
+WINDOW_CASES = {"same_step": (["window_x", "window_y"], [0, 0]),
+                "next_step": (["window_next_x", "window_next_y"], [0, 1])}
 # Preemption: 8 concurrent distinct prompts of 600 tokens growing 160 tokens each
 # need 48 blocks of the 40 available, so vLLM must preempt and resume them.
 PREEMPT = [_tokens(600, 20 + i) for i in range(8)]
@@ -71,7 +80,8 @@ PREEMPT_MAX_TOKENS = 160
 INPROCESS_COMPARED = ["exact_chunks", "b_shared", "div_mid_chunk", "diverge_longer", "hit_delete",
                       "hit_corrupt", "hit_garbage", "lw_shared", "hit_lw"]
 STORED_BY_A = ["a_shared", "b_shared", "store_diverge", "store_delete", "store_corrupt",
-               "store_garbage", "store_exact", "store_lw", "unique"]
+               "store_garbage", "store_exact", "store_lw", "store_window", "store_window_next",
+               "unique"]
 
 
 def _run(job: dict, tmp: Path, name: str) -> dict:
@@ -91,6 +101,12 @@ def _run(job: dict, tmp: Path, name: str) -> dict:
 
 def _generate(prompts: list[list[int]], max_tokens: int = 12, batch: bool = False) -> dict:
     return {"op": "generate", "prompts": prompts, "max_tokens": max_tokens, "batch": batch}
+
+
+def _staggered(case: str) -> dict:
+    names, admit = WINDOW_CASES[case]
+    return {"op": "staggered", "prompts": [PROMPTS[n] for n in names], "admit_steps": admit,
+            "max_tokens": 12}
 
 
 def _connector(region: Path, **extra) -> dict:
@@ -117,10 +133,14 @@ def world(tmp_path_factory):
     expected_preempt = [r["tokens"] for r in reference["steps"][1]["results"]]
     reference_inprocess = _run({"model": model, "connector": None, "engine": ENGINE,
                                 "inprocess": True, "steps": [
-                                    _generate([PROMPTS[n] for n in INPROCESS_COMPARED])]},
+                                    _generate([PROMPTS[n] for n in INPROCESS_COMPARED])] +
+                                [_staggered(case) for case in WINDOW_CASES]},
                                tmp, "reference_inprocess")
     expected_inprocess = {n: r["tokens"] for n, r in
                           zip(INPROCESS_COMPARED, reference_inprocess["steps"][0]["results"])}
+    for case, step in zip(WINDOW_CASES, reference_inprocess["steps"][1:]):
+        for name, r in zip(WINDOW_CASES[case][0], step["results"]):
+            expected_inprocess[name] = r["tokens"]
     try:
         yield {"tmp": tmp, "model": model, "region": region, "expected": expected,
                "expected_inprocess": expected_inprocess, "expected_preempt": expected_preempt,
@@ -233,18 +253,21 @@ def test_chunked_prefill_and_preemption_async_loads(world, process_a):
 
 def test_layerwise_loads_keep_outputs_identical_and_recompute_corrupt_chunks(world, process_a):
     """load_mode=layerwise: each layer is copied while earlier layers compute (vLLM calls
-    wait_for_layer_load per attention layer). A chunk corrupted after the lookup is only found
-    after its copy, when its pages are gathered back: vLLM discards that step's output for the
-    request and recomputes, so the tokens are still the reference's."""
+    wait_for_layer_load per attention layer). A chunk corrupted after the lookup is found on
+    its source before any layer of it is copied: vLLM recomputes its blocks, so the tokens are
+    still the reference's, and no corrupt byte was ever in paged memory."""
     report = _run({"model": world["model"],
                    "connector": _connector(world["region"], **{"connector.load_mode": "layerwise"}),
                    "engine": ENGINE, "inprocess": True, "steps": [
+                       {"op": "watch_scatter"},
                        _generate([PROMPTS["lw_shared"]]),
                        {"op": "fault_after_lookup", "action": "corrupt", "chunk": 1},
                        _generate([PROMPTS["hit_lw"]]),
                        {"op": "state"},
                    ]}, world["tmp"], "E")
-    clean, _, corrupt, state = report["steps"]
+    _, clean, _, corrupt, state = report["steps"]
+    # The corrupt chunk was caught on its source: not one of its pages reached paged memory.
+    assert report["scatters_checked"] > 0 and report["corrupt_pages_written"] == 0
     result = clean["results"][0]
     assert result["tokens"] == world["expected_inprocess"]["lw_shared"]
     assert result["metrics_delta"]["vllm:stratacache_hit_tokens"] >= 1024
@@ -255,4 +278,33 @@ def test_layerwise_loads_keep_outputs_identical_and_recompute_corrupt_chunks(wor
     assert result["tokens"] == world["expected_inprocess"]["hit_lw"]
     assert result["metrics_delta"]["vllm:stratacache_load_errors"] == 1
     assert result["metrics_delta"]["vllm:stratacache_load_error_blocks"] >= 2 * CHUNK // 128
+    assert state["worker"]["inflight_loads"] == 0 and state["worker"]["queued_stores"] == 0
+
+
+def test_corrupt_chunk_never_reaches_pages_shared_with_another_request(world, process_a):
+    """Issue 23 item 6 (sync loads, the default): vLLM enters a loading request's blocks in its
+    own prefix cache at allocation, and under the recompute policy keeps them when the load
+    fails. A second request sharing the prefix, admitted in the same step or in the next one,
+    reads those pages. The connector verifies each chunk on its source before copying, so not
+    one corrupt page is ever written (checked at every scatter), both requests give the
+    reference's tokens, and the recomputed chunk is stored again for the next engine."""
+    steps = [{"op": "watch_scatter"}]
+    for case, chunk in (("same_step", 1), ("next_step", 2)):
+        first = WINDOW_CASES[case][0][0]
+        steps += [{"op": "fault_after_lookup", "action": "corrupt", "chunk": chunk},
+                  _staggered(case),
+                  {"op": "contains", "prompt": PROMPTS[first], "chunk": chunk}]
+    steps.append({"op": "state"})
+    report = _run({"model": world["model"], "connector": _connector(world["region"]),
+                   "engine": ENGINE, "inprocess": True, "steps": steps}, world["tmp"], "F")
+    assert report["scatters_checked"] > 0
+    assert report["corrupt_pages_written"] == 0
+    expected = world["expected_inprocess"]
+    results = [s for s in report["steps"] if s["op"] == "staggered"]
+    for case, step in zip(WINDOW_CASES, results):
+        for name, result in zip(WINDOW_CASES[case][0], step["results"]):
+            assert result["tokens"] == expected[name], (case, name)
+    assert [s["stored"] for s in report["steps"] if s["op"] == "contains"] == [True, True]
+    assert report["metrics"]["vllm:stratacache_load_errors"] == 2
+    state = report["steps"][-1]
     assert state["worker"]["inflight_loads"] == 0 and state["worker"]["queued_stores"] == 0

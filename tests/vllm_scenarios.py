@@ -16,6 +16,14 @@ steps can reach the connector objects), steps: a list of
       (in-process only: the next lookup that hits triggers the fault
        between the scheduler's lookup and the worker's load)
   {"op": "state"}   (in-process only: per-request state sizes on both roles)
+  {"op": "staggered", "prompts": [[token ids]...], "admit_steps": [0, 1, ...], "max_tokens": N}
+      (in-process only: prompt i is added before engine step admit_steps[i]; the engine is
+       stepped by hand, so "same step" and "next step" admissions are exact)
+  {"op": "watch_scatter"}   (in-process only: from now on every page a load writes into
+       vLLM's paged memory is checked against the bytes of every "corrupt" fault; the report
+       counts the corrupt pages that reached paged memory)
+  {"op": "contains", "prompt": [token ids], "chunk": i}   (in-process only: after the
+       stores drain, whether that chunk is stored)
 """
 
 from __future__ import annotations
@@ -62,6 +70,32 @@ def _chunk_key(sched_conn, prompt_ids, chunk, hash_fn_name="sha256"):
     return artifact_key(sched_conn._scheduler.namespaces[0], prev.hex())
 
 
+# Page checksums of the payloads "corrupt" faults planted (checked by watch_scatter).
+CORRUPT_PAGES: set[int] = set()
+CORRUPT_WRITES: list[int] = []
+
+
+def _page_sums(data, page_bytes: int) -> set[int]:
+    from stratacache import ops
+
+    return set(ops.chunk_checksums(data.contiguous().view(-1), page_bytes).tolist())
+
+
+def _watch_scatter(worker_conn) -> None:
+    """Wrap ops.scatter_blocks (which every load mode calls) to count pages of corrupt
+    payloads that reach paged memory."""
+    from stratacache import ops
+
+    page_bytes = worker_conn._worker.kv.page_bytes
+    real = ops.scatter_blocks
+
+    def checked(src, block_ids, layers, *args, **kwargs):
+        if CORRUPT_PAGES:
+            CORRUPT_WRITES.append(len(_page_sums(src, page_bytes) & CORRUPT_PAGES))
+        return real(src, block_ids, layers, *args, **kwargs)
+    ops.scatter_blocks = checked
+
+
 def _apply_fault(worker_conn, key, action: str) -> None:
     import torch
 
@@ -77,6 +111,7 @@ def _apply_fault(worker_conn, key, action: str) -> None:
     payload = garbage.view(dtype).view(shape) if shape else garbage
     engine.delete(key)
     if action == "corrupt":      # bytes that do not match the stored checksum
+        CORRUPT_PAGES.update(_page_sums(garbage, worker_conn._worker.kv.page_bytes))
         assert engine.store(key, payload, checksum=checksum)
     elif action == "plant_valid_garbage":   # garbage with a correct checksum: undetectable
         assert engine.store(key, payload)
@@ -145,6 +180,16 @@ def run(job: dict) -> dict:
         elif op == "fault_after_lookup":
             pending_fault = step
             report["steps"].append({"op": op})
+        elif op == "staggered":
+            report["steps"].append({"op": op, "results": _staggered(llm, step)})
+        elif op == "watch_scatter":
+            _watch_scatter(_connector_objects(llm)[1])
+            report["steps"].append({"op": op})
+        elif op == "contains":
+            sched_conn, worker_conn = _connector_objects(llm)
+            worker_conn._worker.drain_saves()
+            key = _chunk_key(sched_conn, step["prompt"], step["chunk"])
+            report["steps"].append({"op": op, "stored": bool(worker_conn._worker.engine.contains(key))})
         elif op == "state":
             sched_conn, worker_conn = _connector_objects(llm)
             worker = worker_conn._worker
@@ -154,7 +199,35 @@ def run(job: dict) -> dict:
         else:
             raise ValueError(f"unknown step op {op!r}")
     report["metrics"] = _metrics(llm)
+    report["corrupt_pages_written"] = sum(CORRUPT_WRITES)
+    report["scatters_checked"] = len(CORRUPT_WRITES)
     return report
+
+
+def _staggered(llm, step: dict) -> list[dict]:
+    """Step the engine by hand, adding prompt i before step admit_steps[i]."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=step.get("max_tokens", 12), ignore_eos=True)
+    base = f"stag{time.monotonic_ns()}"
+    pending = sorted((at, i) for i, at in enumerate(step["admit_steps"]))
+    done: dict[str, object] = {}
+    t = 0
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= t:
+            _, i = pending.pop(0)
+            engine.add_request(f"{base}-{i}", TokensPrompt(prompt_token_ids=step["prompts"][i]),
+                               params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        t += 1
+        assert t < 10_000, "staggered requests never finished"
+    return [{"tokens": list(done[f"{base}-{i}"].outputs[0].token_ids),
+             "num_cached_tokens": done[f"{base}-{i}"].num_cached_tokens}
+            for i in range(len(step["prompts"]))]
 
 
 if __name__ == "__main__":

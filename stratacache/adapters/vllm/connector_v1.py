@@ -138,7 +138,14 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
 
     # ==================== worker side ====================
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        self._worker.register(kv_caches)
+        # The KV cache layout is resolved for certain by now (the tensors exist): derive the
+        # namespace again so the worker's always names the layout the scheduler's names.
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        identity = identity_from_vllm(self._vllm_config, self._kv_cache_config)
+        self._worker.register(kv_caches, num_blocks=int(self._kv_cache_config.num_blocks),
+                              layout=identity.layout,
+                              namespace=identity.namespace(get_tensor_model_parallel_rank()))
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._connector_metadata

@@ -158,20 +158,20 @@ def single_attention_spec(kv_cache_config):
 
 
 def page_layout(vllm_config, spec) -> str:
-    """Name of the byte layout of one page: the backend and, on CPU, the kernel ISA packing."""
+    """Name of the byte layout of one page: the KV spec kind (full attention, MLA, ...), the
+    resolved ``KVCacheLayout`` (the order of layers, blocks, heads, tokens and content in
+    memory), the attention backend and, on CPU, the kernel ISA packing. Pages whose layout
+    names differ never exchange bytes."""
     from vllm.platforms import current_platform
 
     device = str(current_platform.device_type)
+    kv_layout = getattr(vllm_config.cache_config, "kv_cache_layout", None) or "unresolved"
+    kind = type(spec).__name__
     if device == "cpu":
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
         isa = _get_attn_isa(vllm_config.model_config.dtype, spec.block_size, spec.head_size,
                             vllm_config.cache_config.cache_dtype)
-        return f"cpu_attn/{isa}"
-    try:
-        from vllm.v1.attention.backends.utils import get_kv_cache_layout
-        layout = str(get_kv_cache_layout())
-    except Exception:
-        layout = "default"
+        return f"cpu_attn/{isa}/{kv_layout}/{kind}"
     backend = getattr(vllm_config.attention_config, "backend", None) if hasattr(
         vllm_config, "attention_config") else None
-    return f"{device}/{backend or 'auto'}/{layout}"
+    return f"{device}/{backend or 'auto'}/{kv_layout}/{kind}"

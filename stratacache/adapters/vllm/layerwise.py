@@ -8,7 +8,8 @@ layer ``l`` only has to be in paged memory by then; the loads of layers
    one load routine, ``open_chunks``): a corrupt chunk never reaches paged
    memory, which vLLM may already share with other requests;
 2. it copies layer ``l`` of every verified chunk (``scatter_blocks`` on the
-   layer slice ``payload[:, l:l+1]``, no extra copy) before layer ``l+1``:
+   slice of the payload holding that layer's planes, ``payload[:, first:end]``,
+   no extra copy) before layer ``l+1``:
 
    * on CUDA it issues the copies on a side stream (after the work already
      queued on the compute stream) and records one event per layer;
@@ -55,20 +56,22 @@ class LayerwiseLoad:
 
     ``open_chunks(leases)`` leases and verifies the step's chunks (leases held by
     ``leases``) and returns the good ones and the block ids of the bad ones;
-    ``all_blocks`` are reported when the copies themselves fail."""
+    ``all_blocks`` are reported when the copies themselves fail. ``layers`` are the
+    planes the ops copy; ``layer_planes[l]`` is the [first, end) range of layer l's planes."""
 
-    def __init__(self, layers: list[torch.Tensor], open_chunks: OpenChunks,
-                 all_blocks: set[int]) -> None:
+    def __init__(self, layers: list[torch.Tensor], layer_planes: list[tuple[int, int]],
+                 open_chunks: OpenChunks, all_blocks: set[int]) -> None:
         self.layers = layers
+        self._layer_planes = layer_planes
         self.chunks: list[OpenChunk] = []
         self._open_chunks = open_chunks
         self._all_blocks = all_blocks
         self._failed: set[int] = set()
         self._leases = ExitStack()
-        self._copied = [threading.Event() for _ in layers]   # layer l issued (CUDA) / done (CPU)
+        self._copied = [threading.Event() for _ in layer_planes]   # issued (CUDA) / done (CPU)
         self._cuda = layers[0].is_cuda
         self._stream = torch.cuda.Stream(layers[0].device) if self._cuda else None
-        self._events = [torch.cuda.Event() for _ in layers] if self._cuda else []
+        self._events = [torch.cuda.Event() for _ in layer_planes] if self._cuda else []
         self._timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
             if self._cuda else None
         self._error: Optional[BaseException] = None
@@ -101,9 +104,10 @@ class LayerwiseLoad:
             self._seconds = time.perf_counter() - t0
 
     def _copy_layers(self) -> None:
-        for l, layer in enumerate(self.layers):
+        for l, (first, end) in enumerate(self._layer_planes):
             for chunk in self.chunks:
-                ops.scatter_blocks(chunk.src[:, l:l + 1], chunk.block_ids, [layer])
+                ops.scatter_blocks(chunk.src[:, first:end], chunk.block_ids,
+                                   self.layers[first:end])
             if self._cuda:
                 self._events[l].record(self._stream)
             self._copied[l].set()

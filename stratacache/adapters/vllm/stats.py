@@ -13,10 +13,13 @@ import threading
 import time
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
-    KVConnectorPromMetrics,
-    KVConnectorStats,
-)
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+    )
+except ImportError:  # the worker's data path runs without vLLM (GPU checks): only the
+    KVConnectorPromMetrics = KVConnectorStats = object   # counters are used then
 
 COUNTERS: dict[str, str] = {
     # scheduler side

@@ -28,6 +28,7 @@ Page bytes are opaque: a chunk payload is ``uint8 [blocks, layers, page_bytes]``
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -54,12 +55,31 @@ logger = logging.getLogger("vllm.stratacache")
 
 
 class PagedKV:
-    """The registered paged KV memory: one tensor per distinct layer, same page size."""
+    """The registered paged KV memory, as the planes the ops copy.
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        seen: dict[int, str] = {}
-        layers: list[torch.Tensor] = []
+    vLLM 0.32 hands one tensor per layer, ``[num_blocks, ...]`` in whichever
+    ``KVCacheLayout`` the backends resolved (``LBHNC``, ``LBNHC``, ``LHBNC``,
+    ``BLHNC``, ``BLNHC``, ``BHLNC``; MLA's single latent plane; any dtype,
+    fp8 included), possibly split into kernel blocks. Each layer's page (one
+    block of it) is cut into its fewest contiguous byte runs, found from the
+    strides: one run when the page is block-contiguous (every layout but
+    ``LHBNC`` and ``BHLNC``, whose pages are one run per KV head). Each run is a
+    *plane*: a ``uint8 [num_blocks, plane_bytes]`` view with contiguous rows,
+    which is what ``ops.gather_blocks`` / ``ops.scatter_blocks`` take as a layer.
+    A chunk payload is ``[blocks, planes, plane_bytes]``; the layout is part of
+    the KV namespace, so payloads only ever meet pages of the same layout.
+    """
+
+    # Runs per page beyond which copying run by run would be a pathological layout.
+    MAX_RUNS_PER_PAGE = 1024
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: Optional[int] = None,
+                 layout: str = "unknown layout") -> None:
+        seen: dict[int, int] = {}
+        self.planes: list[torch.Tensor] = []
+        self.layer_planes: list[tuple[int, int]] = []   # distinct layer -> [first, end) plane
         self.index_of: dict[str, int] = {}   # every layer name -> index of its (shared) tensor
+        self.names: list[str] = []
         for name, tensor in kv_caches.items():
             if not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"StrataCache: KV cache of layer {name} is a "
@@ -67,31 +87,66 @@ class PagedKV:
             ptr = tensor.data_ptr()
             if ptr in seen:
                 # a layer sharing another layer's KV (cross-layer sharing)
-                self.index_of[name] = self.index_of[seen[ptr]]
+                self.index_of[name] = seen[ptr]
                 continue
-            seen[ptr] = name
-            self.index_of[name] = len(layers)
-            layers.append(tensor)
-        if not layers:
+            seen[ptr] = self.index_of[name] = len(self.layer_planes)
+            self.names.append(name)
+            planes = _page_planes(tensor, num_blocks, name, layout)
+            self.layer_planes.append((len(self.planes), len(self.planes) + len(planes)))
+            self.planes.extend(planes)
+        if not self.planes:
             raise ValueError("StrataCache: register_kv_caches received no KV cache tensors")
-        first = layers[0]
+        first = self.planes[0]
         self.num_blocks = first.shape[0]
-        self.page_bytes = first[0].numel() * first.element_size()
-        for name, tensor in zip(seen.values(), layers):
-            page = tensor[0]
-            if tensor.shape[0] != self.num_blocks or page.numel() * tensor.element_size() != \
-                    self.page_bytes or not page.is_contiguous():
+        self.page_bytes = first.shape[1]     # bytes of one plane of one block
+        for (start, _), name in zip(self.layer_planes, self.names):
+            plane = self.planes[start]
+            if plane.shape != first.shape:
                 raise ValueError(
-                    f"StrataCache: layer {name} KV tensor {tuple(tensor.shape)} {tensor.dtype} does "
-                    f"not have {self.num_blocks} contiguous pages of {self.page_bytes} bytes")
-        self.layers = layers
-        self.names = list(seen.values())
+                    f"StrataCache: layer {name} ({layout}) has {plane.shape[0]} blocks of "
+                    f"{plane.shape[1]}-byte runs, but layer {self.names[0]} has "
+                    f"{first.shape[0]} of {first.shape[1]}")
+        self.layers = self.planes             # what the ops take as their layers
         self.device = first.device
 
     @property
     def block_bytes(self) -> int:
         """Bytes of one block across all layers (one row of a chunk payload)."""
-        return len(self.layers) * self.page_bytes
+        return len(self.planes) * self.page_bytes
+
+
+def _page_planes(tensor: torch.Tensor, num_blocks: Optional[int], name: str,
+                 layout: str) -> list[torch.Tensor]:
+    """The contiguous byte runs of every page of one layer, as ``[num_blocks, run]`` uint8 views
+    (in the page's memory order), or a clear error naming the layer and the layout."""
+    t = tensor
+    if num_blocks and t.dim() >= 1 and t.shape[0] != num_blocks and t.shape[0] % num_blocks == 0:
+        t = t.unflatten(0, (num_blocks, -1))   # kernel blocks: one manager block is several
+    where = f"layer {name} KV tensor {tuple(tensor.shape)} strides {tuple(tensor.stride())} " \
+            f"{tensor.dtype} ({layout})"
+    if t.dim() < 2 or t.shape[0] < 1 or t[0].numel() == 0:
+        raise ValueError(f"StrataCache: {where} has no [num_blocks, page...] shape")
+    dims = sorted(((t.stride(d), t.shape[d]) for d in range(1, t.dim()) if t.shape[d] != 1),
+                  reverse=True)
+    if any(stride <= 0 for stride, _ in dims) or (t.shape[0] > 1 and t.stride(0) <= 0):
+        raise ValueError(f"StrataCache: {where} has overlapping elements")
+    run = 1                                   # elements of the innermost contiguous run
+    while dims and dims[-1][0] == run:
+        run *= dims.pop()[1]
+    n_runs = math.prod(size for _, size in dims)
+    if run == 1 and dims or n_runs > PagedKV.MAX_RUNS_PER_PAGE:
+        raise ValueError(f"StrataCache: {where}: a page is {n_runs} runs of {run} elements; "
+                         f"this layout cannot be copied by pages (at most "
+                         f"{PagedKV.MAX_RUNS_PER_PAGE} contiguous runs per page)")
+    offsets = [0]
+    for stride, size in dims:                 # outer dims, outermost first
+        offsets = [o + i * stride for o in offsets for i in range(size)]
+    planes = []
+    for offset in offsets:
+        plane = torch.as_strided(t, (t.shape[0], run), (t.stride(0), 1),
+                                 t.storage_offset() + offset)
+        planes.append(plane.view(torch.uint8))
+    return planes
 
 
 class DeviceFence:
@@ -401,15 +456,20 @@ class WorkerSide:
         self._closed = False
 
     # ---- setup ---------------------------------------------------------
-    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.kv = PagedKV(kv_caches)
+    def register(self, kv_caches: dict[str, torch.Tensor], num_blocks: Optional[int] = None,
+                 layout: str = "unknown layout", namespace: Optional[str] = None) -> None:
+        """Take vLLM's KV tensors (``num_blocks``: manager blocks, when vLLM split them into
+        kernel blocks; ``namespace``: the KV namespace now that the layout is resolved)."""
+        if namespace is not None:
+            self.namespace = namespace
+        self.kv = PagedKV(kv_caches, num_blocks, layout)
         fence = DeviceFence(self.kv.device)
         self._loads.kv = self.kv
         self._loads.fence = fence
         self._saver.bind(self.kv, fence)
-        logger.info("StrataCache: registered %d KV layers, %d blocks of %d bytes per layer page, "
-                    "namespace %s", len(self.kv.layers), self.kv.num_blocks, self.kv.page_bytes,
-                    self.namespace)
+        logger.info("StrataCache: registered %d KV layers (%s) as %d planes, %d blocks of %d "
+                    "bytes per plane, namespace %s", len(self.kv.layer_planes), layout,
+                    len(self.kv.planes), self.kv.num_blocks, self.kv.page_bytes, self.namespace)
         # Hits read persisted chunks out of the shared region; map their pages now,
         # off the hit path, while vLLM finishes starting up.
         self.engine.start_prefault()
@@ -456,7 +516,7 @@ class WorkerSide:
 
         every_block = {b for load in loads for b in load.block_ids}
         try:
-            step = LayerwiseLoad(self.kv.layers, open_all, every_block)
+            step = LayerwiseLoad(self.kv.planes, self.kv.layer_planes, open_all, every_block)
             step.start()
         except Exception:  # e.g. no CUDA stream to be had: the step's loads become misses
             logger.exception("StrataCache: starting layer-wise loads failed")
