@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# GPU check of the native ops, in one call (about 3-5 minutes, under 8):
+# GPU check of the native ops and the connector's data path, in one call (about 4-6
+# minutes, under 8):
 #   1. build stratacache._C with the CUDA kernels (torch with CUDA + nvcc),
-#   2. run every @pytest.mark.gpu test,
-#   3. benchmark the CUDA paths (UVA kernel, staging + DMA, per-page
+#   2. the op tests on CUDA (every host path, segments, zero-byte, partly pinned ranges,
+#      pinned buffers dropped mid-copy) and the layer-wise loads on CUDA,
+#   3. the KV layout suite on CUDA: the worker's save and load (no vLLM needed) with caches
+#      built like vLLM's model runner does, in every KVCacheLayout, MLA and fp8,
+#   4. one compute-sanitizer memcheck of a small save + load,
+#   5. benchmark the CUDA paths (UVA kernel, staging + DMA, per-page
 #      cudaMemcpyAsync loop, contiguous pinned copy ceiling; 16/64/256 KiB
 #      pages, 32 and 80 layers; matmul slowdown during each path),
-#   4. print a short table last.
+#   6. print a short table last; exit 0 only when every check passed.
 # Made for a GPU machine with torch (CUDA build), nvcc, pytest and no network:
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (JSON + logs go to OUT_DIR)
 set -euo pipefail
@@ -38,22 +43,39 @@ start=$(date +%s)
 "$PY" -c 'import torch, stratacache.ops as o; assert torch._C._dispatch_has_kernel_for_dispatch_key("stratacache::gather_blocks", "CUDA"), "CUDA kernels not registered"'
 echo "   built in $(( $(date +%s) - start )) s" >&2
 
-echo "== GPU tests" >&2
-mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/test_*.py)
-test_rc=0
-"$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}" > "$OUT/pytest.log" 2>&1 || test_rc=$?
-tail -15 "$OUT/pytest.log"
-
-echo "== benchmark" >&2
-bench_rc=0
-"$PY" benchmarks/bench_ops.py --device cuda --repeat 10 --json "$OUT/bench_cuda.json" > "$OUT/bench.log" 2>&1 \
-  || { bench_rc=$?; tail -30 "$OUT/bench.log"; }
+declare -a ROWS=()
+failed=0
+# check NAME LOG COMMAND...: run one check, record its status and time for the table.
+check() {
+  local name=$1 log=$2 t0 rc=0
+  shift 2
+  t0=$(date +%s)
+  echo "== $name" >&2
+  "$@" > "$OUT/$log" 2>&1 || rc=$?
+  tail -5 "$OUT/$log" >&2
+  local status=ok
+  if [ "$rc" != 0 ]; then status="FAILED (rc $rc, $OUT/$log)"; failed=1; fi
+  ROWS+=("$(printf '%-34s %6ss  %s' "$name" "$(( $(date +%s) - t0 ))" "$status")")
+}
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -m gpu)
+check "op tests on CUDA" pytest_ops.log "${PYTEST[@]}" tests/test_ops_cuda.py tests/test_layerwise.py
+check "layout suite + worker on CUDA" pytest_layouts.log "${PYTEST[@]}" tests/test_kv_layouts.py
+SANITIZER=${COMPUTE_SANITIZER:-$CUDA_HOME/bin/compute-sanitizer}
+if [ -x "$SANITIZER" ]; then
+  check "compute-sanitizer memcheck" sanitizer.log timeout 300 "$SANITIZER" --tool memcheck \
+    --error-exitcode 9 --target-processes all "${PYTEST[@]}" tests/test_kv_layouts.py \
+    -k "round_trips_byte_exact and LHBNC and bf16 and cuda"
+else
+  ROWS+=("$(printf '%-34s %6ss  %s' "compute-sanitizer memcheck" 0 "FAILED (no $SANITIZER)")")
+  failed=1
+fi
+check "benchmark (bench_ops --device cuda)" bench.log \
+  "$PY" benchmarks/bench_ops.py --device cuda --repeat 10 --json "$OUT/bench_cuda.json"
 
 echo
 echo "== summary ($(( $(date +%s) - start )) s)"
-grep -E "passed|failed|error" "$OUT/pytest.log" | tail -1
 if [ -f "$OUT/bench_cuda.json" ]; then
-  "$PY" - "$OUT/bench_cuda.json" <<'PY'
+  "$PY" - "$OUT/bench_cuda.json" <<'PY' || failed=1
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(r["device"])
@@ -66,4 +88,10 @@ for row in r["table"]:
 print(json.dumps(r["summary"]))
 PY
 fi
-[ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]
+echo
+printf '%-34s %7s  %s\n' "check" "time" "result"
+for row in "${ROWS[@]}"; do echo "$row"; done
+for log in pytest_ops.log pytest_layouts.log; do
+  printf '  %-20s %s\n' "$log" "$(grep -E "passed|failed|error" "$OUT/$log" | tail -1)"
+done
+exit "$failed"

@@ -1,8 +1,10 @@
 """Every op on CUDA against the pure-torch reference (GPU machines only).
 
 Covers both host paths (UVA through pinned memory, staging + DMA), a device
-flat buffer, fused checksums equal to the CPU's checksum64, verified scatter
-and the token layouts.
+flat buffer, fused checksums equal to the CPU's checksum64, verified scatter,
+the token layouts, pages larger than one warp's 32 KiB segment, zero-byte
+transfers, host ranges only partly page-locked (must stage, never fault), and
+torch-pinned buffers dropped while a copy of them is still queued.
 """
 
 import pytest
@@ -67,7 +69,8 @@ def test_block_ops_on_cuda_match_reference(case, where, transfer):
     for got, w in zip(buf_layers, want):
         assert torch.equal(got.cpu().reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8))
     if n:
-        bad = src.clone()
+        bad = src.clone()                                    # clone() does not keep the pin
+        bad = bad.pin_memory() if where == "pinned" else bad
         bad[0] ^= 1
         ok = ops.scatter_blocks(bad, ids, buf_layers, cb, good, transfer=transfer).cpu()
         assert not bool(ok[0]) and bool(ok[1:].all())
@@ -131,8 +134,9 @@ def test_cuda_bad_input_names_the_argument():
     out = torch.empty(2 * 2 * 256, dtype=torch.uint8, pin_memory=True)
     with pytest.raises(IndexError, match="block_ids\\[1\\] = 9"):
         ops.gather_blocks(layers, torch.tensor([0, 9]), out)
-    with pytest.raises(ValueError, match="transfer='uva' needs out"):
-        ops.gather_blocks(layers, torch.tensor([0, 1]), torch.empty(1024, dtype=torch.uint8), transfer="uva")
+    with pytest.raises(ValueError, match="transfer='uva' needs all 1024 bytes of out"):
+        ops.gather_blocks(layers, torch.tensor([0, 1]), torch.empty(2 * 2 * 256, dtype=torch.uint8),
+                          transfer="uva")
     with pytest.raises(ValueError, match="transfer must be"):
         ops.gather_blocks(layers, torch.tensor([0, 1]), out, transfer="dma")
     with pytest.raises(ValueError, match="out is too small"):
@@ -148,3 +152,92 @@ def test_opcheck_on_cuda():
     torch.library.opcheck(torch.ops.stratacache.scatter_blocks.default, (out, ids, layers, 2, sums, "auto"))
     torch.library.opcheck(torch.ops.stratacache.checksum64.default, (out,))
     torch.library.opcheck(torch.ops.stratacache.chunk_checksums.default, (out, 100))
+
+
+@pytest.mark.parametrize("transfer", ["uva", "staging", "auto"])
+def test_zero_byte_transfers_return_at_once(transfer):
+    """An empty pinned tensor has no address (pin_memory() of it is a null pointer): a transfer
+    of no bytes returns before choosing a host path."""
+    layers = [torch.zeros(4, 64, dtype=torch.uint8, device=DEV) for _ in range(2)]
+    none = torch.empty(0, dtype=torch.int64)
+    empty = torch.empty(0, dtype=torch.uint8).pin_memory()
+    sums = ops.gather_blocks(layers, none, empty, 2, transfer=transfer)
+    assert sums.shape == (0,)
+    ok = ops.scatter_blocks(empty, none, layers, 2, torch.empty(0, dtype=torch.int64), transfer=transfer)
+    assert ok.shape == (0,)
+
+
+@pytest.mark.parametrize("page", [32 * 1024, 100 * 1024 + 16, 3 * 32 * 1024 + 8])
+@pytest.mark.parametrize("where", ["pinned", "device"])
+def test_pages_larger_than_a_warp_segment(page, where):
+    """Pages are split into 32 KiB warp segments: bytes and fused checksums stay exact."""
+    gen = torch.Generator().manual_seed(stable_seed(("segments", page, where)))
+    L, nb, n, cb = 3, 9, 7, 2
+    layers = [torch.randint(0, 256, (nb, page), dtype=torch.uint8, generator=gen).to(DEV) for _ in range(L)]
+    ids = torch.randperm(nb, generator=gen)[:n]
+    out = flat(n * L * page, where)
+    sums = ops.gather_blocks(layers, ids, out, cb)
+    torch.cuda.synchronize()
+    ref, ref_sums = ops.ref_gather_blocks([t.cpu() for t in layers], ids, cb)
+    assert torch.equal(out.cpu(), ref.reshape(-1))
+    assert [int(s) & ops.MASK64 for s in sums.cpu()] == ref_sums
+    fresh = [torch.zeros_like(t) for t in layers]
+    ok = ops.scatter_blocks(out, ids, fresh, cb, sums.cpu())
+    torch.cuda.synchronize()
+    assert bool(ok.all())
+    for f, t in zip(fresh, layers):
+        assert torch.equal(f[ids.to(DEV)].cpu(), t[ids.to(DEV)].cpu())
+
+
+def _page_aligned_host(nbytes: int) -> torch.Tensor:
+    raw = torch.zeros(nbytes + 4096, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % 4096
+    return raw[skip:skip + nbytes]
+
+
+def test_a_host_range_only_partly_page_locked_is_staged_never_read_through_uva():
+    """The first byte is registered, the last is not (an object straddling the end of a pinned
+    arena piece): 'auto' must stage (a UVA read would be a sticky illegal-address fault) and
+    'uva' must refuse, naming the range."""
+    L, nb, page, n = 2, 8, 64 * 1024, 6
+    layers = [torch.randint(0, 256, (nb, page), dtype=torch.uint8).to(DEV) for _ in range(L)]
+    host = _page_aligned_host(n * L * page)
+    half = (host.numel() // 2) // 4096 * 4096
+    cudart = torch.cuda.cudart()
+    assert int(cudart.cudaHostRegister(host.data_ptr(), half, 0)) == 0
+    try:
+        ids = torch.arange(n)
+        with pytest.raises(ValueError, match="needs all .* bytes of out in one pinned"):
+            ops.gather_blocks(layers, ids, host, transfer="uva")
+        ops.gather_blocks(layers, ids, host, transfer="auto")
+        torch.cuda.synchronize()
+        ref, _ = ops.ref_gather_blocks([t.cpu() for t in layers], ids)
+        assert torch.equal(host, ref.reshape(-1))
+        fresh = [torch.zeros_like(t) for t in layers]
+        ops.scatter_blocks(host, ids, fresh, transfer="auto")
+        torch.cuda.synchronize()
+        assert all(torch.equal(f[:n].cpu(), t[:n].cpu()) for f, t in zip(fresh, layers))
+    finally:
+        assert int(cudart.cudaHostUnregister(host.data_ptr())) == 0
+
+
+@pytest.mark.parametrize("transfer", ["uva", "staging"])
+def test_a_dropped_pinned_source_is_not_recycled_while_its_copy_is_queued(transfer):
+    """The scatter is queued behind a long kernel; the torch-pinned source is dropped and a new
+    pinned tensor of the same size is written at once. Recorded with the caching host
+    allocator for the stream, the old block is not handed out again until the copy ran, so the
+    pages get the original bytes."""
+    L, nb, page, n = 2, 16, 16 * 1024, 12
+    layers = [torch.zeros(nb, page, dtype=torch.uint8, device=DEV) for _ in range(L)]
+    payload = torch.randint(0, 256, (n, L, page), dtype=torch.uint8)
+    src = payload.clone().pin_memory()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)                       # keeps the stream busy ~0.1 s
+        ops.scatter_blocks(src, torch.arange(n), layers, transfer=transfer)
+    del src
+    reuse = torch.empty((n, L, page), dtype=torch.uint8).pin_memory()
+    reuse.fill_(0x5A)
+    stream.synchronize()
+    for l, layer in enumerate(layers):
+        assert torch.equal(layer[:n].cpu(), payload[:, l])
