@@ -53,6 +53,21 @@ struct TokenPlan {
 
 enum class Direction { kGather, kScatter };
 
+// The device address through which a kernel may read or write the host bytes
+// [p, p + nbytes) (unified virtual addressing), or null when it must not: unless
+// the first and the last byte are both page-locked and map to one contiguous
+// device range. An allocation that straddles a registered and an unregistered
+// piece (or two registrations apart in device space) is then staged instead of
+// faulting the CUDA context. `device_of(const void*)` returns one byte's device
+// address, null when the byte is not page-locked (cudaPointerGetAttributes).
+template <class DeviceOf>
+uint8_t* uva_range_of(const uint8_t* p, int64_t nbytes, DeviceOf&& device_of) {
+  uint8_t* first = device_of(p);
+  if (first == nullptr || nbytes <= 1) return first;
+  uint8_t* last = device_of(p + nbytes - 1);
+  return last == first + (nbytes - 1) ? first : nullptr;
+}
+
 // Pages are copied in segments of at most this many bytes (a multiple of 8,
 // so a segment boundary is a checksum word boundary) so that a few large
 // pages still spread over all threads.

@@ -202,16 +202,9 @@ uint8_t* uva_byte(const void* p) {
   return static_cast<uint8_t*>(attr.devicePointer);
 }
 
-// Device view of the bytes [data_ptr, data_ptr + nbytes) of a host buffer, or null
-// unless both its first and its last byte are page-locked and map to one contiguous
-// device range (a range straddling a registered and an unregistered piece, or two
-// separate registrations, must be staged: a UVA read of it would fault the context).
+// Device view of the bytes [data_ptr, data_ptr + nbytes) of a host buffer (see uva_range_of).
 uint8_t* uva_range(const at::Tensor& flat, int64_t nbytes) {
-  auto* first = static_cast<const uint8_t*>(flat.data_ptr());
-  uint8_t* dev_first = uva_byte(first);
-  if (dev_first == nullptr || nbytes <= 1) return dev_first;
-  uint8_t* dev_last = uva_byte(first + nbytes - 1);
-  return dev_last == dev_first + (nbytes - 1) ? dev_first : nullptr;
+  return uva_range_of(static_cast<const uint8_t*>(flat.data_ptr()), nbytes, uva_byte);
 }
 
 // Host bytes a kernel or DMA addresses: from data_ptr to the end of the last block row.
