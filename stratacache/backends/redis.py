@@ -44,6 +44,7 @@ import torch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from stratacache.config.schema import redis_url_problem
 from stratacache.core.artifact import Artifact, ArtifactMeta, CorruptArtifact
 from stratacache.core.keys import ArtifactKey
 from stratacache.ops import checksum64
@@ -139,9 +140,9 @@ class RedisMemoryLayer:
                  key_prefix: str = "sc:",
                  verify: bool = True):
         """``verify``: check each loaded payload against its stored checksum."""
-        if not re.match(r"^(redis|rediss|unix)://", url or ""):
-            raise RedisTierConfigError(f"tiers.redis.url: {url!r} is not a redis://, rediss:// "
-                                       "or unix:// URL")
+        problem = redis_url_problem(url) if isinstance(url, str) else f"{url!r} is not a URL"
+        if problem:
+            raise RedisTierConfigError(f"tiers.redis.url: {problem}")
         if bool(tls_cert_file) != bool(tls_key_file):
             raise RedisTierConfigError("tiers.redis.tls_cert_file and tls_key_file must be "
                                        "given together (client certificate and its key)")

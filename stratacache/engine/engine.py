@@ -168,7 +168,8 @@ class StorageEngine:
 
     def store(self, key: ArtifactKey, payload, *, checksum: Optional[int] = None,
               tier: Optional[str] = None, mode: str = "chain") -> bool:
-        """True once stored in the first target tier (acknowledged)."""
+        """True once stored in the first target tier that takes it and in every tier its
+        write_through links lead to (acknowledged); False if any of them refused it."""
         start = 0 if tier is None and mode == "chain" else self._order(mode, tier)[0]
         data, meta = _prepare(key, payload, checksum)
         ok = self.chain.store(key, data, meta, start=start, only=(mode == "exact"))

@@ -3,7 +3,8 @@
 Tiers are ordered fastest first. Link ``i`` joins tier ``i`` to tier ``i + 1``
 and follows tier ``i``'s ``write_policy``:
 
-* ``write_through``: a store reaches tier ``i + 1`` before it is acknowledged.
+* ``write_through``: a store reaches tier ``i + 1`` before it is acknowledged;
+  one that tier ``i + 1`` refuses is reported as not stored (False).
 * ``write_back``: the store is acknowledged by tier ``i``; the object is marked
   dirty and the flusher writes it down (then continues down the chain).
 
