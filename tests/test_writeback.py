@@ -330,3 +330,37 @@ def test_write_through_store_whose_disk_dir_was_replaced_by_a_file_is_not_acknow
     assert e.store(K(1), body(1)) is False
     assert e.store_many([(K(2), body(2)), (K(3), body(3))]) == [False, False]
     e.close()
+
+
+_FORKER = r"""
+import os, sys, torch
+from stratacache.backends.disk import DiskMemoryLayer, DiskTierError
+from stratacache.core.keys import ArtifactKey
+from stratacache.engine import StorageEngine
+path = sys.argv[1]
+eng = StorageEngine.from_config(overrides={
+    "tiers.cpu.capacity": "16MiB", "tiers.cpu.write_policy": "write_back",
+    "tiers.shared.enabled": False, "tiers.disk.enabled": True, "tiers.disk.path": path,
+    "tiers.disk.capacity": "16MiB"})
+assert eng.store(ArtifactKey("kv", "fork", "a"), torch.zeros(1000, dtype=torch.uint8))
+assert eng.flush()
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)            # the child exits normally: its atexit hooks run
+os.waitpid(pid, 0)
+try:
+    DiskMemoryLayer(path, 1 << 20).close()
+    print("lock lost")
+except DiskTierError:
+    print("lock held")
+"""
+
+
+def test_exit_hook_of_a_forked_child_leaves_the_parents_tiers_alone(tmp_path):
+    """A child made by os.fork() inherits the parent's open chains; its exit must not close
+    them (that would drop the parent's disk-directory lock under it)."""
+    env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _FORKER, str(tmp_path / "d")], capture_output=True,
+                         text=True, timeout=120, env=env, cwd=_ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["lock", "held"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import logging
+import os
 import threading
 import time
 import weakref
@@ -88,6 +89,7 @@ class TierChain:
                                         max_dirty_bytes=max_dirty_bytes)
         self._closed: Optional[bool] = None   # close()'s result once closed
         self._close_lock = threading.Lock()
+        self._owner_pid = os.getpid()
         _OPEN_CHAINS.add(self)
         self._errors = {t.name: 0 for t in self.tiers}
         self._err_lock = threading.Lock()
@@ -303,4 +305,5 @@ _OPEN_CHAINS: "weakref.WeakSet[TierChain]" = weakref.WeakSet()
 @atexit.register
 def _close_open_chains() -> None:
     for chain in list(_OPEN_CHAINS):
-        chain.close()
+        if chain._owner_pid == os.getpid():   # a forked child's copies are its parent's
+            chain.close()
