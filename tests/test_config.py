@@ -165,3 +165,101 @@ def test_docs_config_table_is_current():
     from stratacache.config import config_table_markdown
     docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "config.md")).read()
     assert config_table_markdown() in docs, "docs/config.md is stale: regenerate its table"
+
+
+# -- issue 24: configs that `config check` called valid but the engine could not start,
+# and values that were silently taken wrong. Each is refused naming the key, by the one
+# validation that `stratacache config check` and the engine both run.
+HOSTILE = [
+    ("tiers: {cpu: {capacity: 1000000TiB}}", ["tiers.cpu.capacity", "cannot be reserved on this host"]),
+    ("tiers: {shared: {max_objects: 4000000000}}", ["tiers.shared.max_objects", "4000000000",
+                                                     "maximum 1073741824"]),
+    ("tiers: {redis: {url: 'redis://localhost:99999'}}", ["tiers.redis.url", "99999"]),
+    ("tiers: {redis: {url: 'redis://localhost:6379/notanumber'}}", ["tiers.redis.url", "'notanumber'",
+                                                                    "not a number"]),
+    ("tiers: {redis: {url: 'redis://:::@@/x'}}", ["tiers.redis.url", "no valid host"]),
+    ("tiers: {redis: {url: 'redis://a:6379/0,redis://b:0/0'}}", ["tiers.redis.url", "port 0"]),
+    ("tiers: {cpu: {capacity: '1.5'}}", ["tiers.cpu.capacity", "'1.5'", "whole number"]),
+    ("tiers: {disk: {capacity: '2.5B'}}", ["tiers.disk.capacity", "'2.5B'", "whole number"]),
+    ("tiers: {cpu: {capacity: 9EiB}}", ["tiers.cpu.capacity", "9EiB"]),
+    ("tiers: {cpu: {capacity: 1GiB, capacity: 2GiB}}", ["duplicate key 'capacity'", "line 1"]),
+    ("tiers:\n  disk: {enabled: true}\n  disk: {enabled: false}\n", ["duplicate key 'disk'", "line 2"]),
+    ("tiers: {shared: {path: relative/stratacache.region}}", ["tiers.shared.path", "relative path"]),
+    ("tiers: {disk: {path: cache/disk}}", ["tiers.disk.path", "relative path"]),
+    ("tiers: {disk: {path: '$SC_TEST_SURELY_UNSET/x'}}", ["tiers.disk.path", "$SC_TEST_SURELY_UNSET",
+                                                          "not set"]),
+    ("tiers: {shared: {path: '${SC_TEST_SURELY_UNSET}/r'}}", ["tiers.shared.path", "not set"]),
+    ("tiers: {shared: {file_mode: '0000'}}", ["tiers.shared.file_mode", "'0000'", "owner"]),
+    ("tiers: {shared: {file_mode: '0644'}}", ["tiers.shared.file_mode", "'0644'", "all users"]),
+    ("tiers: {shared: {file_mode: '0200'}}", ["tiers.shared.file_mode", "owner"]),
+]
+
+
+@pytest.mark.parametrize("text,words", HOSTILE, ids=[h[0][:48] for h in HOSTILE])
+def test_hostile_config_is_refused_naming_the_key(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    for w in words:
+        assert w in str(info.value), f"{w!r} missing from {str(info.value)!r}"
+    from stratacache.engine import StorageEngine
+    with pytest.raises(ConfigError) as info:          # the engine runs the same validation
+        StorageEngine.from_config(path)
+    assert words[0] in str(info.value)
+
+
+def test_config_check_cli_refuses_what_the_engine_cannot_start(tmp_path):
+    """`stratacache config check` (a real process) says invalid, naming the key, for every
+    hostile config, and for a non-UTF-8 file names the file; never a traceback."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("SC_TEST_SURELY_UNSET", None)
+    cases = [(write(tmp_path, text, f"h{i}.yaml"), words) for i, (text, words) in enumerate(HOSTILE)]
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("tiers:\n  disk:\n    path: /tmp/caf\u00e9\n".encode("latin-1"))
+    cases.append((str(latin1), ["latin1.yaml", "not UTF-8", "line 3"]))
+    for path, words in cases:
+        res = subprocess.run([sys.executable, "-m", "stratacache.cli", "config", "check", path],
+                             capture_output=True, text=True, timeout=60, env=env, cwd=root)
+        assert res.returncode == 1, (path, res.stdout[-500:], res.stderr[-500:])
+        assert "Traceback" not in res.stderr
+        for w in words:
+            assert w in res.stderr, f"{w!r} missing from {res.stderr!r}"
+
+
+def test_non_utf8_config_file_is_a_clear_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"tiers:\n  cpu: {capacity: 1GiB}  # \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml' is not UTF-8 text \(byte \d+, line 2"):
+        load_config(str(p))
+
+
+def test_paths_expand_home_and_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("SC_TEST_BASE", str(tmp_path))
+    cfg = load_config(write(tmp_path, """\
+        tiers:
+          disk: {path: $SC_TEST_BASE/disk}
+          shared: {path: '${SC_TEST_BASE}/x/../stratacache.region'}
+        """))
+    assert cfg.tiers.disk.path == str(tmp_path / "disk")
+    assert cfg.tiers.shared.path == str(tmp_path / "stratacache.region")
+    home = load_config(overrides={"tiers.disk.path": "~/sc-disk"}).tiers.disk.path
+    assert home == os.path.join(os.path.expanduser("~"), "sc-disk") and "~" not in home
+    assert not os.path.exists(os.path.join(os.getcwd(), "$SC_TEST_BASE"))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1.5KiB", 1536), ("0.5MiB", 1 << 19), ("1.5GB", 1_500_000_000), ("2.25k", 2304), ("3", 3),
+])
+def test_fractional_sizes_with_a_unit_are_exact(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_direct_tier_constructors_name_the_key_for_what_the_schema_refuses():
+    from stratacache.backends.cpu import CpuMemoryLayer
+    from stratacache.backends.redis import RedisMemoryLayer, RedisTierConfigError
+    with pytest.raises(ValueError, match="tiers.cpu.capacity: an arena of"):
+        CpuMemoryLayer(1 << 62, pin_memory=False)
+    for url in ("redis://localhost:99999", "redis://localhost/notanumber", "redis://:::@@/x"):
+        with pytest.raises(RedisTierConfigError, match="tiers.redis.url"):
+            RedisMemoryLayer(url)

@@ -1,9 +1,17 @@
 """Write-back links: dirty tracking, flush/close drain, and no acknowledged data lost to a failing tier."""
 
+import json
+import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -221,3 +229,138 @@ def test_links_reach_the_right_tiers(policy, ops):
             assert art is None
         assert (top.get(K(j)) is None) or torch.equal(top.get(K(j)).data, model[j])
     e.close()
+
+
+# -- exit without close(), SIGKILL after flush(), honest write_through acknowledgements ----
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+
+# A program that stores N objects of 64 KiB over a cpu write_back link into a disk tier and
+# then ends as argv[3] says: "exit" (falls off the end, no close()), or "flush-kill"
+# (flush() returned True, then SIGKILL).
+_WRITER = r"""
+import json, os, signal, sys, torch
+from stratacache.core.keys import ArtifactKey
+from stratacache.engine import StorageEngine
+path, n, end = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+eng = StorageEngine.from_config(overrides={
+    "tiers.cpu.capacity": "64MiB", "tiers.cpu.write_policy": "write_back",
+    "tiers.shared.enabled": False, "tiers.disk.enabled": True, "tiers.disk.path": path,
+    "tiers.disk.capacity": "64MiB"})
+g = torch.Generator().manual_seed(n)
+acked = 0
+for i in range(n):
+    acked += eng.store(ArtifactKey("kv", "exit-test", f"k{i}"),
+                       torch.randint(0, 256, (65536,), generator=g, dtype=torch.uint8))
+print(json.dumps({"acked": acked}), flush=True)
+if end == "flush-kill":
+    assert eng.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _run_writer(path, n, end):
+    env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", _WRITER, str(path), str(n), end],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=_ROOT)
+
+
+def _check_all_on_disk(path, n):
+    disk = DiskMemoryLayer(str(path), 64 << 20)
+    try:
+        g = torch.Generator().manual_seed(n)
+        for i in range(n):
+            want = torch.randint(0, 256, (65536,), generator=g, dtype=torch.uint8)
+            art = disk.get(ArtifactKey("kv", "exit-test", f"k{i}"))
+            assert art is not None, f"acknowledged object {i} of {n} lost"
+            assert torch.equal(art.data, want)
+    finally:
+        disk.close()
+
+
+@pytest.mark.slow
+def test_exit_without_close_drains_write_back_and_never_aborts(tmp_path):
+    """Ten real interpreter exits right after 200 acknowledged write_back stores, none
+    calling close(): every exit is clean (no std::terminate abort) and loses nothing."""
+    for run in range(10):
+        path = tmp_path / f"d{run}"
+        res = _run_writer(path, 200, "exit")
+        assert res.returncode == 0, f"run {run}: exit code {res.returncode}: {res.stderr[-2000:]}"
+        assert "terminate called" not in res.stderr
+        assert json.loads(res.stdout.splitlines()[-1])["acked"] == 200
+        _check_all_on_disk(path, 200)
+        shutil.rmtree(path)
+
+
+def test_flush_is_a_promise_that_survives_sigkill(tmp_path):
+    """What flush() returned True for is in the tier below: a SIGKILL right after loses none."""
+    path = tmp_path / "d"
+    res = _run_writer(path, 200, "flush-kill")
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert json.loads(res.stdout.splitlines()[-1])["acked"] == 200
+    _check_all_on_disk(path, 200)
+
+
+def _write_through_over_disk(tmp_path, disk_capacity):
+    top = CpuMemoryLayer(8 << 20, pin_memory=False, name="cpu")
+    disk = DiskMemoryLayer(str(tmp_path / "d"), disk_capacity, name="disk")
+    chain = TierChain([top, disk], [TierSettings("write_through"), TierSettings()])
+    return StorageEngine(None, chain=chain), top, disk
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_write_through_store_too_big_for_the_tier_below_is_not_acknowledged(tmp_path, batched):
+    e, top, disk = _write_through_over_disk(tmp_path, 64 << 10)
+    big, small = body(1, 1 << 20), body(2, 4096)
+    if batched:
+        assert e.store_many([(K(1), big), (K(2), small)]) == [False, True]
+    else:
+        assert e.store(K(1), big) is False        # 1 MiB over a 64 KiB disk tier
+        assert e.store(K(2), small) is True
+    assert disk.get(K(1)) is None and torch.equal(disk.get(K(2)).data, small)
+    assert e.stats()["engine"]["store_failures"] == 1
+    e.close()
+
+
+def test_write_through_store_whose_disk_dir_was_replaced_by_a_file_is_not_acknowledged(tmp_path):
+    e, top, disk = _write_through_over_disk(tmp_path, 16 << 20)
+    assert e.store(K(0), body(0)) is True
+    shutil.rmtree(disk.path)
+    Path(disk.path).write_text("not a directory")
+    assert e.store(K(1), body(1)) is False
+    assert e.store_many([(K(2), body(2)), (K(3), body(3))]) == [False, False]
+    e.close()
+
+
+_FORKER = r"""
+import os, sys, torch
+from stratacache.backends.disk import DiskMemoryLayer, DiskTierError
+from stratacache.core.keys import ArtifactKey
+from stratacache.engine import StorageEngine
+path = sys.argv[1]
+eng = StorageEngine.from_config(overrides={
+    "tiers.cpu.capacity": "16MiB", "tiers.cpu.write_policy": "write_back",
+    "tiers.shared.enabled": False, "tiers.disk.enabled": True, "tiers.disk.path": path,
+    "tiers.disk.capacity": "16MiB"})
+assert eng.store(ArtifactKey("kv", "fork", "a"), torch.zeros(1000, dtype=torch.uint8))
+assert eng.flush()
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)            # the child exits normally: its atexit hooks run
+os.waitpid(pid, 0)
+try:
+    DiskMemoryLayer(path, 1 << 20).close()
+    print("lock lost")
+except DiskTierError:
+    print("lock held")
+"""
+
+
+def test_exit_hook_of_a_forked_child_leaves_the_parents_tiers_alone(tmp_path):
+    """A child made by os.fork() inherits the parent's open chains; its exit must not close
+    them (that would drop the parent's disk-directory lock under it)."""
+    env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _FORKER, str(tmp_path / "d")], capture_output=True,
+                         text=True, timeout=120, env=env, cwd=_ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["lock", "held"]

@@ -34,6 +34,15 @@ PIN_STEP = 256 << 20
 ALIGN = 256
 
 
+def arena_bytes(capacity: int) -> int:
+    """The arena reserved for ``capacity`` bytes of payload. Slack beyond the capacity
+    absorbs alignment padding and holes, so the byte accounting (not the allocator) is
+    what limits the tier. It costs address space only: pages are committed (and pinned)
+    as the high-water mark grows."""
+    slack = max(capacity // 16, 1 << 20)
+    return -(-(capacity + slack) // ALIGN) * ALIGN
+
+
 class CpuMemoryLayer(TableBackedLayer):
     """Process-private arena tier (fastest; lost when the process exits)."""
 
@@ -49,13 +58,14 @@ class CpuMemoryLayer(TableBackedLayer):
         self.on_evict: Optional[EvictCallback] = None
         self.counters = TierCounters(name)
         self._table = ObjectTable(self.capacity_bytes, eviction, lease_s, quotas, priorities)
-        # Slack beyond the capacity absorbs alignment padding and holes, so the byte
-        # accounting (not the allocator) is what limits the tier. It costs address
-        # space only: pages are committed (and pinned) as the high-water mark grows.
-        slack = max(self.capacity_bytes // 16, 1 << 20)
-        arena_bytes = -(-(self.capacity_bytes + slack) // ALIGN) * ALIGN
-        self._alloc = ArenaAllocator(arena_bytes, ALIGN)
-        self._arena = torch.empty(arena_bytes, dtype=torch.uint8)
+        size = arena_bytes(self.capacity_bytes)
+        try:
+            self._arena = torch.empty(size, dtype=torch.uint8)
+        except RuntimeError as exc:   # the host refuses the reservation
+            raise ValueError(f"tiers.cpu.capacity: an arena of {size} bytes for "
+                             f"{self.capacity_bytes} bytes of payload cannot be reserved "
+                             f"({str(exc).splitlines()[0]})") from None
+        self._alloc = ArenaAllocator(size, ALIGN)
         self.pin_failures = 0
         self._pin = pin_memory is True or (pin_memory == "auto" and torch.cuda.is_available())
         if self._pin and not torch.cuda.is_available():

@@ -44,6 +44,7 @@ import torch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from stratacache.config.schema import redis_url_problem
 from stratacache.core.artifact import Artifact, ArtifactMeta, CorruptArtifact
 from stratacache.core.keys import ArtifactKey
 from stratacache.ops import checksum64
@@ -59,6 +60,7 @@ _MAX_HEADER = ArtifactMeta.header_size(16)
 _FAULTS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
            redis.exceptions.RedisClusterException, OSError)
 _AUTH_WORDS = ("WRONGPASS", "NOAUTH", "NOPERM", "invalid username-password")
+_AUTH_REPLIES = (b"WRONGPASS", b"NOAUTH", b"NOPERM")
 
 
 class RedisTierConfigError(ValueError):
@@ -138,9 +140,9 @@ class RedisMemoryLayer:
                  key_prefix: str = "sc:",
                  verify: bool = True):
         """``verify``: check each loaded payload against its stored checksum."""
-        if not re.match(r"^(redis|rediss|unix)://", url or ""):
-            raise RedisTierConfigError(f"tiers.redis.url: {url!r} is not a redis://, rediss:// "
-                                       "or unix:// URL")
+        problem = redis_url_problem(url) if isinstance(url, str) else f"{url!r} is not a URL"
+        if problem:
+            raise RedisTierConfigError(f"tiers.redis.url: {problem}")
         if bool(tls_cert_file) != bool(tls_key_file):
             raise RedisTierConfigError("tiers.redis.tls_cert_file and tls_key_file must be "
                                        "given together (client certificate and its key)")
@@ -158,6 +160,8 @@ class RedisMemoryLayer:
         self.ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
         self.key_prefix = key_prefix.encode("utf-8")
         self.verify = verify
+        self.op_timeout_s = op_timeout_s
+        self.auth_error: Optional[str] = None   # set while the server refuses our credentials
         self.on_evict = None
         self.capacity_bytes = 0
         self._backoff_range = (retry_backoff_s, retry_backoff_max_s)
@@ -276,6 +280,20 @@ class RedisMemoryLayer:
         if health.ok():
             log.info("redis tier: %s%s is back", _redact(self.url), what)
             self._count("recoveries")
+            self.auth_error = None
+
+    def _auth_failed(self, exc: BaseException, what: str = "") -> None:
+        """The server (up, perhaps only since start-up) refuses our credentials: a
+        configuration problem, logged as such once per distinct refusal, and kept in
+        ``stats()["auth_error"]`` (shown by ``stratacache inspect``) until a call succeeds."""
+        message = (f"authentication to {_redact(self.url)}{what} failed ({exc}); check "
+                   "tiers.redis.username and tiers.redis.password")
+        with self._extra_lock:
+            first = self.auth_error != message
+            self.auth_error = message
+            self._extra["auth_failures"] += 1
+        if first:
+            log.error("redis tier: %s; serving misses and retrying with back-off", message)
 
     def _fault(self, health: "_Backoff", exc: BaseException, what: str = "",
                pool=None) -> None:
@@ -284,7 +302,9 @@ class RedisMemoryLayer:
         if isinstance(exc, (redis.TimeoutError, TimeoutError)):
             self._count("timeouts")
         was_healthy, retry_in = health.fault()
-        if was_healthy:
+        if _is_auth_failure(exc):
+            self._auth_failed(exc, what)
+        elif was_healthy:
             log.warning("redis tier: %s%s failed (%s: %s); serving misses, retry in %.2fs",
                         _redact(self.url), what, type(exc).__name__, exc, retry_in)
         if self.cluster:
@@ -363,6 +383,7 @@ class RedisMemoryLayer:
         ``reply(i, reader)`` straight off the socket, in order. Keys on a server that is
         backing off or fails now come back as _DOWN; other servers' keys are unaffected."""
         results: list = [_DOWN] * len(rkeys)
+        deadline = time.monotonic() + self.op_timeout_s
         if self.cluster:   # making the client and routing need the slot map
             routes = self._remote(lambda: self._route(rkeys))
             if routes is _DOWN:
@@ -374,18 +395,23 @@ class RedisMemoryLayer:
                 continue
             where = f" ({pool.connection_kwargs.get('host')}:" \
                     f"{pool.connection_kwargs.get('port')})" if self.cluster else ""
+            if time.monotonic() >= deadline:   # an earlier server used the whole call's time
+                self._count("deadline_skips")
+                continue
             try:
                 conn = pool.get_connection()
                 try:
-                    conn.send_packed_command(_coalesce(c for i in idxs for c in request(i)),
-                                             check_health=False)
-                    reader = _RespReader(conn)
+                    io = _DeadlineSocket(conn, deadline)
+                    for chunk in _coalesce(c for i in idxs for c in request(i)):
+                        io.send(chunk)
+                    reader = _RespReader(io)
                     for i in idxs:
                         results[i] = reply(i, reader)
                 except BaseException:
                     conn.disconnect()
                     raise
                 finally:
+                    _restore_timeout(conn, self.op_timeout_s)
                     pool.release(conn)
             except _FAULTS as exc:
                 for i in idxs:
@@ -402,6 +428,8 @@ class RedisMemoryLayer:
         """An error reply for one key: topology moves refresh the map, server-state
         errors are faults, anything else is counted and logged."""
         word = err.split(b" ", 1)[0]
+        if word in _AUTH_REPLIES:   # e.g. the server came up later with requirepass
+            raise redis.AuthenticationError(err.decode("utf-8", "replace"))
         if word in (b"MOVED", b"ASK"):
             self._refresh_topology = True
         elif word in (b"CLUSTERDOWN", b"LOADING", b"MASTERDOWN", b"TRYAGAIN", b"BUSY"):
@@ -463,7 +491,7 @@ class RedisMemoryLayer:
         def reply(i, reader):
             line = reader.line()
             if line[:1] == b":":
-                return int(line[1:])
+                return _reply_int(line, command.decode())
             if line[:1] != b"-":
                 raise redis.ConnectionError(f"unexpected reply to {command.decode()}: "
                                             f"{line[:80]!r}")
@@ -503,7 +531,7 @@ class RedisMemoryLayer:
                 return None
             if line[:1] != b"$":
                 raise redis.ConnectionError(f"unexpected reply to GET: {line[:80]!r}")
-            n = int(line[1:])
+            n = _reply_int(line, "GET")
             if n < 0:
                 return None
             head = bytearray(min(n, _MAX_HEADER))
@@ -608,8 +636,10 @@ class RedisMemoryLayer:
     def stats(self) -> dict:
         out = self.counters.snapshot()
         with self._extra_lock:
-            out.update({k: self._extra[k] for k in ("fast_misses", "timeouts", "recoveries")})
-        out.update(tier=self.name, healthy=self.healthy, url=_redact(self.url),
+            out.update({k: self._extra[k] for k in ("fast_misses", "timeouts", "recoveries",
+                                                    "deadline_skips", "auth_failures")})
+        out.update(tier=self.name, healthy=self.healthy, auth_error=self.auth_error,
+                   url=_redact(self.url),
                    cluster=self.cluster, capacity_bytes=self.capacity_bytes)
         return out
 
@@ -652,13 +682,22 @@ class RedisMemoryLayer:
         """Read-only report for ``stratacache inspect``: usage per kind/namespace, server memory.
 
         Pass the validated ``tiers.redis`` section, or the constructor's keyword
-        arguments (``url=...``). Raises RedisTierConfigError for bad credentials;
+        arguments (``url=...``). Refused credentials give ``{"healthy": False, "auth":
+        "failed", "error": ...}``; other configuration errors raise RedisTierConfigError;
         an unreachable server gives ``{"healthy": False, "error": ...}``.
         """
-        layer = cls.from_config(tier_cfg, None) if tier_cfg is not None else cls(**kwargs)
+        try:
+            layer = cls.from_config(tier_cfg, None) if tier_cfg is not None else cls(**kwargs)
+        except RedisTierConfigError as exc:
+            if "authentication" not in str(exc) and "refused the client" not in str(exc):
+                raise
+            url = tier_cfg.url if tier_cfg is not None else kwargs.get("url", "")
+            return {"tier": "redis", "url": _redact(url), "healthy": False, "auth": "failed",
+                    "error": str(exc)}
         try:
             report = {"tier": "redis", "url": _redact(layer.url), "cluster": layer.cluster,
-                      "key_prefix": layer.key_prefix.decode("utf-8", "replace")}
+                      "key_prefix": layer.key_prefix.decode("utf-8", "replace"),
+                      "auth": "unknown" if not layer.healthy else "ok"}
             if not layer.healthy:
                 return {**report, "healthy": False, "error": "server unreachable"}
             try:
@@ -720,6 +759,68 @@ def _coalesce(chunks) -> list:
     return out
 
 
+class _DeadlineSocket:
+    """A connection's socket where every send and receive of one call shares one deadline.
+
+    A per-``recv`` timeout alone lets a server that trickles one byte just inside it hold
+    a call for as long as it likes; here each socket operation gets only the time left.
+    """
+
+    __slots__ = ("sock", "deadline")
+    _SEND_SLICE = 1 << 18   # a TLS socket times each send, so large payloads go in slices
+
+    def __init__(self, conn, deadline: float):
+        if conn._sock is None:
+            conn.connect()
+        self.sock = conn._sock
+        self.deadline = deadline
+
+    def _arm(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise redis.TimeoutError("redis call ran past tiers.redis.op_timeout_s")
+        self.sock.settimeout(left)
+
+    def send(self, chunk) -> None:
+        view = memoryview(chunk).cast("B")
+        try:
+            for lo in range(0, len(view), self._SEND_SLICE):
+                self._arm()
+                self.sock.sendall(view[lo:lo + self._SEND_SLICE])
+        except TimeoutError:
+            raise redis.TimeoutError("redis call ran past tiers.redis.op_timeout_s "
+                                     "while sending") from None
+        except OSError as exc:
+            raise redis.ConnectionError(f"error writing to redis: {exc}") from None
+
+    def recv_into(self, view: memoryview) -> int:
+        self._arm()
+        try:
+            n = self.sock.recv_into(view)
+        except TimeoutError:
+            raise redis.TimeoutError("redis call ran past tiers.redis.op_timeout_s "
+                                     "while reading") from None
+        except OSError as exc:
+            raise redis.ConnectionError(f"error reading from redis: {exc}") from None
+        if n == 0:
+            raise redis.ConnectionError("connection closed by the redis server")
+        return n
+
+
+def _restore_timeout(conn, timeout: float) -> None:
+    """Give a pooled connection back with redis-py's own per-operation timeout."""
+    if conn._sock is not None:
+        conn._sock.settimeout(timeout)
+
+
+def _reply_int(line: bytes, op: str) -> int:
+    """The integer of a ``:n`` or ``$n`` reply line; garbage is a protocol fault."""
+    try:
+        return int(line[1:])
+    except ValueError:
+        raise redis.ConnectionError(f"malformed reply to {op}: {line[:80]!r}") from None
+
+
 class _RespReader:
     """Reads RESP replies from a connection's socket, bulk values straight into caller memory.
 
@@ -727,24 +828,16 @@ class _RespReader:
     parser holds nothing), and the connection is dropped on any error mid-reply.
     """
 
-    __slots__ = ("sock", "buf", "mv", "lo", "hi")
+    __slots__ = ("io", "buf", "mv", "lo", "hi")
 
-    def __init__(self, conn):
-        self.sock = conn._sock
+    def __init__(self, io: _DeadlineSocket):
+        self.io = io
         self.buf = bytearray(64 * 1024)
         self.mv = memoryview(self.buf)
         self.lo = self.hi = 0
 
     def _recv_into(self, view: memoryview) -> int:
-        try:
-            n = self.sock.recv_into(view)
-        except TimeoutError:
-            raise redis.TimeoutError("timeout reading from redis") from None
-        except OSError as exc:
-            raise redis.ConnectionError(f"error reading from redis: {exc}") from None
-        if n == 0:
-            raise redis.ConnectionError("connection closed by the redis server")
-        return n
+        return self.io.recv_into(view)
 
     def line(self) -> bytes:
         while True:
@@ -798,6 +891,11 @@ def _is_tls_failure(exc: BaseException) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    return isinstance(exc, (redis.AuthenticationError, redis.exceptions.NoPermissionError)) or \
+        any(w in str(exc) for w in _AUTH_WORDS)
 
 
 def _redact(url: str) -> str:

@@ -116,8 +116,10 @@ def _print_text(reports: list[dict]) -> None:
     print(format_table(["tier", "state", "items", "used", "capacity", "hits", "misses"], rows))
     for r in reports:
         where = r.get("details", {}).get("path") or r.get("details", {}).get("url")
-        if r.get("note") or where:
-            print(f"\n{r['tier']}: " + "; ".join(x for x in (where, r.get("note")) if x))
+        auth = r.get("details", {}).get("auth")
+        auth = f"authentication: {auth}" if auth else None
+        if r.get("note") or where or auth:
+            print(f"\n{r['tier']}: " + "; ".join(x for x in (where, auth, r.get("note")) if x))
         for kind, namespaces in sorted((r.get("kinds") or {}).items()):
             for namespace, use in sorted(namespaces.items()):
                 print(f"  {kind:<7} {namespace}: {use['items']} items, {human_bytes(use['bytes'])}")

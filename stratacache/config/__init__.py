@@ -17,10 +17,10 @@ from typing import Any, Iterator, Mapping, Optional
 
 import yaml
 
-from stratacache.config.schema import CROSS_CHECKS, SCHEMA, ConfigError, Key, parse_size
+from stratacache.config.schema import CROSS_CHECKS, HOST_CHECKS, SCHEMA, ConfigError, Key, parse_size
 
 __all__ = ["ConfigError", "StrataConfig", "Section", "load_config", "describe_config", "config_table_markdown",
-           "parse_size", "ENV_VAR", "DEFAULT_PATH"]
+           "parse_size", "read_yaml_file", "ENV_VAR", "DEFAULT_PATH"]
 
 ENV_VAR = "STRATACACHE_CONFIG"
 DEFAULT_PATH = Path(__file__).with_name("default.yaml")
@@ -110,6 +110,10 @@ def load_config(path: Optional[str | os.PathLike] = None,
     for key_path, ok, message in CROSS_CHECKS:
         if not ok(normalised):
             raise ConfigError(f"{key_path}: {message}")
+    for key_path, problem in HOST_CHECKS:
+        message = problem(normalised)
+        if message:
+            raise ConfigError(f"{key_path}: {message}")
     return StrataConfig(normalised, tuple(sources))
 
 
@@ -140,9 +144,34 @@ def config_table_markdown() -> str:
 
 # ----------------------------------------------------------------- internals
 
-def _read_yaml(path: Path) -> Any:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML's "last one
+    wins" would silently drop the first value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:   # an unhashable key: let the base class report it
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _UniqueKeyLoader.construct_mapping)
+
+
+def read_yaml_file(path) -> Any:
+    """The YAML document in ``path`` (UTF-8, no duplicate keys); ConfigError naming the file."""
+    path = Path(path)
     try:
-        text = Path(path).read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except IsADirectoryError:
@@ -150,12 +179,22 @@ def _read_yaml(path: Path) -> Any:
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}, "
+                          f"line {line}: {raw[exc.start:exc.start + 1]!r})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    data = read_yaml_file(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

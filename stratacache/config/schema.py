@@ -11,7 +11,9 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Callable, Optional
+from urllib.parse import parse_qs, urlsplit
 
 
 class ConfigError(ValueError):
@@ -21,6 +23,7 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------- value kinds
 
 _SIZE_RE = re.compile(r"^\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+MAX_SIZE = 2**63 - 1   # sizes are int64 byte counts everywhere below
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -30,7 +33,10 @@ _SIZE_UNITS = {
 
 
 def parse_size(value: Any) -> int:
-    """``4GiB`` / ``1.5GB`` / ``512`` -> bytes. Raises ValueError with the reason."""
+    """``4GiB`` / ``1.5GB`` / ``512`` -> bytes. Raises ValueError with the reason.
+
+    A fraction with a unit is rounded to the nearest byte (``1.5KiB`` is 1536); a
+    fraction of a byte (``'1.5'``, ``1.5``, ``'2.5B'``) is refused, never truncated."""
     if isinstance(value, bool):
         raise ValueError("expected a size like 4GiB or a number of bytes, got a bool")
     if isinstance(value, int):
@@ -43,11 +49,18 @@ def parse_size(value: Any) -> int:
         m = _SIZE_RE.match(value)
         if not m or m.group(2).lower() not in _SIZE_UNITS:
             raise ValueError(f"expected a size like 4GiB, 512MiB, 1.5GB or 1024, got {value!r}")
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        unit = _SIZE_UNITS[m.group(2).lower()]
+        exact = Fraction(m.group(1)) * unit
+        if unit == 1 and exact.denominator != 1:
+            raise ValueError(f"a size in bytes must be a whole number, got {value!r} "
+                             "(add a unit, e.g. 1.5KiB)")
+        n = round(exact)
     else:
         raise ValueError(f"expected a size like 4GiB or a number of bytes, got {type(value).__name__} {value!r}")
     if n < 0:
         raise ValueError(f"a size must not be negative, got {value!r}")
+    if n > MAX_SIZE:
+        raise ValueError(f"{value!r} is above the largest size, 2^63-1 bytes")
     return n
 
 
@@ -55,7 +68,7 @@ def parse_size(value: Any) -> int:
 class Key:
     """One leaf key: how to check and normalise its value, and what it means."""
 
-    kind: str                                  # bool|int|float|size|str|choice|file_mode|any
+    kind: str                                  # bool|int|float|size|str|path|choice|file_mode
     doc: str
     nullable: bool = False
     minimum: Optional[float] = None
@@ -65,7 +78,8 @@ class Key:
 
     @property
     def type_name(self) -> str:
-        name = {"size": "size (e.g. 4GiB)", "file_mode": "octal string (e.g. \"0600\")"}.get(self.kind, self.kind)
+        name = {"size": "size (e.g. 4GiB)", "file_mode": "octal string (e.g. \"0600\")",
+                "path": "absolute path (~ and $VARS expanded)"}.get(self.kind, self.kind)
         if self.kind == "choice":
             name = " | ".join(_show(c) for c in self.choices)
         return name + (" or null" if self.nullable else "")
@@ -140,41 +154,131 @@ def _to_file_mode(key: Key, v: Any) -> int:
     mode = int(v, 8)
     if mode & 0o007:
         raise ValueError(f"{v!r} gives access to all users; shared files must not be world-accessible")
+    if mode & 0o600 != 0o600:
+        raise ValueError(f"{v!r} does not let the owner read and write the file (use \"0600\" "
+                         "or \"0660\")")
     return mode
+
+
+_ENV_REF = re.compile(r"\$(?:\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand_path(value: str) -> str:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded, never taken literally; the result must be
+    absolute. Raises ValueError naming an unset variable or a path that stays relative."""
+    def var(m: re.Match) -> str:
+        name = m.group(1) if m.group(1) is not None else m.group(2)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"{value!r}: ${{{name}}} is not an environment variable name")
+        if name not in os.environ:
+            raise ValueError(f"{value!r}: environment variable ${name} is not set")
+        return os.environ[name]
+
+    if "$" in value and not _ENV_REF.search(value):
+        raise ValueError(f"{value!r}: a '$' that does not name an environment variable")
+    out = os.path.expanduser(_ENV_REF.sub(var, value))
+    if out.startswith("~"):
+        raise ValueError(f"{value!r}: unknown user in {out.split('/')[0]!r}")
+    if not os.path.isabs(out):
+        raise ValueError(f"{value!r} is a relative path; give an absolute one (~ and $VARS "
+                         "are expanded), so it does not depend on the working directory")
+    return os.path.normpath(out)
+
+
+def _to_path(key: Key, v: Any) -> str:
+    return expand_path(_to_str(key, v))
 
 
 _CONVERTERS = {
     "bool": _to_bool, "int": _to_int, "float": _to_float, "str": _to_str,
-    "choice": _to_choice, "size": _to_size, "file_mode": _to_file_mode,
+    "choice": _to_choice, "size": _to_size, "file_mode": _to_file_mode, "path": _to_path,
 }
 
 
 def _dir_path(value: str) -> Optional[str]:
-    p = os.path.expanduser(value)
-    if os.path.exists(p) and not os.path.isdir(p):
+    if os.path.exists(value) and not os.path.isdir(value):
         return f"{value!r} exists and is not a directory"
     return None
 
 
 def _region_path(value: str) -> Optional[str]:
-    p = os.path.expanduser(value)
-    if os.path.isdir(p):
+    if os.path.isdir(value):
         return f"{value!r} is a directory; the shared region needs a file or DAX device path"
-    parent = os.path.dirname(os.path.abspath(p))
+    parent = os.path.dirname(value)
     if not os.path.isdir(parent):
         return f"the directory {parent!r} of {value!r} does not exist"
     return None
 
 
-def _redis_url(value: str) -> Optional[str]:
-    if not re.match(r"^(redis|rediss|unix)://", value):
-        return f"{value!r} is not a redis://, rediss:// or unix:// URL"
+def redis_url_problem(value: str) -> Optional[str]:
+    """What is wrong with a Redis URL (each seed of a comma-separated cluster list), as
+    the client would find out only when connecting: scheme, host, port, db number."""
+    for url in value.split(","):
+        url = url.strip()
+        if not re.match(r"^(redis|rediss|unix)://", url):
+            return f"{url!r} is not a redis://, rediss:// or unix:// URL"
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+            host = parts.hostname
+        except ValueError as exc:
+            return f"{_redact(url)!r} cannot be parsed ({exc})"
+        query = parse_qs(parts.query)
+        if parts.scheme == "unix":
+            if not parts.path:
+                return f"{_redact(url)!r} names no socket path (unix:///path/to/redis.sock)"
+            db = (query.get("db") or ["0"])[0]
+        else:
+            if not host or parts.netloc.count("@") > 1:
+                return f"{_redact(url)!r} names no valid host (redis://host:port/db)"
+            if port is not None and not 1 <= port <= 65535:
+                return f"{_redact(url)!r}: port {port} is not in 1..65535"
+            db = parts.path.lstrip("/") or (query.get("db") or ["0"])[0]
+        if not db.isdigit():
+            return f"{_redact(url)!r}: database {db!r} is not a number (redis://host:port/0)"
     return None
 
 
+def _redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
 def _existing_file(value: str) -> Optional[str]:
-    if not os.path.isfile(os.path.expanduser(value)):
+    if not os.path.isfile(value):
         return f"file {value!r} does not exist"
+    return None
+
+
+def _host_allocatable() -> Optional[int]:
+    """Largest private allocation this host's overcommit policy lets one process reserve
+    (Linux); None where that cannot be read."""
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            mode = int(f.read())
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.strip()}
+    except (OSError, ValueError, IndexError):
+        return None
+    if mode == 1:
+        return 1 << 47                  # always overcommit: only the address space limits
+    if mode == 2:
+        return info.get("CommitLimit")
+    return info.get("MemTotal", 0) + info.get("SwapTotal", 0)
+
+
+def _cpu_arena_fits(config: dict) -> Optional[str]:
+    from stratacache.backends.cpu import arena_bytes
+
+    cpu = config["tiers"]["cpu"]
+    limit = _host_allocatable()
+    capacity = cpu["capacity"]
+    need = arena_bytes(capacity)
+    if not cpu["enabled"]:
+        return None
+    if limit is not None and need > limit:
+        return (f"{capacity} bytes (an arena of {need} bytes) cannot be reserved on this host: "
+                f"it allows at most {limit} bytes in one allocation (RAM + swap under the "
+                "kernel's overcommit policy)")
     return None
 
 
@@ -192,7 +296,9 @@ SCHEMA: dict = {
     "tiers": {
         "cpu": {
             "enabled": Key("bool", "use the per-process CPU arena tier"),
-            "capacity": Key("size", "bytes of payload the CPU arena holds (reserved lazily)", **_POSITIVE_SIZE),
+            "capacity": Key("size", "bytes of payload the CPU arena holds (reserved lazily); with "
+                            "1/16 slack, at most what one allocation may reserve on the host (RAM + swap "
+                            "under the default overcommit policy)", **_POSITIVE_SIZE),
             "eviction": _EVICTION,
             "pin_memory": Key("choice", "page-lock the arena for fast GPU copies: auto pins when CUDA is present",
                               choices=("auto", True, False)),
@@ -202,12 +308,13 @@ SCHEMA: dict = {
         },
         "shared": {
             "enabled": Key("bool", "use the host-wide shared region tier (shm or CXL)"),
-            "path": Key("str", "/dev/shm file, file on a DAX filesystem, or /dev/daxX.Y device", check=_region_path),
+            "path": Key("path", "/dev/shm file, file on a DAX filesystem, or /dev/daxX.Y device", check=_region_path),
             "capacity": Key("size", "bytes of payload the shared region holds", **_POSITIVE_SIZE),
-            "max_objects": Key("int", "index slots in the region", minimum=1),
+            "max_objects": Key("int", "index slots in the region", minimum=1, maximum=2**30),
             "numa_node": Key("int", "bind the region's memory to this NUMA node (CXL as a CPU-less node)",
                              nullable=True, minimum=0),
-            "file_mode": Key("file_mode", "permissions of the region file: \"0600\", or \"0660\" to share with a group"),
+            "file_mode": Key("file_mode", "permissions of the region file: \"0600\", or \"0660\" to share with "
+                             "a group; the owner must read and write, others get nothing"),
             "reset": Key("bool", "wipe the region at start-up instead of reusing its contents"),
             "prefault": Key("size", "bytes of stored objects whose pages a vLLM worker maps in the background "
                             "when it attaches, so its first hits take no page faults; 0 disables",
@@ -221,7 +328,7 @@ SCHEMA: dict = {
         },
         "disk": {
             "enabled": Key("bool", "use the local-disk tier"),
-            "path": Key("str", "directory holding the tier's files (created 0700 if missing)", check=_dir_path),
+            "path": Key("path", "directory holding the tier's files (created 0700 if missing)", check=_dir_path),
             "capacity": Key("size", "bytes of payload the directory may hold; never exceeded", **_POSITIVE_SIZE),
             "eviction": _EVICTION,
             "io_threads": Key("int", "threads doing file I/O", minimum=1, maximum=256),
@@ -231,14 +338,16 @@ SCHEMA: dict = {
         },
         "redis": {
             "enabled": Key("bool", "use the Redis / Redis Cluster tier"),
-            "url": Key("str", "server URL: redis://host:port/db, rediss:// for TLS, or unix://path", check=_redis_url),
+            "url": Key("str", "server URL: redis://host:port/db (port 1-65535, db a number), rediss:// "
+                       "for TLS, or unix:///path; a cluster takes comma-separated seeds",
+                       check=redis_url_problem),
             "cluster": Key("bool", "talk to a Redis Cluster (Valkey) instead of a single server"),
             "username": Key("str", "ACL user name", nullable=True),
             "password": Key("str", "password (prefer the URL or an ACL file in production)", nullable=True),
             "tls": Key("bool", "use TLS"),
-            "tls_ca_file": Key("str", "CA bundle for TLS", nullable=True, check=_existing_file),
-            "tls_cert_file": Key("str", "client certificate for TLS", nullable=True, check=_existing_file),
-            "tls_key_file": Key("str", "client key for TLS", nullable=True, check=_existing_file),
+            "tls_ca_file": Key("path", "CA bundle for TLS", nullable=True, check=_existing_file),
+            "tls_cert_file": Key("path", "client certificate for TLS", nullable=True, check=_existing_file),
+            "tls_key_file": Key("path", "client key for TLS", nullable=True, check=_existing_file),
             "connect_timeout_s": Key("float", "seconds to wait for a connection", minimum=0.001),
             "op_timeout_s": Key("float", "seconds to wait for one command", minimum=0.001),
             "ttl_s": Key("float", "expire stored chunks after this many seconds (null: never)",
@@ -294,4 +403,9 @@ CROSS_CHECKS = [
     ("tiers.redis.tls",
      lambda c: c["tiers"]["redis"]["tls"] or not c["tiers"]["redis"]["url"].startswith("rediss://"),
      "is false but tiers.redis.url uses rediss:// (set tls: true)"),
+]
+
+# Checks against this host, of the tiers that are enabled: (key path, problem(config) -> text).
+HOST_CHECKS = [
+    ("tiers.cpu.capacity", _cpu_arena_fits),
 ]

@@ -42,7 +42,8 @@ class ArtifactMeta:
     size: int                       # payload bytes
     checksum: int                   # stratacache.ops.checksum64 of the payload bytes
     dtype: torch.dtype = torch.uint8
-    shape: tuple[int, ...] = field(default=())   # () means a flat byte payload
+    shape: tuple[int, ...] = field(default=())   # () is a 0-dim tensor's (or, with more
+                                                 # than one element's bytes, a flat payload)
     format_version: int = FORMAT_VERSION
 
     def pack(self) -> bytes:
@@ -93,10 +94,12 @@ class Artifact:
 
     def tensor(self) -> torch.Tensor:
         """The payload reinterpreted with its stored dtype and shape (no copy)."""
-        if self.meta.dtype == torch.uint8 and not self.meta.shape:
+        shape = self.meta.shape
+        if not shape and self.meta.size != self.meta.dtype.itemsize:
+            shape = (-1,)   # a flat payload stored without a shape
+        if self.meta.dtype == torch.uint8 and shape == (-1,):
             return self.data
-        view = self.data.view(self.meta.dtype)
-        return view.view(self.meta.shape) if self.meta.shape else view
+        return self.data.view(self.meta.dtype).view(shape)
 
 
 def as_bytes(payload) -> torch.Tensor:

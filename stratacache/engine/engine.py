@@ -6,6 +6,12 @@ tier that fails is counted and treated as a miss or a failed store. It does
 raise for caller mistakes (a non-contiguous payload, a bad ``out``, an unknown
 mode or tier name), with a message naming the argument.
 
+The plane has one rule set for what can be stored, checked here once, so no tier
+refuses what another accepted: a key is an ``ArtifactKey`` (``TypeError`` otherwise)
+whose encoding is at most ``MAX_KEY_BYTES``; a payload is a contiguous CPU tensor of
+a dtype in ``STORABLE_DTYPES`` with at most ``MAX_NDIM`` dims, or bytes-like. A
+0-dim tensor comes back 0-dim.
+
 Integrity: process-private tiers (the CPU arena) are trusted; an object read
 from a persistent tier (shared region, disk, Redis) is verified against its
 checksum unless that tier already verifies on read (``verifies_checksums``)
@@ -22,11 +28,16 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from stratacache.core.artifact import Artifact, ArtifactMeta, CorruptArtifact, as_bytes
+from stratacache.core.artifact import (_DTYPE_CODES, MAX_NDIM, Artifact, ArtifactMeta,
+                                       CorruptArtifact, as_bytes)
 from stratacache.core.keys import ArtifactKey, key_bytes
 from stratacache.tiering.chain import TierChain
 
 MODES = ("chain", "exact", "prefer")
+# The shared region's key slot (SharedRegionLayer max_key_bytes): the smallest key limit
+# of any tier, so every tier can store every key the engine lets through.
+MAX_KEY_BYTES = 512
+STORABLE_DTYPES = frozenset(_DTYPE_CODES)   # the dtypes a stored header can name
 
 
 def _checksum64(data: torch.Tensor) -> int:
@@ -43,15 +54,37 @@ def _check_out(out) -> None:
         raise ValueError("out must be a contiguous 1-D torch.uint8 CPU tensor")
 
 
-def _prepare(key: ArtifactKey, payload, checksum: Optional[int]) -> tuple[torch.Tensor, ArtifactMeta]:
-    """Flat bytes and metadata of a payload; the checksum is computed unless given."""
+def _check_key(key, arg: str = "key") -> None:
     if not isinstance(key, ArtifactKey):
-        raise TypeError(f"key must be an ArtifactKey, got {type(key).__name__}")
+        raise TypeError(f"{arg} must be an ArtifactKey, got {type(key).__name__} {key!r:.80}")
+
+
+def _check_keys(keys, arg: str = "keys") -> None:
+    for i, key in enumerate(keys):
+        _check_key(key, f"{arg}[{i}]")
+
+
+def _prepare(key: ArtifactKey, payload, checksum: Optional[int],
+             arg: str = "") -> tuple[torch.Tensor, ArtifactMeta]:
+    """Flat bytes and metadata of a payload, checked against the plane's rules; the
+    checksum is computed unless given. ``arg`` prefixes names in errors (``items[3].``)."""
+    _check_key(key, f"{arg}key")
+    n = len(key_bytes(key))
+    if n > MAX_KEY_BYTES:
+        raise ValueError(f"{arg}key {str(key)[:80]!r} encodes to {n} bytes; keys are at most "
+                         f"{MAX_KEY_BYTES} bytes (the longest every tier stores)")
+    if isinstance(payload, torch.Tensor):
+        if payload.dtype not in STORABLE_DTYPES:
+            raise TypeError(f"{arg}payload dtype {payload.dtype} cannot be stored; storable dtypes: "
+                            + ", ".join(sorted(str(d).replace("torch.", "") for d in STORABLE_DTYPES)))
+        if payload.dim() > MAX_NDIM:
+            raise ValueError(f"{arg}payload has {payload.dim()} dims; at most {MAX_NDIM} are stored")
     data = _flat_bytes(payload)
     cs = _checksum64(data) if checksum is None else int(checksum) & _U64
     if isinstance(payload, torch.Tensor):
         return data, ArtifactMeta(data.numel(), cs, payload.dtype, tuple(payload.shape))
-    return data, ArtifactMeta(data.numel(), cs)
+    # Bytes come back as the 1-D uint8 tensor they are; shape () is a 0-dim tensor's.
+    return data, ArtifactMeta(data.numel(), cs, torch.uint8, (data.numel(),))
 
 
 def _flat_bytes(payload) -> torch.Tensor:
@@ -62,6 +95,24 @@ def _flat_bytes(payload) -> torch.Tensor:
     with warnings.catch_warnings():   # read-only bytes: tiers only ever read a payload
         warnings.simplefilter("ignore", UserWarning)
         return as_bytes(payload)
+
+
+def _encoded_keys(keys) -> list[bytes]:
+    """``keys`` (all ArtifactKeys, or all their ``encode()`` bytes) as bytes; a mix, or
+    anything else, is a TypeError naming the first offending entry."""
+    if keys and isinstance(keys[0], bytes):
+        encoded = list(keys)
+        if set(map(type, encoded)) != {bytes}:
+            bad = next(i for i, k in enumerate(encoded) if type(k) is not bytes)
+            raise TypeError(f"keys[{bad}] is {type(encoded[bad]).__name__}, but keys[0] is bytes: "
+                            "pass all ArtifactKeys or all their encode() bytes")
+        return encoded
+    try:
+        return list(map(key_bytes, keys))
+    except AttributeError:
+        bad = next(i for i, k in enumerate(keys) if not isinstance(k, ArtifactKey))
+        raise TypeError(f"keys[{bad}] must be an ArtifactKey (or every key its encode() bytes), "
+                        f"got {type(keys[bad]).__name__} {keys[bad]!r:.80}") from None
 
 
 class StorageEngine:
@@ -117,7 +168,8 @@ class StorageEngine:
 
     def store(self, key: ArtifactKey, payload, *, checksum: Optional[int] = None,
               tier: Optional[str] = None, mode: str = "chain") -> bool:
-        """True once stored in the first target tier (acknowledged)."""
+        """True once stored in the first target tier that takes it and in every tier its
+        write_through links lead to (acknowledged); False if any of them refused it."""
         start = 0 if tier is None and mode == "chain" else self._order(mode, tier)[0]
         data, meta = _prepare(key, payload, checksum)
         ok = self.chain.store(key, data, meta, start=start, only=(mode == "exact"))
@@ -132,19 +184,21 @@ class StorageEngine:
             raise ValueError(f"checksums has {len(checksums)} entries for {len(items)} items")
         start = 0 if tier is None and mode == "chain" else self._order(mode, tier)[0]
         cs = checksums if checksums is not None else [None] * len(items)
-        prepared = [(k, *_prepare(k, p, c)) for (k, p), c in zip(items, cs)]
+        prepared = [(k, *_prepare(k, p, c, f"items[{i}].")) for i, ((k, p), c) in enumerate(zip(items, cs))]
         ok = self.chain.store_many(prepared, start=start, only=(mode == "exact"))
         failed = ok.count(False)
         self._count(stores=len(ok) - failed, store_failures=failed)
         return ok
 
     def delete(self, key: ArtifactKey) -> bool:
+        _check_key(key)
         return self.chain.delete(key)
 
     # -- reads ---------------------------------------------------------------------------------
 
     def load(self, key: ArtifactKey, *, out: Optional[torch.Tensor] = None, mode: str = "chain",
              tier: Optional[str] = None, verify: bool = True) -> Optional[Artifact]:
+        _check_key(key)
         order = self._order(mode, tier)
         _check_out(out)
         art, found = self._read(key, out, order, verify)
@@ -190,6 +244,7 @@ class StorageEngine:
                   tier: Optional[str] = None, verify: bool = True) -> list[Optional[Artifact]]:
         """Batched ``load``: one ``get_many`` per tier for the keys still missing."""
         keys = list(keys)
+        _check_keys(keys)
         order = self._order(mode, tier)
         if outs is not None:
             outs = list(outs)
@@ -236,6 +291,7 @@ class StorageEngine:
         others the view comes from ``pin`` + ``get``; where nothing can be pinned
         (a remote tier) the artifact is an owned copy.
         """
+        _check_key(key)
         order = self._order(mode, tier)
         chain = self.chain
         for i in order:
@@ -262,6 +318,7 @@ class StorageEngine:
         yield self.load(key, mode=mode, tier=tier, verify=verify)   # a miss, or found only where pins do not apply
 
     def contains(self, key: ArtifactKey, *, mode: str = "chain", tier: Optional[str] = None) -> bool:
+        _check_key(key)
         return self.chain.find(key, self._order(mode, tier)) is not None
 
     def contains_many(self, keys: Union[Sequence[ArtifactKey], Sequence[bytes]]) -> list[bool]:
@@ -271,7 +328,7 @@ class StorageEngine:
         every tier looks keys up by their bytes, so a caller on a hot path (the
         vLLM scheduler) can skip building key objects.
         """
-        encoded = list(keys) if keys and isinstance(keys[0], bytes) else list(map(key_bytes, keys))
+        encoded = _encoded_keys(keys)
         present = [False] * len(encoded)
         todo = range(len(encoded))
         for i, tier in enumerate(self.chain.tiers):

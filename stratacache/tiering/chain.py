@@ -3,7 +3,8 @@
 Tiers are ordered fastest first. Link ``i`` joins tier ``i`` to tier ``i + 1``
 and follows tier ``i``'s ``write_policy``:
 
-* ``write_through``: a store reaches tier ``i + 1`` before it is acknowledged.
+* ``write_through``: a store reaches tier ``i + 1`` before it is acknowledged;
+  one that tier ``i + 1`` refuses is reported as not stored (False).
 * ``write_back``: the store is acknowledged by tier ``i``; the object is marked
   dirty and the flusher writes it down (then continues down the chain).
 
@@ -20,10 +21,13 @@ each tier protects itself and bytes are copied without any lock held.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
+import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -83,6 +87,10 @@ class TierChain:
         self.flusher = WriteBackFlusher(self._flush_one, retry_backoff_s=retry_backoff_s,
                                         retry_backoff_max_s=retry_backoff_max_s,
                                         max_dirty_bytes=max_dirty_bytes)
+        self._closed: Optional[bool] = None   # close()'s result once closed
+        self._close_lock = threading.Lock()
+        self._owner_pid = os.getpid()
+        _OPEN_CHAINS.add(self)
         self._errors = {t.name: 0 for t in self.tiers}
         self._err_lock = threading.Lock()
         self._last_log = 0.0
@@ -153,9 +161,7 @@ class TierChain:
         last = start + 1 if only else len(self.tiers)
         for i in range(start, last):
             if self._call(i, self.tiers[i].put, key, data, meta, default=False):
-                if not only:
-                    self._write_down_from(i, key, data, meta)
-                return True
+                return only or self._write_down_from(i, key, data, meta)
         return False
 
     def store_many(self, items: Sequence[tuple[ArtifactKey, torch.Tensor, ArtifactMeta]], *,
@@ -171,31 +177,44 @@ class TierChain:
                              default=[False] * len(pending))
             here = [j for j, r in zip(pending, res) if r]
             pending = [j for j, r in zip(pending, res) if not r]
-            for j in here:
-                ok[j] = True
-            if not only:
+            down = [True] * len(here) if only else \
                 self._write_down_many(i, [items[j] for j in here])
+            for j, reached in zip(here, down):
+                ok[j] = reached
         return ok
 
-    def _write_down_many(self, i: int, items: list) -> None:
-        while items and i + 1 < len(self.tiers):
+    def _write_down_many(self, i: int, items: list) -> list[bool]:
+        """Batched ``_write_down_from``: one ``put_many`` per write_through link."""
+        reached = [True] * len(items)
+        todo = list(range(len(items)))
+        while todo and i + 1 < len(self.tiers):
             if self.settings[i].write_policy == "write_back":
-                for key, _data, meta in items:
+                for j in todo:
+                    key, _data, meta = items[j]
                     self.flusher.mark(i, key, meta.size)
-                return
-            res = self._call(i + 1, self.tiers[i + 1].put_many, items, default=[False] * len(items))
-            items = [it for it, r in zip(items, res) if r]
+                break
+            res = self._call(i + 1, self.tiers[i + 1].put_many, [items[j] for j in todo],
+                             default=[False] * len(todo))
+            for j, r in zip(todo, res):
+                reached[j] = reached[j] and bool(r)
+            todo = [j for j, r in zip(todo, res) if r]
             i += 1
+        return reached
 
-    def _write_down_from(self, i: int, key: ArtifactKey, data: torch.Tensor, meta: ArtifactMeta) -> None:
-        """``key`` was just stored in tier ``i``: follow the links below it."""
+    def _write_down_from(self, i: int, key: ArtifactKey, data: torch.Tensor, meta: ArtifactMeta) -> bool:
+        """``key`` was just stored in tier ``i``: follow the links below it. True when every
+        write_through link on the way took it (down to the end, or to a write_back link,
+        whose flusher then owns it); False when a tier below refused it (counted by the
+        tier / ``_call``; the copies above stay, and the caller is told it was not stored
+        as its write_through links promise)."""
         while i + 1 < len(self.tiers):
             if self.settings[i].write_policy == "write_back":
                 self.flusher.mark(i, key, meta.size)
-                return
+                return True
             if not self._call(i + 1, self.tiers[i + 1].put, key, data, meta, default=False):
-                return   # counted by the tier / _call; the upper copy stays
+                return False
             i += 1
+        return True
 
     def _flush_one(self, link: int, key: ArtifactKey, spilled: Optional[Artifact]):
         """Flusher callback: write ``key`` from tier ``link`` (or its spilled copy) down."""
@@ -261,7 +280,30 @@ class TierChain:
         return self.flusher.flush(timeout)
 
     def close(self, timeout: Optional[float] = None) -> bool:
-        drained = self.flusher.close(timeout)
-        for i, tier in enumerate(self.tiers):
-            self._call(i, tier.close)
-        return drained
+        """Drain the write_back links, stop the flusher and close every tier (once)."""
+        with self._close_lock:
+            if self._closed is not None:
+                return self._closed
+            _OPEN_CHAINS.discard(self)
+            drained = self.flusher.close(timeout)
+            for i, tier in enumerate(self.tiers):
+                self._call(i, tier.close)
+            self._closed = drained
+            return drained
+
+
+# Chains not yet closed. At a normal interpreter exit each is closed (drained) by the atexit
+# hook below, so a store acknowledged over a write_back link is written down even when the
+# program never called close(). It also stops the flusher thread before the interpreter
+# finalizes: a daemon thread still inside a native call with the GIL released (the disk
+# tier's write_record) would otherwise wake into a finalizing interpreter, be unwound
+# through pybind11's noexcept gil_scoped_release destructor, and abort the process with
+# "terminate called without an active exception".
+_OPEN_CHAINS: "weakref.WeakSet[TierChain]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_chains() -> None:
+    for chain in list(_OPEN_CHAINS):
+        if chain._owner_pid == os.getpid():   # a forked child's copies are its parent's
+            chain.close()

@@ -8,7 +8,12 @@ dirty, and the thread backs off (doubling from ``retry_backoff_s`` up to
 and a thread that somehow died is restarted by the next ``mark``. When a dirty
 object is evicted from its upper tier before it was written down and the
 write-down fails, the flusher keeps its own copy ("spilled") so acknowledged
-data is never lost.
+data is not lost while the process lives.
+
+Dirty data lives only in this process until written down: ``flush()`` returning
+True is the durability promise (everything acknowledged before it is in the tier
+below); a crash before that loses what was still dirty. A normal interpreter exit
+drains (the TierChain's atexit hook).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from stratacache.config import DEFAULT_PATH, ConfigError, load_config
+from stratacache.config import DEFAULT_PATH, ConfigError, load_config, read_yaml_file
 
 logger = logging.getLogger("vllm.stratacache")
 
@@ -214,14 +214,10 @@ def settings_from_extra_config(extra: Optional[Mapping]) -> ConnectorSettings:
 
 
 def _read_yaml(path: str) -> dict:
-    import yaml
     try:
-        with open(os.path.expanduser(path), "r", encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"stratacache.config_path: cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"stratacache.config_path: {path} is not valid YAML: {exc}") from None
+        doc = read_yaml_file(os.path.expanduser(path))
+    except ConfigError as exc:
+        raise ConfigError(f"stratacache.config_path: {exc}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
