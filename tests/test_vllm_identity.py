@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from stratacache.adapters.vllm import model_identity as mi
-from stratacache.adapters.vllm.keys import identity_from_vllm, parse_namespace
+from stratacache.adapters.vllm.keys import identity_from_vllm
 from stratacache.models.local_llama import LlamaSpec, make_local_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,7 @@ def test_other_weights_at_the_same_path_with_equal_mtimes_get_another_namespace(
     assert {f.name: f.stat().st_mtime_ns for f in path.glob("*.safetensors")} == mtimes
     second = _identity(path, monkeypatch, tmp_path / "cache")
     assert second.namespace(0) != first.namespace(0)
+    from stratacache.adapters.vllm.keys import parse_namespace
     assert parse_namespace(second.namespace(0))["weights_tag"] != \
         parse_namespace(first.namespace(0))["weights_tag"]
 
@@ -125,7 +126,21 @@ def test_model_id_names_the_weights_without_reading_them(two_models, tmp_path, m
     c = _identity(x, monkeypatch, tmp_path / "c", model_id="registry/llama@sha256:5678")
     assert a.namespace(0) == b.namespace(0) != c.namespace(0)     # a promise, taken at its word
     assert a.weights == "id:registry/llama@sha256:1234"
+    from stratacache.adapters.vllm.keys import parse_namespace
     assert parse_namespace(a.namespace(0))["model"] == "registry_llama_sha256_1234"
+
+
+def test_model_id_is_a_connector_setting_with_a_clear_error():
+    from stratacache.adapters.vllm.settings import kv_transfer_config, settings_from_extra_config
+    from stratacache.config import ConfigError
+
+    extra = kv_transfer_config(**{"connector.model_id": "llama-3-8b@rel-2026.11"})
+    assert settings_from_extra_config(extra["kv_connector_extra_config"]).load() \
+        .connector.model_id == "llama-3-8b@rel-2026.11"
+    assert settings_from_extra_config({}).load().connector.model_id is None
+    for bad in ("", 42):
+        with pytest.raises(ConfigError, match=r"connector\.model_id"):
+            kv_transfer_config(**{"connector.model_id": bad})
 
 
 def test_hub_snapshot_a_new_commit_changes_the_identity(two_models, tmp_path, monkeypatch):
@@ -220,7 +235,7 @@ def test_second_host_loads_the_first_hosts_kv_through_redis(two_models, tmp_path
             assert not regions[1].exists()                  # host B starts with nothing local
             b, log_b = _run(_job(host_b, connector(regions[1])), tmp_path, "host_b",
                             tmp_path / "cache-b")
-            assert redis.client().dbsize() > 0
+            assert redis.admin_client().dbsize() > 0
     finally:
         for region in regions:
             region.unlink(missing_ok=True)
