@@ -197,6 +197,18 @@ def test_hub_id_missing_from_the_cache_is_a_clear_error(tmp_path):
         weights_fingerprint("org/name", "v2", env=env)
 
 
+def test_weight_files_follow_vllms_format_preference(tmp_path):
+    """A leftover pytorch_model.bin beside safetensors is not loaded, so it is not hashed."""
+    model = _write_model(tmp_path / "m", {"model.safetensors": b"s" * 10,
+                                          "pytorch_model.bin": b"b" * 10, "notes.txt": b"x"})
+    assert [p.name for p in weight_files(model)] == ["model.safetensors"]
+    (model / "model.safetensors").unlink()
+    assert [p.name for p in weight_files(model)] == ["pytorch_model.bin"]
+    single = tmp_path / "model-q4.gguf"
+    single.write_bytes(b"g" * 10)
+    assert weight_files(single) == [single]
+
+
 def test_directory_without_weights_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelIdentityError, match="holds no weight files"):

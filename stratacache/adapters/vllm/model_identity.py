@@ -43,8 +43,10 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 logger = logging.getLogger("vllm.stratacache")
 
-# What vLLM's loaders read as weights (safetensors, PyTorch bin/pt/pth, GGUF).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# What vLLM's loaders read as weights, in their order of preference: safetensors
+# when there are any (the .bin copies beside them are then ignored), else PyTorch files.
+WEIGHT_SUFFIX_GROUPS = ((".safetensors",), (".bin", ".pt", ".pth"), (".gguf",))
+WEIGHT_SUFFIXES = tuple(s for group in WEIGHT_SUFFIX_GROUPS for s in group)
 CACHE_ENV = "STRATACACHE_FINGERPRINT_CACHE"
 SEGMENT_BYTES = 256 << 20         # unit of parallel hashing within a file
 READ_BYTES = 16 << 20             # one read call
@@ -110,14 +112,17 @@ def weights_root(model: str, revision: Optional[str], download_dir: Optional[str
 
 
 def weight_files(root: Path) -> list[Path]:
-    """The weight files vLLM reads from ``root`` (top level, like its loaders), sorted."""
+    """The weight files vLLM reads from ``root`` (top level, its preferred format), sorted."""
     if root.is_file():
         return [root]
-    files = sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    if not files:
-        raise ModelIdentityError(f"model directory {root} holds no weight files "
-                                 f"({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
-    return files
+    present = [p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+    for group in WEIGHT_SUFFIX_GROUPS:
+        files = sorted(p for p in present if p.suffix in group)
+        if files:
+            return files
+    raise ModelIdentityError(f"model directory {root} holds no weight files "
+                             f"({', '.join('*' + s for s in WEIGHT_SUFFIXES)}); set "
+                             "connector.model_id to name the weights explicitly")
 
 
 @dataclass(frozen=True)
