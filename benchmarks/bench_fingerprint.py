@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import struct
 import subprocess
@@ -73,12 +74,17 @@ def measure(model: Path, cache: Path, warm_runs: int) -> dict:
     time.sleep(1.2)
     runs = []
     for _ in range(1 + warm_runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([sys.executable, "-c", WARM, str(model)], env=env, check=True,
                              capture_output=True, text=True).stdout.split()
-        runs.append({"fingerprint": out[0], "import_s": float(out[1]), "call_s": float(out[2])})
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        runs.append({"fingerprint": out[0], "import_s": float(out[1]), "call_s": float(out[2]),
+                     "process_cpu_s": cpu})
     assert len({r["fingerprint"] for r in runs}) == 1
     warm = sorted(r["call_s"] for r in runs[1:])
-    return {"first_start_s": runs[0]["call_s"], "warm_start_median_s": warm[len(warm) // 2],
+    return {"first_start_s": runs[0]["call_s"], "first_start_process_cpu_s": runs[0]["process_cpu_s"],
+            "warm_start_median_s": warm[len(warm) // 2],
             "warm_start_max_s": warm[-1], "import_s": runs[0]["import_s"]}
 
 
@@ -99,6 +105,8 @@ def main() -> None:
         row = {"model": kind, "bytes": size, "shards": args.shards,
                **measure(model, args.dir / f"cache-{kind}", args.warm_runs)}
         row["first_start_gbps"] = size / row["first_start_s"] / 1e9
+        row["gb_per_cpu_second"] = size / row["first_start_process_cpu_s"] / 1e9
+        row["load_average"] = os.getloadavg()[0]
         results.append(row)
         print(json.dumps(row), flush=True)
     shutil.rmtree(args.dir, ignore_errors=True)

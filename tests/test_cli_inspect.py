@@ -178,7 +178,7 @@ def test_inspect_lists_kv_namespaces_with_model_and_fingerprint(tmp_path):
     """Model name, weights fingerprint prefix, TP rank, objects and bytes per KV namespace."""
     from stratacache.adapters.vllm.keys import KVIdentity
 
-    identity = KVIdentity(model_name="LlamaForCausalLM", weights="blake2b:" + "5e" * 32,
+    identity = KVIdentity(model_name="LlamaForCausalLM", weights="sha256:" + "5e" * 32,
                           model_digest="d", kv_dtype="torch.bfloat16/auto", layout="cpu_attn/vec",
                           block_size=128, num_kv_heads=2, head_size=64, tp_size=2)
     old_scheme = "vllm-llama-0123456789abcdef0123-tp0of1"

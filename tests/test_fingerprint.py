@@ -126,11 +126,10 @@ def test_segmented_digest_matches_its_definition(tmp_path, monkeypatch):
     model = _write_model(tmp_path / "m", {"model.safetensors": data})
     got = fingerprint_files(weight_files(model), FingerprintCache(None), workers=4)
 
-    def b2(x: bytes) -> hashlib.blake2b:
-        return hashlib.blake2b(x, digest_size=32)
-    segments = b"".join(b2(data[o:o + (1 << 20)]).digest() for o in range(0, len(data), 1 << 20))
-    file_digest = b2(b"stratacache-file-v1\0" + len(data).to_bytes(8, "little") + segments)
-    want = b2(b"stratacache-weights-v1\0" +
+    sha = hashlib.sha256
+    segments = b"".join(sha(data[o:o + (1 << 20)]).digest() for o in range(0, len(data), 1 << 20))
+    file_digest = sha(b"stratacache-file-v1\0" + len(data).to_bytes(8, "little") + segments)
+    want = sha(b"stratacache-weights-v1\0" +
               f"model.safetensors\0{len(data)}\0{file_digest.hexdigest()}\0".encode())
     assert got == want.hexdigest()
     # A change in the last byte of the last segment changes it.
@@ -175,7 +174,7 @@ def test_hub_id_uses_the_snapshot_content_and_a_new_commit_changes_it(tmp_path):
     # Upstream pushes new weights: refs/main moves to a new commit.
     _hub_repo(hub, "org/name", c2, _shards(6))
     at_c2 = weights_fingerprint("org/name", None, env=env)
-    assert at_c2 != at_c1 and at_c2.startswith("blake2b:")
+    assert at_c2 != at_c1 and at_c2.startswith("sha256:")
     assert weights_fingerprint("org/name", "main", env=env) == at_c2
     assert weights_fingerprint("org/name", c1, env=env) == at_c1          # pinned commit
     # HF_HOME is honoured when HF_HUB_CACHE is not set.
@@ -243,4 +242,4 @@ def test_a_second_process_waits_for_the_first_and_reads_its_cache(tmp_path):
     out, _ = waiter.communicate(timeout=60)
     assert waiter.returncode == 0
     result = json.loads(out.strip().splitlines()[-1])
-    assert result == {"fingerprint": "blake2b:" + ours, "segments_hashed": 0}
+    assert result == {"fingerprint": "sha256:" + ours, "segments_hashed": 0}

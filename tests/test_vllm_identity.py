@@ -92,7 +92,7 @@ def test_copies_on_two_hosts_have_one_namespace(two_models, tmp_path, monkeypatc
     ida = _identity(a, monkeypatch, tmp_path / "cache-a")
     idb = _identity(b, monkeypatch, tmp_path / "cache-b")
     assert ida.namespace(0) == idb.namespace(0)
-    assert ida.weights.startswith("blake2b:") and ida.model_name == "LlamaForCausalLM"
+    assert ida.weights.startswith("sha256:") and ida.model_name == "LlamaForCausalLM"
     # Warm: the second look on host A reads its cache and agrees.
     assert _identity(a, monkeypatch, tmp_path / "cache-a") == ida
 

@@ -22,7 +22,7 @@ from stratacache.adapters.vllm.stats import (
     prom_name,
 )
 
-BASE = KVIdentity(model_name="LlamaForCausalLM", weights="blake2b:" + "ab" * 32, model_digest="abc",
+BASE = KVIdentity(model_name="LlamaForCausalLM", weights="sha256:" + "ab" * 32, model_digest="abc",
                   kv_dtype="torch.bfloat16/auto", layout="cpu_attn/amx", block_size=128,
                   num_kv_heads=2, head_size=64, tp_size=2)
 

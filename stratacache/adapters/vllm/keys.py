@@ -50,7 +50,7 @@ class KVIdentity:
     """
 
     model_name: str         # connector.model_id, else the architecture (display only)
-    weights: str            # "blake2b:<hex>" of the weight bytes, or "id:<connector.model_id>"
+    weights: str            # "sha256:<hex>" of the weight bytes, or "id:<connector.model_id>"
     model_digest: str       # architecture config, compute dtype, quantization
     kv_dtype: str           # torch dtype of the pages and vLLM's cache_dtype
     layout: str             # attention backend page layout (e.g. cpu_attn/amx)

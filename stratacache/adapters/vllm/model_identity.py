@@ -4,10 +4,12 @@ Two hosts share KV only if their weights are byte-identical, so the identity
 is a hash of the weight files themselves, never of a path, an mtime or an
 inode. Hashing is done once per file and cached on the host:
 
-* every weight file is cut into segments hashed in parallel (BLAKE2b-256,
-  which releases the GIL); the file digest is the BLAKE2b of its size and its
-  segment digests, and the model fingerprint the BLAKE2b of every file's name,
-  size and digest. A collision needs a BLAKE2b collision.
+* every weight file is cut into segments hashed in parallel (SHA-256, which
+  releases the GIL and runs on the CPU's SHA instructions through OpenSSL:
+  about twice BLAKE2b's speed on the project's machines); the file digest is the
+  SHA-256 of its size and its segment digests, and the model fingerprint the
+  SHA-256 of every file's name, size and digest. A collision needs a SHA-256
+  collision.
 * the cache holds one small JSON entry per file (under
   ``$STRATACACHE_FINGERPRINT_CACHE``, else ``$XDG_CACHE_HOME/stratacache/
   fingerprints``, else ``~/.cache/stratacache/fingerprints``), keyed by the
@@ -168,7 +170,7 @@ class FingerprintCache:
         if not isinstance(entry, dict) or entry.get("path") != real or \
                 entry.get("stamp") != [stamp.ino, stamp.size, stamp.ctime_ns]:
             return None
-        digest = entry.get("blake2b")
+        digest = entry.get("sha256")
         return digest if isinstance(digest, str) and len(digest) == 2 * _DIGEST_BYTES else None
 
     def put(self, real: str, stamp: FileStamp, digest: str) -> None:
@@ -177,7 +179,7 @@ class FingerprintCache:
         target = self._entry_path(real)
         tmp = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         body = json.dumps({"path": real, "stamp": [stamp.ino, stamp.size, stamp.ctime_ns],
-                           "blake2b": digest})
+                           "sha256": digest})
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
@@ -214,7 +216,7 @@ class _Progress:
 
 
 def _hash_segment(path: Path, offset: int, length: int, progress: _Progress) -> bytes:
-    h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    h = hashlib.sha256()
     buf = bytearray(min(READ_BYTES, max(length, 1)))
     view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY)
@@ -233,7 +235,7 @@ def _hash_segment(path: Path, offset: int, length: int, progress: _Progress) -> 
 
 
 def _combine_segments(size: int, segments: Sequence[bytes]) -> str:
-    h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    h = hashlib.sha256()
     h.update(b"stratacache-file-v1\0" + size.to_bytes(8, "little"))
     for seg in segments:
         h.update(seg)
@@ -243,7 +245,7 @@ def _combine_segments(size: int, segments: Sequence[bytes]) -> str:
 def fingerprint_files(files: Sequence[Path], cache: FingerprintCache, *, label: str = "",
                       workers: Optional[int] = None,
                       clock: Callable[[], int] = time.time_ns) -> str:
-    """BLAKE2b fingerprint of ``files`` (names, sizes, bytes), using and filling ``cache``.
+    """SHA-256 fingerprint of ``files`` (names, sizes, bytes), using and filling ``cache``.
 
     ``clock`` gives the wall-clock start of hashing in ns (tests move it to
     exercise the racy-ctime rule).
@@ -292,7 +294,7 @@ def fingerprint_files(files: Sequence[Path], cache: FingerprintCache, *, label: 
         logger.info("StrataCache: fingerprinted %s: %.2f GiB in %.2f s (%.2f GB/s)",
                     label or files[0].parent, total / 2**30, elapsed,
                     total / max(elapsed, 1e-9) / 1e9)
-    h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    h = hashlib.sha256()
     h.update(b"stratacache-weights-v1\0")
     for path, stamp, digest in zip(files, stamps, digests):
         h.update(f"{path.name}\0{stamp.size}\0{digest}\0".encode())
@@ -303,12 +305,12 @@ def weights_fingerprint(model: str, revision: Optional[str] = None, *,
                         download_dir: Optional[str] = None,
                         cache: Optional[FingerprintCache] = None,
                         env: Optional[Mapping[str, str]] = None) -> str:
-    """``blake2b:<hex>`` of the weights vLLM loaded for ``model`` (a path or a hub id)."""
+    """``sha256:<hex>`` of the weights vLLM loaded for ``model`` (a path or a hub id)."""
     root = weights_root(model, revision, download_dir, env)
     cache = cache if cache is not None else FingerprintCache(default_cache_dir(env))
     files = weight_files(root)
     try:
         with cache.lock(root):
-            return "blake2b:" + fingerprint_files(files, cache, label=model)
+            return "sha256:" + fingerprint_files(files, cache, label=model)
     except OSError as exc:
         raise ModelIdentityError(f"cannot read the weights of {model} ({root}): {exc}") from None
