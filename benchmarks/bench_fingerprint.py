@@ -4,8 +4,9 @@ Writes a model directory of random safetensors shards (``--gib``, default 2),
 then times ``weights_fingerprint`` with an empty fingerprint cache (first
 start) and again with the cache filled (warm start; each warm run is a fresh
 process, as an engine start is). ``--sparse-gib`` adds a sparse model of that
-size (holes read as zeros: it shows that the warm cost does not grow with the
-model, and the hash rate without disk reads). The files are in the page cache
+size (holes, so no disk space: it shows that the warm cost does not grow with
+the model; its first start is dominated by the kernel zero-filling holes). It
+reports wall and CPU time (the box may be shared). The files are in the page cache
 when hashed, as they are right after vLLM has loaded them.
 
     python benchmarks/bench_fingerprint.py --dir /tmp/fp-bench --gib 2 --sparse-gib 10
