@@ -206,8 +206,8 @@ class FingerprintCache:
 class _Progress:
     """Bytes hashed so far, logged every PROGRESS_EVERY_S by the waiting thread."""
 
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
+    def __init__(self):
+        self.done = 0
         self._lock = threading.Lock()
 
     def add(self, n: int) -> None:
@@ -258,7 +258,7 @@ def fingerprint_files(files: Sequence[Path], cache: FingerprintCache, *, label: 
     todo = [i for i, d in enumerate(digests) if d is None]
     if todo:
         total = sum(stamps[i].size for i in todo)
-        progress = _Progress(total)
+        progress = _Progress()
         logger.info("StrataCache: fingerprinting %s: hashing %d of %d weight files (%.2f GiB); "
                     "later starts read the cache", label or files[0].parent, len(todo),
                     len(files), total / 2**30)
