@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -26,12 +27,14 @@ WRITER = textwrap.dedent("""
     from stratacache.engine import StorageEngine
 
     config, tier, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    namespaces = json.loads(sys.argv[4]) if len(sys.argv) > 4 else ["llama-a", "llama-b",
+                                                                     "tenant-x"]
     rng = random.Random(seed)
     written = {}
     with StorageEngine.from_config(path=config) as engine:
         for i in range(rng.randrange(12, 30)):
             kind = rng.choice(["kv", "kv", "params", "custom"])
-            namespace = rng.choice(["llama-a", "llama-b", "tenant-x"])
+            namespace = rng.choice(namespaces)
             size = rng.randrange(1, 300_000)
             payload = torch.randint(0, 256, (size,), dtype=torch.uint8,
                                     generator=torch.Generator().manual_seed(seed * 1000 + i))
@@ -46,13 +49,15 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def write_and_inspect(tmp_path: Path, tier: str, tier_section: dict, seed: int):
+def write_and_inspect(tmp_path: Path, tier: str, tier_section: dict, seed: int,
+                      namespaces: Optional[list] = None):
     tiers = {"cpu": {"enabled": False}, "shared": {"enabled": False},
              "disk": {"enabled": False}, "redis": {"enabled": False}}
     tiers[tier] = {"enabled": True, **tier_section}
     config = tmp_path / f"{tier}.yaml"
     config.write_text(yaml.safe_dump({"tiers": tiers}))
-    writer = subprocess.run([sys.executable, "-c", WRITER, str(config), tier, str(seed)],
+    argv = [sys.executable, "-c", WRITER, str(config), tier, str(seed)]
+    writer = subprocess.run(argv + ([json.dumps(namespaces)] if namespaces else []),
                             capture_output=True, text=True, timeout=120)
     assert writer.returncode == 0, writer.stderr[-3000:]
     wrote = json.loads(writer.stdout.strip().splitlines()[-1])
@@ -167,3 +172,37 @@ def test_inspect_shared_region_written_by_another_process(tmp_path):
         assert region.read_bytes() == image, "inspect modified the region"
     finally:
         region.unlink(missing_ok=True)
+
+
+def test_inspect_lists_kv_namespaces_with_model_and_fingerprint(tmp_path):
+    """Model name, weights fingerprint prefix, TP rank, objects and bytes per KV namespace."""
+    from stratacache.adapters.vllm.keys import KVIdentity
+
+    identity = KVIdentity(model_name="LlamaForCausalLM", weights="sha256:" + "5e" * 32,
+                          model_digest="d", kv_dtype="torch.bfloat16/auto", layout="cpu_attn/vec",
+                          block_size=128, num_kv_heads=2, head_size=64, tp_size=2)
+    old_scheme = "vllm-llama-0123456789abcdef0123-tp0of1"
+    current = [identity.namespace(0), identity.namespace(1)]
+    config, wrote, got = write_and_inspect(
+        tmp_path, "disk", {"path": str(tmp_path / "disk-tier"), "capacity": 64 << 20}, seed=14,
+        namespaces=current + [old_scheme])
+    kv_written = wrote["written"]["kv"]
+    listed = {n["namespace"]: n for n in got["kv_namespaces"]}
+    assert set(listed) == set(kv_written)
+    for namespace, row in listed.items():
+        assert row["items"] == kv_written[namespace]["items"]
+        assert row["bytes"] == got["kinds"]["kv"][namespace]["bytes"]
+        if namespace == old_scheme:
+            assert row["model"] is None and "never matched" in row["note"]
+        else:
+            assert row["model"] == "LlamaForCausalLM" and row["note"] is None
+            assert row["weights_tag"] == identity.weights_tag
+            assert row["tp"] == f"{current.index(namespace)}/2"
+    text = cli("inspect", "--config", config, "--tier", "disk")
+    assert text.returncode == 0, text.stderr
+    for namespace in kv_written:
+        line = next(l for l in text.stdout.splitlines() if l.startswith(namespace))
+        if namespace != old_scheme:
+            assert "LlamaForCausalLM" in line and identity.weights_tag in line
+        else:
+            assert "never matched" in line

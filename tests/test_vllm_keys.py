@@ -8,7 +8,12 @@ import sys
 
 import pytest
 
-from stratacache.adapters.vllm.keys import KVIdentity, hash_stability_problem, model_digest
+from stratacache.adapters.vllm.keys import (
+    KVIdentity,
+    hash_stability_problem,
+    model_digest,
+    parse_namespace,
+)
 from stratacache.adapters.vllm.stats import (
     COUNTERS,
     StatsCounter,
@@ -17,8 +22,9 @@ from stratacache.adapters.vllm.stats import (
     prom_name,
 )
 
-BASE = KVIdentity(model="/models/llama", revision="", model_digest="abc", kv_dtype="torch.bfloat16/auto",
-                  layout="cpu_attn/amx", block_size=128, num_kv_heads=2, head_size=64, tp_size=2)
+BASE = KVIdentity(model_name="LlamaForCausalLM", weights="sha256:" + "ab" * 32, model_digest="abc",
+                  kv_dtype="torch.bfloat16/auto", layout="cpu_attn/amx", block_size=128,
+                  num_kv_heads=2, head_size=64, tp_size=2)
 
 
 def test_every_identity_field_separates_namespaces():
@@ -42,13 +48,24 @@ def test_namespace_is_stable_across_processes():
     assert out.stdout.strip() == BASE.namespace(1)
 
 
-def test_model_digest_follows_weight_files(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"1234")
-    first = model_digest(str(tmp_path), "{}")
-    assert model_digest(str(tmp_path), "{}") == first
-    assert model_digest(str(tmp_path), '{"layers": 2}') != first
-    (tmp_path / "model.safetensors").write_bytes(b"123456")
-    assert model_digest(str(tmp_path), "{}") != first
+def test_namespace_names_model_and_weights_and_parses_back():
+    ns = BASE.namespace(1)
+    assert parse_namespace(ns) == {"model": "LlamaForCausalLM", "weights_tag": BASE.weights_tag,
+                                   "digest": ns.split("-")[-2], "tp_rank": 1, "tp_size": 2}
+    named = dataclasses.replace(BASE, model_name="registry.example/llama:v3@sha256", weights="id:x")
+    assert parse_namespace(named.namespace(0))["model"] == "registry.example_llama_v3_sha256"
+    # Namespaces of the old scheme (directory name + path/mtime digest) are not parsed as current.
+    assert parse_namespace("vllm-llama-0123456789abcdef0123-tp0of1") is None
+
+
+def test_model_digest_ignores_provenance_but_not_architecture():
+    config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4, "hidden_size": 256}
+    first = model_digest(config, "torch.bfloat16", None)
+    moved = {**config, "_name_or_path": "/elsewhere/llama", "transformers_version": "9.9"}
+    assert model_digest(moved, "torch.bfloat16", None) == first
+    assert model_digest({**config, "num_hidden_layers": 5}, "torch.bfloat16", None) != first
+    assert model_digest(config, "torch.float16", None) != first
+    assert model_digest(config, "torch.bfloat16", "fp8") != first
 
 
 def test_hash_stability_warning():

@@ -2,7 +2,9 @@
 
 For each enabled tier: items, bytes used and capacity, hit/miss counters
 where the tier persists them, and which kinds and namespaces (models)
-occupy the space. Persistent tiers (shared region, disk, Redis) are read
+occupy the space. KV namespaces are listed with the model name, weights
+fingerprint prefix and TP rank read from the namespace; namespaces of the
+scheme before content fingerprints are marked as never matched again. Persistent tiers (shared region, disk, Redis) are read
 through their own read-only ``inspect`` class methods, so inspecting never
 creates, resets, evicts or repairs anything. The CPU tier lives inside each
 process that uses it, so there is nothing to read from outside.
@@ -16,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from stratacache.adapters.vllm.keys import parse_namespace
 from stratacache.cli.config_cmd import load_checked
 from stratacache.cli.errors import CliError
 from stratacache.cli.report import format_table, human_bytes
@@ -88,6 +91,7 @@ def _normalise(raw: dict, base: dict) -> dict:
     capacity = raw.get("capacity_bytes", raw.get("capacity", raw.get("maxmemory")))
     out["capacity_bytes"] = capacity if capacity else base["capacity_bytes"]
     out["kinds"] = raw.get("kinds") or _nest(raw.get("by_namespace") or {})
+    out["kv_namespaces"] = kv_namespaces(out["kinds"].get("kv") or {})
     counters = raw.get("counters") or {k: raw[k] for k in ("hits", "misses") if k in raw}
     out["counters"] = counters
     out["details"] = {k: v for k, v in raw.items()
@@ -106,6 +110,22 @@ def _nest(by_namespace: dict) -> dict:
     return nested
 
 
+def kv_namespaces(usage: dict) -> list[dict]:
+    """One row per KV namespace: what ``parse_namespace`` reads from it, plus its use."""
+    rows = []
+    for namespace, use in sorted(usage.items()):
+        parsed = parse_namespace(namespace)
+        row = {"namespace": namespace, "items": use["items"], "bytes": use["bytes"]}
+        if parsed is None:
+            row.update(model=None, weights_tag=None, tp=None,
+                       note="not a current KV namespace: never matched")
+        else:
+            row.update(model=parsed["model"], weights_tag=parsed["weights_tag"],
+                       tp=f"{parsed['tp_rank']}/{parsed['tp_size']}", note=None)
+        rows.append(row)
+    return rows
+
+
 def _print_text(reports: list[dict]) -> None:
     rows = []
     for r in reports:
@@ -121,6 +141,14 @@ def _print_text(reports: list[dict]) -> None:
         if r.get("note") or where or auth:
             print(f"\n{r['tier']}: " + "; ".join(x for x in (where, auth, r.get("note")) if x))
         for kind, namespaces in sorted((r.get("kinds") or {}).items()):
+            if kind == "kv":
+                continue
             for namespace, use in sorted(namespaces.items()):
                 print(f"  {kind:<7} {namespace}: {use['items']} items, {human_bytes(use['bytes'])}")
+        if r.get("kv_namespaces"):
+            print(format_table(
+                ["kv namespace", "model", "weights", "tp", "items", "bytes", "note"],
+                [[n["namespace"], n["model"] or "-", n["weights_tag"] or "-", n["tp"] or "-",
+                  n["items"], human_bytes(n["bytes"]), n["note"] or ""]
+                 for n in r["kv_namespaces"]]))
     sys.stdout.flush()

@@ -389,6 +389,9 @@ SCHEMA: dict = {
         "log_every": Key("int", "log connector stats every N steps", minimum=1),
         "log_min_interval_s": Key("float", "but not more often than this many seconds", minimum=0.0),
         "debug": Key("bool", "verbose connector logging"),
+        "model_id": Key("str", "name of the model's weights (e.g. a registry digest); the same "
+                        "string must mean the same weights everywhere. null: fingerprint the "
+                        "weight files", nullable=True),
     },
 }
 

@@ -84,7 +84,7 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
         conn = cfg.connector
         if conn.debug:
             logger.setLevel(logging.DEBUG)
-        identity = identity_from_vllm(vllm_config, kv_cache_config)
+        identity = identity_from_vllm(vllm_config, kv_cache_config, model_id=conn.model_id)
         self._geometry = ChunkGeometry(
             chunk_size=int(conn.chunk_size), block_size=identity.block_size,
             hash_block_size=int(getattr(kv_cache_config, "hash_block_size", None)
@@ -105,6 +105,9 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
                                "cached KV is lost or corrupt; use \"recompute\" (what "
                                "stratacache.adapters.vllm.kv_transfer_config() sets)",
                                self._kv_transfer_config.kv_load_failure_policy)
+            logger.info("StrataCache: KV namespace %s (model %s, weights %s, TP size %d); hosts "
+                        "share KV only where this matches", identity.namespace(0),
+                        vllm_config.model_config.model, identity.weights[:24], identity.tp_size)
             tiers = [t for t in CROSS_PROCESS_TIERS if cfg.tiers[t].enabled]
             lookup_cfg = lookup_config(settings)
             engine = StorageEngine(lookup_cfg, tiers=tiers) if tiers else None

@@ -5,10 +5,12 @@ name is vLLM's chained block hash of the chunk's last block: the hash already
 covers every earlier token, LoRA, multimodal inputs and ``cache_salt``, so a
 chunk key identifies the whole prefix up to the chunk's end.
 
-The namespace carries everything that makes page bytes incompatible: model
-identity (name, revision, architecture config, weight files), KV dtype, the
+The namespace carries everything that makes page bytes incompatible: the
+weights (a fingerprint of their bytes, or the operator's ``connector.model_id``),
+the architecture config, compute dtype and quantization, KV dtype, the
 attention backend's page layout, head geometry, block size and TP rank/size.
-Two engines whose pages differ in any of these can never exchange bytes.
+Two engines whose pages differ in any of these can never exchange bytes; two
+hosts with byte-identical weights and settings always compute the same one.
 
 Key names are stable across restarts when vLLM's block hash is (sha256 with
 its fixed default seed); ``hash_stability_problem`` says when it is not.
@@ -19,23 +21,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 from stratacache.core.keys import ArtifactKey
 
 KIND = "kv"
 _NON_REPRODUCIBLE_ALGOS = ("xxhash", "xxhash_cbor")
+# "vllm2-": namespaces keyed by weight content; the older "vllm-" ones hashed paths and mtimes.
+NAMESPACE_PREFIX = "vllm2-"
+WEIGHTS_TAG_CHARS = 12
+DIGEST_CHARS = 16
+_NAMESPACE_RE = re.compile(rf"{NAMESPACE_PREFIX}(?P<model>[A-Za-z0-9_.-]+)-"
+                           rf"(?P<weights>[0-9a-f]{{{WEIGHTS_TAG_CHARS}}})-"
+                           rf"(?P<digest>[0-9a-f]{{{DIGEST_CHARS}}})-tp(?P<rank>\d+)of(?P<size>\d+)")
+# Keys of a serialized HF config that name where or by what it was loaded, not the model.
+_CONFIG_PROVENANCE_KEYS = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
 
 
 @dataclass(frozen=True)
 class KVIdentity:
-    """Everything that must match for two engines to share KV pages."""
+    """Everything that must match for two engines to share KV pages.
 
-    model: str
-    revision: str
-    model_digest: str       # architecture config + weight file stamps
+    No field depends on a path, an mtime, an inode or a host name, so every
+    host that loads the same weights with the same settings computes the same
+    namespace.
+    """
+
+    model_name: str         # connector.model_id, else the architecture (display only)
+    weights: str            # "sha256:<hex>" of the weight bytes, or "id:<connector.model_id>"
+    model_digest: str       # architecture config, compute dtype, quantization
     kv_dtype: str           # torch dtype of the pages and vLLM's cache_dtype
     layout: str             # attention backend page layout (e.g. cpu_attn/amx)
     block_size: int
@@ -43,11 +59,30 @@ class KVIdentity:
     head_size: int
     tp_size: int
 
+    @property
+    def weights_tag(self) -> str:
+        """Short digest of ``weights``: the fingerprint prefix shown in namespaces."""
+        return hashlib.sha256(self.weights.encode()).hexdigest()[:WEIGHTS_TAG_CHARS]
+
     def namespace(self, tp_rank: int) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
-        name = Path(self.model.rstrip("/")).name or "model"
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:48]
-        return f"vllm-{safe}-{digest}-tp{tp_rank}of{self.tp_size}"
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.model_name)[:48]
+        return (f"{NAMESPACE_PREFIX}{safe or 'model'}-{self.weights_tag}-"
+                f"{digest[:DIGEST_CHARS]}-tp{tp_rank}of{self.tp_size}")
+
+
+def parse_namespace(namespace: str) -> Optional[dict]:
+    """``{model, weights_tag, digest, tp_rank, tp_size}`` of a KV namespace of this scheme.
+
+    None for anything else, e.g. the namespaces of the scheme before content
+    fingerprints (``vllm-<dir name>-<digest>-tp..``), whose chunks are never
+    matched again.
+    """
+    m = _NAMESPACE_RE.fullmatch(namespace)
+    if m is None:
+        return None
+    return {"model": m["model"], "weights_tag": m["weights"], "digest": m["digest"],
+            "tp_rank": int(m["rank"]), "tp_size": int(m["size"])}
 
 
 @dataclass(frozen=True)
@@ -111,31 +146,48 @@ def hash_stability_problem(hash_algo: str, env: Optional[dict] = None) -> Option
     return None
 
 
-def model_digest(model: str, hf_config_json: str) -> str:
-    """Architecture config plus, for a local model directory, its weight files' size and mtime."""
-    h = hashlib.sha256(hf_config_json.encode())
-    root = Path(model).expanduser()
-    if root.is_dir():
-        for path in sorted(root.glob("*")):
-            if path.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
-                st = path.stat()
-                h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:20]
+def model_digest(hf_config: dict, dtype: str, quantization: Optional[str]) -> str:
+    """Architecture config (without where it was loaded from), compute dtype, quantization."""
+    config = {k: v for k, v in hf_config.items() if k not in _CONFIG_PROVENANCE_KEYS}
+    blob = json.dumps({"config": config, "dtype": dtype, "quantization": quantization},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def identity_from_vllm(vllm_config, kv_cache_config) -> KVIdentity:
-    """Derive the KV identity from vLLM's config; the same in the scheduler and the workers."""
+def _hf_config_dict(hf_config) -> dict:
+    try:
+        return json.loads(hf_config.to_json_string(use_diff=False))
+    except Exception:  # a config object without the HF serializer
+        return {"repr": repr(hf_config)}
+
+
+def model_weights_identity(model_config, load_config=None, model_id: Optional[str] = None) -> str:
+    """``id:<model_id>`` when the operator names the weights, else their content fingerprint."""
+    if model_id:
+        return f"id:{model_id}"
+    from stratacache.adapters.vllm.model_identity import weights_fingerprint
+
+    return weights_fingerprint(str(model_config.model), model_config.revision,
+                               download_dir=getattr(load_config, "download_dir", None))
+
+
+def identity_from_vllm(vllm_config, kv_cache_config, model_id: Optional[str] = None) -> KVIdentity:
+    """Derive the KV identity from vLLM's config; the same in the scheduler and the workers.
+
+    Without ``model_id`` (connector.model_id) this hashes the weight files the
+    first time on this host (see model_identity.py); later calls read the cache.
+    """
     spec = single_attention_spec(kv_cache_config)
     model_config = vllm_config.model_config
     cache_config = vllm_config.cache_config
-    try:
-        hf_json = model_config.hf_config.to_json_string(use_diff=False)
-    except Exception:  # a config object without the HF serializer
-        hf_json = repr(model_config.hf_config)
+    hf_config = _hf_config_dict(model_config.hf_config)
+    architectures = hf_config.get("architectures") or [hf_config.get("model_type") or "model"]
     return KVIdentity(
-        model=str(model_config.model),
-        revision=str(model_config.revision or ""),
-        model_digest=model_digest(str(model_config.model), hf_json),
+        model_name=str(model_id or architectures[0]),
+        weights=model_weights_identity(model_config, getattr(vllm_config, "load_config", None),
+                                       model_id),
+        model_digest=model_digest(hf_config, str(model_config.dtype),
+                                  getattr(model_config, "quantization", None)),
         kv_dtype=f"{spec.dtype}/{cache_config.cache_dtype}",
         layout=page_layout(vllm_config, spec),
         block_size=int(spec.block_size),
