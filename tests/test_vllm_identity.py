@@ -288,3 +288,30 @@ def test_different_weights_in_turn_at_one_path_never_exchange_a_chunk(two_models
     assert listed[ns_x]["weights_tag"] != listed[ns_y]["weights_tag"]
     assert listed[ns_x]["items"] == with_x["metrics"]["vllm:stratacache_save_chunks"]
     assert all(n["bytes"] > 0 for n in listed.values())
+
+
+@pytest.mark.slow
+def test_model_id_engines_share_kv_without_hashing_the_weights(two_models, tmp_path):
+    """``connector.model_id`` names the identity on both roles: the scheduler (lookups) and the
+    worker (which derives its namespace again when vLLM registers its KV caches) must agree, or
+    every lookup would hit and every load would miss. Nothing is hashed."""
+    x, _ = two_models
+    region = Path("/dev/shm") / f"sc-test-identity-{os.getpid()}-model-id.region"
+    cache = tmp_path / "fingerprints"
+    connector = {"tiers.shared.path": str(region), "tiers.shared.capacity": "256MiB",
+                 "tiers.cpu.capacity": "128MiB", "connector.chunk_size": CHUNK,
+                 "connector.model_id": "tiny-llama@release-7"}
+    try:
+        a, log_a = _run(_job(x, connector), tmp_path, "model_id_a", cache)
+        b, log_b = _run(_job(x, connector), tmp_path, "model_id_b", cache)
+    finally:
+        region.unlink(missing_ok=True)
+    assert "tiny-llama" in _logged_namespace(log_a) and \
+        _logged_namespace(log_a) == _logged_namespace(log_b)
+    assert not cache.exists() or not any(cache.rglob("*")), "model_id must skip hashing"
+    assert a["metrics"]["vllm:stratacache_save_chunks"] >= 4
+    for ra, rb in zip(_results(a), _results(b)):
+        assert rb["tokens"] == ra["tokens"]
+        assert rb["metrics_delta"]["vllm:stratacache_hit_tokens"] >= 2 * CHUNK
+        assert rb["metrics_delta"]["vllm:stratacache_load_chunks"] >= 2
+    assert b["metrics"].get("vllm:stratacache_load_errors", 0) == 0

@@ -84,7 +84,8 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
         conn = cfg.connector
         if conn.debug:
             logger.setLevel(logging.DEBUG)
-        identity = identity_from_vllm(vllm_config, kv_cache_config, model_id=conn.model_id)
+        self._model_id = conn.model_id
+        identity = identity_from_vllm(vllm_config, kv_cache_config, model_id=self._model_id)
         self._geometry = ChunkGeometry(
             chunk_size=int(conn.chunk_size), block_size=identity.block_size,
             hash_block_size=int(getattr(kv_cache_config, "hash_block_size", None)
@@ -145,7 +146,8 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
         # namespace again so the worker's always names the layout the scheduler's names.
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-        identity = identity_from_vllm(self._vllm_config, self._kv_cache_config)
+        identity = identity_from_vllm(self._vllm_config, self._kv_cache_config,
+                                      model_id=self._model_id)
         self._worker.register(kv_caches, num_blocks=int(self._kv_cache_config.num_blocks),
                               layout=identity.layout,
                               namespace=identity.namespace(get_tensor_model_parallel_rank()))
