@@ -449,9 +449,12 @@ static std::string free_space_text(int fd) {
 // Makes sure every byte of the first `total` is backed by the filesystem, so
 // that no access through the mapping can fault with SIGBUS when the
 // filesystem (a tmpfs such as /dev/shm) fills up. A file whose blocks already
-// cover it costs one fstat; otherwise posix_fallocate fills its holes
-// (never changing data). Read-only attaches cannot reserve, so they refuse.
-void SharedRegion::ensure_backed(uint64_t total) {
+// cover it costs one fstat; otherwise fallocate(2) fills its holes without
+// changing data. Where the filesystem lacks fallocate, glibc's
+// posix_fallocate writes a zero into every zero block, which is only safe
+// while nobody else is attached (`alone`). Read-only attaches cannot
+// reserve, so they refuse.
+void SharedRegion::ensure_backed(uint64_t total, bool alone) {
   if (is_device_) return;  // device DAX memory is the device itself
   const std::string& p = opts_.path;
   struct stat st;
@@ -463,7 +466,8 @@ void SharedRegion::ensure_backed(uint64_t total) {
                       " of its " + std::to_string(total) + " bytes allocated on its filesystem (" +
                       free_space_text(fd_) + "); reading it could fault. Attach it read-write once "
                       "(which reserves the space) or set reset (tiers.shared.reset)");
-  int err = posix_fallocate(fd_, 0, off_t(total));
+  int err = fallocate(fd_, 0, 0, off_t(total)) == 0 ? 0 : errno;
+  if (err == EOPNOTSUPP && alone) err = posix_fallocate(fd_, 0, off_t(total));
   if (err != 0)
     throw RegionError("cannot reserve " + std::to_string(total) + " bytes for shared region " + p + ": " +
                       errno_text(err) + " (the filesystem has " + free_space_text(fd_) +
@@ -482,7 +486,7 @@ void SharedRegion::attach() {
       throw RegionError(p + " is not an initialised StrataCache shared region (bad magic)");
     std::string problem = header_problem(h, avail);
     if (!problem.empty()) throw RegionError(problem);
-    ensure_backed(h.total_bytes);
+    ensure_backed(h.total_bytes, false);
     map_region(h.total_bytes);
     data_ = static_cast<uint8_t*>(base_) + hdr_->data_off;
     return;
@@ -503,6 +507,10 @@ void SharedRegion::attach() {
     if (flock(fd_, LOCK_EX | LOCK_NB) == 0) {
       // We are the only process attached: create, re-create or recover the region.
       bool fresh = avail < kHeaderBytes || !read_header(&h) || memcmp(h.magic, zeros, 8) == 0;
+      // A region of an older layout holds nothing this build can read and
+      // nobody else is attached: start it over (its objects become misses).
+      // A newer layout is refused below, so an older build never destroys it.
+      if (!fresh && memcmp(h.magic, kMagic, 8) == 0 && h.layout_version < kLayoutVersion) fresh = true;
       if (!fresh) {
         std::string problem = region_problem(h, avail, l);
         if (!problem.empty()) {
@@ -516,7 +524,7 @@ void SharedRegion::attach() {
             throw RegionError("cannot size shared region " + p + " to " + std::to_string(l.total) +
                               " bytes: " + errno_text(errno));
           try {
-            ensure_backed(l.total);
+            ensure_backed(l.total, true);
           } catch (...) {
             (void)!ftruncate(fd_, 0);  // give the space back; the next attach starts over
             throw;
@@ -526,7 +534,7 @@ void SharedRegion::attach() {
         bind_numa();
         init_header(l);
       } else {
-        ensure_backed(l.total);
+        ensure_backed(l.total, true);
         map_region(l.total);
         bind_numa();
         // A lock word left by a process that died (or a previous boot, for a
@@ -557,9 +565,14 @@ void SharedRegion::attach() {
         throw RegionError(problem + (opts_.reset ? " (reset cannot recreate a region other processes "
                                                    "are attached to; stop them first)"
                                                  : ""));
-      ensure_backed(l.total);
+      ensure_backed(l.total, false);
       map_region(l.total);
       bind_numa();
+      // Others keep the derived state up to date; a damaged one (a counter or
+      // the free-stack top out of range) is rebuilt, never trusted.
+      lock();
+      if (!derived_state_sane_locked()) repair_locked(false);
+      unlock();
       if (opts_.reset) clear();
       break;
     }
@@ -1288,6 +1301,15 @@ size_t SharedRegion::reclaim() {
 }
 
 // ---------------------------------------------------------------- repair
+
+// Cheap invariants of the derived state in the header (no pass over the
+// entries): what an attach checks before trusting a region others are using.
+bool SharedRegion::derived_state_sane_locked() const {
+  const Header* h = hdr_;
+  return h->free_top <= h->max_objects &&
+         uint64_t(h->free_top) + h->items + h->writing + h->retired == h->max_objects &&
+         h->used_units <= h->units && h->used_bytes <= h->capacity && h->tombstones <= h->bucket_count;
+}
 
 void SharedRegion::repair_locked(bool sole) {
   rebuild_locked(sole);

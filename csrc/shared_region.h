@@ -172,7 +172,7 @@ class SharedRegion {
   void init_header(const Layout& l);
   bool read_header(Header* h) const;
   uint64_t file_bytes() const;
-  void ensure_backed(uint64_t total);
+  void ensure_backed(uint64_t total, bool alone);
   static uint64_t geometry_checksum(const Header& h);
   std::string header_problem(const Header& h, uint64_t file_bytes) const;
   std::string region_problem(const Header& h, uint64_t file_bytes, const Layout& l) const;
@@ -180,6 +180,7 @@ class SharedRegion {
 
   void lock();
   void unlock();
+  bool derived_state_sane_locked() const;
   void repair_locked(bool sole);
   void rebuild_locked(bool sole);
 

@@ -17,6 +17,7 @@ from stratacache.backends.disk import DiskMemoryLayer, DiskTierError
 from stratacache.core.artifact import meta_for
 from stratacache.core.keys import ArtifactKey
 from stratacache.ops import checksum64
+from tests.test_shared_region_hardening import small_tmpfs  # noqa: F401 - a fixture: a real 16 MiB tmpfs
 
 U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -249,6 +250,28 @@ def test_a_key_the_tier_cannot_read_back_is_refused_at_store(tmp_path):
     tier.close()
     again = DiskMemoryLayer(d, 4 << 20)
     assert again.contains(fits) and torch.equal(again.get(fits).data, body(2, 100))
+    again.close()
+
+
+def test_a_full_filesystem_fails_stores_cleanly(small_tmpfs):
+    """A 64 MiB tier on a real 16 MiB tmpfs: once the filesystem is full a store fails
+    (counted), leaves no partial file and no charge; everything acknowledged reads back
+    byte-exactly, also after a restart, which counts honestly."""
+    d = os.path.join(small_tmpfs, "tier")
+    tier = DiskMemoryLayer(d, 64 << 20)
+    stored = [i for i in range(40) if put(tier, K(i), body(i, 1 << 20))]
+    assert 5 < len(stored) < 16 and stored == list(range(len(stored)))
+    s = tier.stats()
+    assert s["put_failures"] == 40 - len(stored) and s["errors"] == 40 - len(stored)
+    assert not any(n.endswith(".tmp") for _, _, ns in os.walk(d) for n in ns)
+    assert tier.used_bytes() == charged(files(d)) and len(files(d)) == len(stored)
+    for i in stored:
+        assert torch.equal(tier.get(K(i)).data, body(i, 1 << 20))
+    tier.close()
+    again = DiskMemoryLayer(d, 64 << 20)
+    assert (again.recovered, again.dropped_at_start) == (len(stored), 0)
+    for i in stored:
+        assert torch.equal(again.get(K(i)).data, body(i, 1 << 20))
     again.close()
 
 

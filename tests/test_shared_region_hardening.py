@@ -239,6 +239,30 @@ def test_a_truncated_region_is_recreated_with_reset(region_path):
     again.close()
 
 
+def test_a_region_of_the_previous_layout_is_started_over(region_path):
+    """Records of the previous format become misses: a region of layout version 1 is
+    re-created by a process that attaches alone; while others are attached it is
+    refused, and a newer layout is always refused (an older build never destroys it)."""
+    layer = SharedRegionLayer(region_path, 4 * MiB, 64)
+    assert put(layer, 1, 1000)
+    _write_u32(region_path, 8, 1)
+    with pytest.raises(SharedRegionError, match="layout version 1 but this build uses version 2"):
+        SharedRegionLayer(region_path, 4 * MiB, 64)       # the first layer is still attached
+    layer.close()
+    again = SharedRegionLayer(region_path, 4 * MiB, 64)
+    assert again.get(key(1)) is None and again.check() == [] and put(again, 2, 1000)
+    again.close()
+    _write_u32(region_path, 8, 3)
+    with pytest.raises(SharedRegionError, match="layout version 3"):
+        SharedRegionLayer(region_path, 4 * MiB, 64)
+
+
+def _write_u32(path: str, offset: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(4, "little"))
+
+
 # -------------------------------------------------------------- a damaged header
 
 
@@ -326,6 +350,7 @@ def test_random_header_bit_flips_never_crash_and_never_mislead(region_path):
                 for i, n in sizes.items():
                     art = layer.get(key(i))
                     assert art is not None and torch.equal(art.data, payload(i, n)), (byte, bit, i)
+                del art               # no view keeps the mapping: the next attach is alone
                 layer.close()
             with open({region_path!r}, "r+b") as f:
                 f.write(pristine)
@@ -335,6 +360,38 @@ def test_random_header_bit_flips_never_crash_and_never_mislead(region_path):
     assert proc.returncode == 0, (seed, proc.stdout[-500:], proc.stderr[-2000:])
     counts = json.loads(proc.stdout.splitlines()[-1])
     assert counts["refused"] > 50 and counts["attached"] > 50, counts
+
+
+# Byte offsets of the derived state after the mutex (rebuilt by repair).
+DERIVED = {"used_bytes": (192, 8), "used_units": (200, 8), "items": (208, 8), "writing": (216, 8),
+           "retired": (224, 8), "tombstones": (232, 8), "free_top": (264, 4)}
+
+
+def test_damaged_derived_state_is_rebuilt_by_an_attach_next_to_others(region_path):
+    """With another process attached there is no full repair at attach, so the old
+    code trusted a damaged free-stack top or counter (a flipped free_top crashed the
+    next store). Now the attach checks their invariants and rebuilds them."""
+    layer = SharedRegionLayer(region_path, 4 * MiB, 64)
+    assert all(put(layer, i, 3000 + i) for i in range(10))
+    layer.close()
+    proc = run_child(f"""
+        import torch
+        from stratacache.backends.shared import SharedRegionLayer
+        from tests.test_shared_region_hardening import DERIVED, _flip, key, payload, put
+        holder = SharedRegionLayer({region_path!r}, 4 << 20, 64)   # others stay attached
+        for n, (field, (off, width)) in enumerate(DERIVED.items()):
+            _flip({region_path!r}, off + width - 1, 7)
+            layer = SharedRegionLayer({region_path!r}, 4 << 20, 64)
+            assert layer.check() == [], (field, layer.check())
+            assert all(put(layer, 100 + 10 * n + j, 5000) for j in range(2)), field
+            for i in range(10):
+                assert torch.equal(layer.get(key(i)).data, payload(i, 3000 + i)), (field, i)
+            layer.close()
+        assert holder.stats()["region"]["repairs"] >= len(DERIVED)
+        print("OK")
+    """)
+    assert_no_signal(proc, "an attach next to others to a region with damaged derived state")
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-2000:]
 
 
 # -------------------------------------------------------------- caller mistakes
