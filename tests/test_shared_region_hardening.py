@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ import torch
 from stratacache.backends.shared import SharedRegionError, SharedRegionLayer
 from stratacache.core.artifact import meta_for
 from stratacache.core.keys import ArtifactKey
+from tests.test_shared_region import region_path  # noqa: F401 - a fixture: a fresh /dev/shm path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -54,14 +54,6 @@ def small_tmpfs(tmp_path):
         yield str(mnt)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
-@pytest.fixture
-def region_path():
-    path = f"/dev/shm/sc-hardening-{os.getpid()}-{uuid.uuid4().hex[:8]}.region"
-    yield path
-    if os.path.exists(path):
-        os.unlink(path)
 
 
 def run_child(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
