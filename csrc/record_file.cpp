@@ -25,8 +25,8 @@ int64_t pread_full(int fd, uint8_t* dst, size_t nbytes, uint64_t offset) {
 }
 
 int write_record(const char* tmp, const char* final_path, const uint8_t* head, size_t head_len,
-                 const uint8_t* payload, size_t nbytes) {
-  const int fd = ::open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+                 const uint8_t* payload, size_t nbytes, int dir_fd) {
+  const int fd = ::openat(dir_fd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return errno;
   struct iovec iov[2] = {{const_cast<uint8_t*>(head), head_len}, {const_cast<uint8_t*>(payload), nbytes}};
   int first = 0, err = 0;
@@ -49,8 +49,8 @@ int write_record(const char* tmp, const char* final_path, const uint8_t* head, s
     }
   }
   if (::close(fd) != 0 && err == 0) err = errno;
-  if (err == 0 && ::rename(tmp, final_path) != 0) err = errno;
-  if (err != 0) ::unlink(tmp);
+  if (err == 0 && ::renameat(dir_fd, tmp, dir_fd, final_path) != 0) err = errno;
+  if (err != 0) ::unlinkat(dir_fd, tmp, 0);
   return err;
 }
 

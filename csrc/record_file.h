@@ -94,15 +94,16 @@ struct RecordRead {
   ReadResult payload;  // valid when status is kOk
 };
 
-// Opens `path`, checks that it starts with `head` (head_len bytes) and is
+// Opens `path` (relative to the directory `dir_fd`; a symbolic link is not
+// followed: ELOOP), checks that it starts with `head` (head_len bytes) and is
 // exactly head_len + nbytes long, then reads and checksums the payload into
 // `dst` with read_and_checksum. One call per record, so the disk tier's
 // per-object cost is a few system calls, not a Python file object.
 template <class ParallelFor>
 RecordRead read_record(const char* path, const uint8_t* head, size_t head_len, uint8_t* dst, size_t nbytes,
-                       ParallelFor&& parallel_for) {
+                       ParallelFor&& parallel_for, int dir_fd = AT_FDCWD) {
   RecordRead r;
-  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  const int fd = ::openat(dir_fd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (fd < 0) {
     r.status = RecordStatus::kOpenFailed;
     r.error = errno;
@@ -133,9 +134,10 @@ RecordRead read_record(const char* path, const uint8_t* head, size_t head_len, u
 }
 
 // Writes `head` then `payload` to a new file `tmp` (created 0600, failing if
-// it exists) and renames it to `final`, so `final` is never seen half-written.
+// it exists, even as a symbolic link) and renames it to `final`, so `final` is
+// never seen half-written. Both names are relative to the directory `dir_fd`.
 // Returns 0 or the errno of the failed step; on failure `tmp` is removed.
 int write_record(const char* tmp, const char* final_path, const uint8_t* head, size_t head_len,
-                 const uint8_t* payload, size_t nbytes);
+                 const uint8_t* payload, size_t nbytes, int dir_fd = AT_FDCWD);
 
 }  // namespace stratacache::record_file

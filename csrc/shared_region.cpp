@@ -8,6 +8,7 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <time.h>
@@ -133,6 +134,7 @@ struct SharedRegion::Header {
   uint32_t max_objects, max_key_bytes, block_bytes, bucket_count;
   uint32_t entry_stride, aux_max, leases_per_entry, mutex_bytes;
   uint64_t buckets_off, entries_off, free_off, bitmap_off, data_off;
+  uint64_t geometry_sum;  // geometry_checksum() of layout_version .. data_off
   alignas(64) pthread_mutex_t mutex;
   // Derived state, guarded by the mutex, rebuilt by repair.
   alignas(64) uint64_t used_bytes;
@@ -174,20 +176,99 @@ struct SharedRegion::Layout {
   uint64_t units, bucket_count, entry_stride;
   uint64_t buckets_off, entries_off, free_off, bitmap_off, data_off, total;
 
-  explicit Layout(const RegionOptions& o) {
+  explicit Layout(const RegionOptions& o)
+      : Layout(o.capacity, o.max_objects, o.max_key_bytes, o.block_bytes) {}
+
+  // The arguments must be in the ranges the constructor (or header_problem)
+  // enforces, so that nothing here overflows.
+  Layout(uint64_t capacity, uint64_t max_objects, uint64_t max_key_bytes, uint64_t block_bytes) {
     static_assert(sizeof(Header) <= kHeaderBytes, "the header must fit its page");
-    units = o.capacity / o.block_bytes;
+    units = capacity / block_bytes;
     bucket_count = 8;
-    while (bucket_count < 2ull * o.max_objects) bucket_count <<= 1;
-    entry_stride = round_up(sizeof(Entry) + o.max_key_bytes, 64);
+    while (bucket_count < 2ull * max_objects) bucket_count <<= 1;
+    entry_stride = round_up(sizeof(Entry) + max_key_bytes, 64);
     buckets_off = kHeaderBytes;
     entries_off = round_up(buckets_off + bucket_count * 8, 64);
-    free_off = round_up(entries_off + entry_stride * o.max_objects, 64);
-    bitmap_off = round_up(free_off + 4ull * o.max_objects, 64);
-    data_off = round_up(bitmap_off + (units + 63) / 64 * 8, std::max<uint64_t>(o.block_bytes, 4096));
-    total = data_off + units * o.block_bytes;
+    free_off = round_up(entries_off + entry_stride * max_objects, 64);
+    bitmap_off = round_up(free_off + 4ull * max_objects, 64);
+    data_off = round_up(bitmap_off + (units + 63) / 64 * 8, std::max<uint64_t>(block_bytes, 4096));
+    total = data_off + units * block_bytes;
   }
 };
+
+namespace {
+
+// Largest data area and allocation unit a region may have; they keep every
+// offset the layout derives far from 2^64.
+constexpr uint64_t kMaxCapacity = 1ull << 56;
+constexpr uint32_t kMaxBlockBytes = 1u << 30;
+
+std::string octal(uint32_t v) {
+  char b[16];
+  snprintf(b, sizeof b, "0%o", v);
+  return b;
+}
+
+}  // namespace
+
+// Checksum of the header's geometry (every field from layout_version to
+// data_off), so a flipped bit there is caught even where the fields still
+// agree with each other.
+uint64_t SharedRegion::geometry_checksum(const Header& h) {
+  const char* begin = reinterpret_cast<const char*>(&h.layout_version);
+  const char* end = reinterpret_cast<const char*>(&h.geometry_sum);
+  return hash_key(std::string_view(begin, size_t(end - begin)));
+}
+
+// Why a header that carries the magic cannot be trusted, or "" when it can:
+// every geometry field is checked against the others, against what this
+// build derives from them, against the checksum and against the file size,
+// before anything it describes is dereferenced.
+std::string SharedRegion::header_problem(const Header& h, uint64_t file_bytes) const {
+  const std::string& p = opts_.path;
+  const std::string fix = "; set reset (tiers.shared.reset) to recreate it, losing its contents";
+  if (h.layout_version != kLayoutVersion)
+    return p + " has shared-region layout version " + std::to_string(h.layout_version) +
+           " but this build uses version " + std::to_string(kLayoutVersion) + fix;
+  auto corrupt = [&](const char* field, uint64_t have, const std::string& want) {
+    return p + " has a corrupt header: field " + field + " is " + std::to_string(have) + ", expected " +
+           want + fix;
+  };
+  if (h.block_bytes < 64 || h.block_bytes > kMaxBlockBytes || (h.block_bytes & (h.block_bytes - 1)))
+    return corrupt("block_bytes", h.block_bytes, "a power of two in [64, 2^30]");
+  if (h.max_objects < 1 || h.max_objects > (1u << 30))
+    return corrupt("max_objects", h.max_objects, "a value in [1, 2^30]");
+  if (h.max_key_bytes < 1 || h.max_key_bytes > 65536)
+    return corrupt("max_key_bytes", h.max_key_bytes, "a value in [1, 65536]");
+  if (h.capacity < h.block_bytes || h.capacity > kMaxCapacity || h.capacity % h.block_bytes)
+    return corrupt("capacity", h.capacity, "a multiple of block_bytes in [block_bytes, 2^56]");
+  const Layout l(h.capacity, h.max_objects, h.max_key_bytes, h.block_bytes);
+  const std::pair<const char*, std::pair<uint64_t, uint64_t>> derived[] = {
+      {"header_bytes", {h.header_bytes, kHeaderBytes}},
+      {"units", {h.units, l.units}},
+      {"bucket_count", {h.bucket_count, l.bucket_count}},
+      {"entry_stride", {h.entry_stride, l.entry_stride}},
+      {"aux_max", {h.aux_max, kAuxMax}},
+      {"leases_per_entry", {h.leases_per_entry, kLeasesPerEntry}},
+      {"mutex_bytes", {h.mutex_bytes, sizeof(pthread_mutex_t)}},
+      {"buckets_off", {h.buckets_off, l.buckets_off}},
+      {"entries_off", {h.entries_off, l.entries_off}},
+      {"free_off", {h.free_off, l.free_off}},
+      {"bitmap_off", {h.bitmap_off, l.bitmap_off}},
+      {"data_off", {h.data_off, l.data_off}},
+      {"total_bytes", {h.total_bytes, l.total}},
+  };
+  for (const auto& [field, values] : derived)
+    if (values.first != values.second)
+      return corrupt(field, values.first, std::to_string(values.second) + " (derived from capacity, "
+                                          "max_objects, max_key_bytes and block_bytes)");
+  if (h.geometry_sum != geometry_checksum(h))
+    return p + " has a corrupt header: field geometry_sum does not match the header's geometry" + fix;
+  if (file_bytes < h.total_bytes)
+    return p + " is truncated (" + std::to_string(file_bytes) + " of " + std::to_string(h.total_bytes) +
+           " bytes)" + fix;
+  return "";
+}
 
 
 // ---------------------------------------------------------------- attach
@@ -196,13 +277,16 @@ SharedRegion::SharedRegion(const RegionOptions& opts) : opts_(opts) {
   const std::string& p = opts_.path;
   if (p.empty()) throw std::invalid_argument("shared region path is empty");
   if (!opts_.read_only) {
-    if (opts_.block_bytes < 64 || (opts_.block_bytes & (opts_.block_bytes - 1)))
-      throw std::invalid_argument("block_bytes must be a power of two >= 64, got " +
+    if (opts_.block_bytes < 64 || opts_.block_bytes > kMaxBlockBytes ||
+        (opts_.block_bytes & (opts_.block_bytes - 1)))
+      throw std::invalid_argument("block_bytes must be a power of two in [64, 2^30], got " +
                                   std::to_string(opts_.block_bytes));
     if (opts_.capacity < opts_.block_bytes)
       throw std::invalid_argument("capacity " + std::to_string(opts_.capacity) +
                                   " is smaller than one block (" +
                                   std::to_string(opts_.block_bytes) + " bytes)");
+    if (opts_.capacity > kMaxCapacity)
+      throw std::invalid_argument("capacity " + std::to_string(opts_.capacity) + " exceeds 2^56 bytes");
     if (opts_.max_objects < 1 || opts_.max_objects > (1u << 30))
       throw std::invalid_argument("max_objects must be in [1, 2^30], got " +
                                   std::to_string(opts_.max_objects));
@@ -210,8 +294,12 @@ SharedRegion::SharedRegion(const RegionOptions& opts) : opts_(opts) {
       throw std::invalid_argument("max_key_bytes must be in [1, 65536], got " +
                                   std::to_string(opts_.max_key_bytes));
     if (opts_.file_mode & ~0777u)
-      throw std::invalid_argument("file_mode must be a permission mode like 0600, got 0" +
-                                  [&] { char b[16]; snprintf(b, sizeof b, "%o", opts_.file_mode); return std::string(b); }());
+      throw std::invalid_argument("file_mode must be a permission mode like 0600, got " +
+                                  octal(opts_.file_mode));
+    if (opts_.file_mode & 0007)
+      throw std::invalid_argument("file_mode " + octal(opts_.file_mode) +
+                                  " gives access to all users; a shared region must not be "
+                                  "world-accessible (use 0600, or 0660 for a group)");
   }
   open_file();
   try {
@@ -330,39 +418,87 @@ void SharedRegion::bind_numa() {
                       " failed: " + errno_text(errno));
 }
 
+// Reads the header with pread, so that a file too short for it (or a header
+// that lies about the geometry) is never faulted on through the mapping.
+bool SharedRegion::read_header(Header* h) const {
+  if (!is_device_) return pread(fd_, h, sizeof(Header), 0) == ssize_t(sizeof(Header));
+  // Device DAX supports only mmap (in units of its alignment, up to 2 MiB).
+  const size_t bytes = size_t(std::min<uint64_t>(device_bytes(fd_, opts_.path), 2ull << 20));
+  void* m = mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd_, 0);
+  if (m == MAP_FAILED) return false;
+  memcpy(static_cast<void*>(h), m, sizeof(Header));
+  munmap(m, bytes);
+  return true;
+}
+
+uint64_t SharedRegion::file_bytes() const {
+  if (is_device_) return device_bytes(fd_, opts_.path);
+  struct stat st;
+  if (fstat(fd_, &st) != 0)
+    throw RegionError("cannot stat shared region " + opts_.path + ": " + errno_text(errno));
+  return uint64_t(st.st_size);
+}
+
+// Free bytes of the filesystem holding the region, for error messages.
+static std::string free_space_text(int fd) {
+  struct statvfs vfs;
+  if (fstatvfs(fd, &vfs) != 0) return "free space unknown";
+  return std::to_string(uint64_t(vfs.f_bavail) * vfs.f_frsize) + " bytes free";
+}
+
+// Makes sure every byte of the first `total` is backed by the filesystem, so
+// that no access through the mapping can fault with SIGBUS when the
+// filesystem (a tmpfs such as /dev/shm) fills up. A file whose blocks already
+// cover it costs one fstat; otherwise fallocate(2) fills its holes without
+// changing data. Where the filesystem lacks fallocate, glibc's
+// posix_fallocate writes a zero into every zero block, which is only safe
+// while nobody else is attached (`alone`). Read-only attaches cannot
+// reserve, so they refuse.
+void SharedRegion::ensure_backed(uint64_t total, bool alone) {
+  if (is_device_) return;  // device DAX memory is the device itself
+  const std::string& p = opts_.path;
+  struct stat st;
+  if (fstat(fd_, &st) != 0)
+    throw RegionError("cannot stat shared region " + p + ": " + errno_text(errno));
+  if (uint64_t(st.st_blocks) * 512 >= total) return;
+  if (opts_.read_only)
+    throw RegionError("shared region " + p + " has only " + std::to_string(uint64_t(st.st_blocks) * 512) +
+                      " of its " + std::to_string(total) + " bytes allocated on its filesystem (" +
+                      free_space_text(fd_) + "); reading it could fault. Attach it read-write once "
+                      "(which reserves the space) or set reset (tiers.shared.reset)");
+  int err = fallocate(fd_, 0, 0, off_t(total)) == 0 ? 0 : errno;
+  if (err == EOPNOTSUPP && alone) err = posix_fallocate(fd_, 0, off_t(total));
+  if (err != 0)
+    throw RegionError("cannot reserve " + std::to_string(total) + " bytes for shared region " + p + ": " +
+                      errno_text(err) + " (the filesystem has " + free_space_text(fd_) +
+                      "); lower tiers.shared.capacity or free space there");
+}
+
 void SharedRegion::attach() {
   const std::string& p = opts_.path;
+  Header h;
   if (opts_.read_only) {
-    // Inspection: map the header, validate it, then map what it describes.
-    struct stat st;
-    fstat(fd_, &st);
-    uint64_t avail = is_device_ ? device_bytes(fd_, p) : uint64_t(st.st_size);
-    if (avail < kHeaderBytes) throw RegionError(p + " is too small to be a StrataCache shared region");
-    map_region(is_device_ ? std::min<uint64_t>(avail, 2ull << 20) : kHeaderBytes);
-    Header h = *hdr_;
-    munmap(base_, map_bytes_);
-    base_ = nullptr;
+    // Inspection: validate the header, then map what it describes.
+    const uint64_t avail = file_bytes();
+    if (avail < kHeaderBytes || !read_header(&h))
+      throw RegionError(p + " is too small to be a StrataCache shared region");
     if (memcmp(h.magic, kMagic, 8) != 0)
       throw RegionError(p + " is not an initialised StrataCache shared region (bad magic)");
-    if (h.layout_version != kLayoutVersion)
-      throw RegionError(p + " has shared-region layout version " + std::to_string(h.layout_version) +
-                        " but this build reads version " + std::to_string(kLayoutVersion));
-    if (h.total_bytes > avail)
-      throw RegionError(p + " is truncated: its header describes " + std::to_string(h.total_bytes) +
-                        " bytes but only " + std::to_string(avail) + " exist");
+    std::string problem = header_problem(h, avail);
+    if (!problem.empty()) throw RegionError(problem);
+    ensure_backed(h.total_bytes, false);
     map_region(h.total_bytes);
     data_ = static_cast<uint8_t*>(base_) + hdr_->data_off;
     return;
   }
 
   Layout l(opts_);
+  static const char zeros[8] = {};
   for (int attempt = 0;; ++attempt) {
     if (attempt > 2000)
       throw RegionError("shared region " + p + " stays uninitialised (a process died while creating it?); "
                         "stop its users or set reset");
-    struct stat st;
-    fstat(fd_, &st);
-    const uint64_t avail = is_device_ ? device_bytes(fd_, p) : uint64_t(st.st_size);
+    const uint64_t avail = file_bytes();
     if (is_device_ && avail < l.total)
       throw RegionError("DAX device " + p + " has " + std::to_string(avail) + " bytes but capacity " +
                         std::to_string(opts_.capacity) + " with max_objects " +
@@ -370,23 +506,16 @@ void SharedRegion::attach() {
                         "; lower tiers.shared.capacity");
     if (flock(fd_, LOCK_EX | LOCK_NB) == 0) {
       // We are the only process attached: create, re-create or recover the region.
-      bool fresh = avail < kHeaderBytes;
+      bool fresh = avail < kHeaderBytes || !read_header(&h) || memcmp(h.magic, zeros, 8) == 0;
+      // A region of an older layout holds nothing this build can read and
+      // nobody else is attached: start it over (its objects become misses).
+      // A newer layout is refused below, so an older build never destroys it.
+      if (!fresh && memcmp(h.magic, kMagic, 8) == 0 && h.layout_version < kLayoutVersion) fresh = true;
       if (!fresh) {
-        map_region(l.total);
-        static const char zeros[8] = {};
-        fresh = memcmp(hdr_->magic, zeros, 8) == 0;  // never finished initialising
-        if (!fresh && opts_.reset) {
-          bool compatible = memcmp(hdr_->magic, kMagic, 8) == 0 &&
-                            hdr_->layout_version == kLayoutVersion && hdr_->total_bytes == l.total &&
-                            hdr_->capacity == l.units * opts_.block_bytes &&
-                            hdr_->max_objects == opts_.max_objects &&
-                            hdr_->max_key_bytes == opts_.max_key_bytes &&
-                            hdr_->block_bytes == opts_.block_bytes;
-          fresh = !compatible;
-        }
-        if (fresh) {
-          munmap(base_, map_bytes_);
-          base_ = nullptr;
+        std::string problem = region_problem(h, avail, l);
+        if (!problem.empty()) {
+          if (!opts_.reset) throw RegionError(problem);
+          fresh = true;  // corrupt, truncated or incompatible: reset re-creates it
         }
       }
       if (fresh) {
@@ -394,15 +523,19 @@ void SharedRegion::attach() {
           if (ftruncate(fd_, 0) != 0 || ftruncate(fd_, off_t(l.total)) != 0)
             throw RegionError("cannot size shared region " + p + " to " + std::to_string(l.total) +
                               " bytes: " + errno_text(errno));
+          try {
+            ensure_backed(l.total, true);
+          } catch (...) {
+            (void)!ftruncate(fd_, 0);  // give the space back; the next attach starts over
+            throw;
+          }
         }
         map_region(l.total);
         bind_numa();
         init_header(l);
       } else {
-        validate_header(l);
-        if (!is_device_ && avail < l.total)
-          throw RegionError("shared region " + p + " is truncated (" + std::to_string(avail) + " of " +
-                            std::to_string(l.total) + " bytes); set reset to recreate it");
+        ensure_backed(l.total, true);
+        map_region(l.total);
         bind_numa();
         // A lock word left by a process that died (or a previous boot, for a
         // persistent DAX region) must not block us: nobody else is attached.
@@ -424,22 +557,24 @@ void SharedRegion::attach() {
       throw RegionError("cannot lock shared region " + p + ": " + errno_text(errno));
     if (flock(fd_, LOCK_SH) != 0)
       throw RegionError("cannot lock shared region " + p + ": " + errno_text(errno));
-    fstat(fd_, &st);
-    uint64_t now_avail = is_device_ ? avail : uint64_t(st.st_size);
-    if (now_avail >= kHeaderBytes) {
+    const uint64_t now_avail = file_bytes();
+    if (now_avail >= kHeaderBytes && read_header(&h) && memcmp(h.magic, zeros, 8) != 0) {
+      // Initialised (or foreign, or damaged: region_problem says which).
+      std::string problem = region_problem(h, now_avail, l);
+      if (!problem.empty())
+        throw RegionError(problem + (opts_.reset ? " (reset cannot recreate a region other processes "
+                                                   "are attached to; stop them first)"
+                                                 : ""));
+      ensure_backed(l.total, false);
       map_region(l.total);
-      static const char zeros[8] = {};
-      if (memcmp(hdr_->magic, zeros, 8) != 0) {  // initialised (or foreign: validate says so)
-        validate_header(l);
-        if (!is_device_ && now_avail < l.total)
-          throw RegionError("shared region " + p + " is truncated (" + std::to_string(now_avail) +
-                            " of " + std::to_string(l.total) + " bytes)");
-        bind_numa();
-        if (opts_.reset) clear();
-        break;
-      }
-      munmap(base_, map_bytes_);
-      base_ = nullptr;
+      bind_numa();
+      // Others keep the derived state up to date; a damaged one (a counter or
+      // the free-stack top out of range) is rebuilt, never trusted.
+      lock();
+      if (!derived_state_sane_locked()) repair_locked(false);
+      unlock();
+      if (opts_.reset) clear();
+      break;
     }
     flock(fd_, LOCK_UN);
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -480,33 +615,31 @@ void SharedRegion::init_header(const Layout& l) {
   uint32_t* fs = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(base_) + l.free_off);
   for (uint32_t i = 0; i < opts_.max_objects; ++i) fs[i] = opts_.max_objects - 1 - i;
   h->free_top = opts_.max_objects;
+  h->geometry_sum = geometry_checksum(*h);
   std::atomic_thread_fence(std::memory_order_release);
   memcpy(h->magic, kMagic, 8);
 }
 
-void SharedRegion::validate_header(const Layout& l) const {
-  const Header* h = hdr_;
+// header_problem, then whether the region matches this attach's settings.
+std::string SharedRegion::region_problem(const Header& h, uint64_t file_bytes, const Layout& l) const {
   const std::string& p = opts_.path;
-  if (memcmp(h->magic, kMagic, 8) != 0)
-    throw RegionError(p + " is not a StrataCache shared region (bad magic); remove it or set reset "
-                          "(tiers.shared.reset) to overwrite it");
-  if (h->layout_version != kLayoutVersion)
-    throw RegionError(p + " has shared-region layout version " + std::to_string(h->layout_version) +
-                      " but this build uses version " + std::to_string(kLayoutVersion) +
-                      "; set reset (tiers.shared.reset) to recreate it, losing its contents");
-  auto mismatch = [&](const char* what, uint64_t have, uint64_t want) {
-    if (have != want)
-      throw RegionError(p + " was created with " + what + "=" + std::to_string(have) +
-                        " but this attach asks for " + what + "=" + std::to_string(want) +
-                        "; use the same settings in every process or set reset to recreate it");
+  if (memcmp(h.magic, kMagic, 8) != 0)
+    return p + " is not a StrataCache shared region (bad magic); remove it or set reset "
+               "(tiers.shared.reset) to overwrite it";
+  std::string problem = header_problem(h, file_bytes);
+  if (!problem.empty()) return problem;
+  const std::pair<const char*, std::pair<uint64_t, uint64_t>> settings[] = {
+      {"capacity", {h.capacity, l.units * opts_.block_bytes}},
+      {"max_objects", {h.max_objects, opts_.max_objects}},
+      {"max_key_bytes", {h.max_key_bytes, opts_.max_key_bytes}},
+      {"block_bytes", {h.block_bytes, opts_.block_bytes}},
   };
-  mismatch("capacity", h->capacity, l.units * opts_.block_bytes);
-  mismatch("max_objects", h->max_objects, opts_.max_objects);
-  mismatch("max_key_bytes", h->max_key_bytes, opts_.max_key_bytes);
-  mismatch("block_bytes", h->block_bytes, opts_.block_bytes);
-  mismatch("entry layout (bytes per entry)", h->entry_stride, l.entry_stride);
-  mismatch("mutex size", h->mutex_bytes, sizeof(pthread_mutex_t));
-  mismatch("total size", h->total_bytes, l.total);
+  for (const auto& [what, values] : settings)
+    if (values.first != values.second)
+      return p + " was created with " + what + "=" + std::to_string(values.first) +
+             " but this attach asks for " + what + "=" + std::to_string(values.second) +
+             "; use the same settings in every process or set reset to recreate it";
+  return "";
 }
 
 // ---------------------------------------------------------------- locking
@@ -1168,6 +1301,15 @@ size_t SharedRegion::reclaim() {
 }
 
 // ---------------------------------------------------------------- repair
+
+// Cheap invariants of the derived state in the header (no pass over the
+// entries): what an attach checks before trusting a region others are using.
+bool SharedRegion::derived_state_sane_locked() const {
+  const Header* h = hdr_;
+  return h->free_top <= h->max_objects &&
+         uint64_t(h->free_top) + h->items + h->writing + h->retired == h->max_objects &&
+         h->used_units <= h->units && h->used_bytes <= h->capacity && h->tombstones <= h->bucket_count;
+}
 
 void SharedRegion::repair_locked(bool sole) {
   rebuild_locked(sole);

@@ -85,7 +85,7 @@ struct RegionStats {
 
 class SharedRegion {
  public:
-  static constexpr uint32_t kLayoutVersion = 1;
+  static constexpr uint32_t kLayoutVersion = 2;  // 2: geometry checksum
   static constexpr uint32_t kAuxMax = 256;
   static constexpr uint32_t kLeasesPerEntry = 8;
 
@@ -170,11 +170,17 @@ class SharedRegion {
   void map_region(uint64_t bytes);
   void attach();
   void init_header(const Layout& l);
-  void validate_header(const Layout& l) const;
+  bool read_header(Header* h) const;
+  uint64_t file_bytes() const;
+  void ensure_backed(uint64_t total, bool alone);
+  static uint64_t geometry_checksum(const Header& h);
+  std::string header_problem(const Header& h, uint64_t file_bytes) const;
+  std::string region_problem(const Header& h, uint64_t file_bytes, const Layout& l) const;
   void bind_numa();
 
   void lock();
   void unlock();
+  bool derived_state_sane_locked() const;
   void repair_locked(bool sole);
   void rebuild_locked(bool sole);
 

@@ -1,5 +1,8 @@
-"""DiskMemoryLayer: restart recovery, corruption -> counted miss + removal, SIGKILL mid-write, hard cap."""
+"""DiskMemoryLayer: restart recovery, corruption -> counted miss + removal, SIGKILL mid-write, hard cap
+in allocated blocks (what du counts), honest restart counts, planted symlinks and open directories."""
 
+import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +17,7 @@ from stratacache.backends.disk import DiskMemoryLayer, DiskTierError
 from stratacache.core.artifact import meta_for
 from stratacache.core.keys import ArtifactKey
 from stratacache.ops import checksum64
+from tests.test_shared_region_hardening import small_tmpfs  # noqa: F401 - a fixture: a real 16 MiB tmpfs
 
 U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -35,6 +39,17 @@ def files(path):
     return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".sca"))
 
 
+def charged(paths):
+    """What the tier charges for these files: whole filesystem blocks."""
+    block = os.statvfs(paths[0]).f_frsize if paths else 4096
+    return sum(-(-os.path.getsize(f) // block) * block for f in paths)
+
+
+def du(paths):
+    """Bytes the filesystem allocated to these files (what du counts)."""
+    return sum(os.stat(f).st_blocks * 512 for f in paths)
+
+
 def test_round_trip_restart_recovery_and_inspect(tmp_path):
     d = str(tmp_path / "tier")
     tier = DiskMemoryLayer(d, 1 << 20, io_threads=2)
@@ -46,7 +61,7 @@ def test_round_trip_restart_recovery_and_inspect(tmp_path):
     art = tier.get(K(3), out=out)
     assert torch.equal(out[:1003], body(3, 1003)) and (out[1003:] == 0xEE).all()
     used = tier.used_bytes()
-    assert used == sum(os.path.getsize(f) for f in files(d))          # accounting == bytes on disk
+    assert used == charged(files(d)) >= du(files(d))                   # accounting == blocks on disk
     assert all(os.stat(f).st_mode & 0o777 == 0o600 for f in files(d))
     with pytest.raises(DiskTierError, match="in use by another"):
         DiskMemoryLayer(d, 1 << 20)
@@ -103,7 +118,7 @@ def test_restart_drops_corrupt_and_partial_files(tmp_path):
     s = again.stats()
     assert s["recovered_at_start"] == 2 and s["dropped_at_start"] == 2
     assert not any(n.endswith(".tmp") for _, _, ns in os.walk(d) for n in ns)
-    assert again.used_bytes() == sum(os.path.getsize(f) for f in files(d))
+    assert again.used_bytes() == charged(files(d))
     again.close()
 
 
@@ -120,8 +135,7 @@ def test_cap_holds_under_ten_times_capacity_of_traffic(tmp_path):
         assert tier.put_many(items) == [True]
         written += n
         i += 1
-        on_disk = sum(os.path.getsize(f) for f in files(d))
-        assert on_disk <= cap and tier.used_bytes() == on_disk
+        assert du(files(d)) <= cap and tier.used_bytes() == charged(files(d)) <= cap
     keys = [K(j) for j in range(i)]
     present = [k for k, hit in zip(keys, tier.contains_many(keys)) if hit]
     arts = tier.get_many(present)
@@ -130,6 +144,135 @@ def test_cap_holds_under_ten_times_capacity_of_traffic(tmp_path):
         assert torch.equal(a.data, body(j, 1000 + (j * 7919) % 30000))
     assert tier.stats()["evictions"] > 0
     tier.close()
+
+
+def test_du_of_tiny_objects_stays_within_the_cap(tmp_path):
+    """3000 objects of 1-64 bytes under a 256 KiB cap: each file occupies a whole block,
+    and that is what is charged, so du of the objects never exceeds the cap (it was 45x)."""
+    d = str(tmp_path / "tier")
+    cap = 256 << 10
+    tier = DiskMemoryLayer(d, cap)
+    for i in range(3000):
+        assert put(tier, K(i), body(i, 1 + i % 64))
+    assert du(files(d)) <= cap and tier.used_bytes() == charged(files(d)) <= cap
+    assert tier.stats()["evictions"] > 0
+    present = [k for k, hit in zip(map(K, range(3000)), tier.contains_many(map(K, range(3000)))) if hit]
+    assert len(present) == len(files(d)) > 0
+    for k in present[-20:]:
+        i = int(k.name[1:])
+        assert torch.equal(tier.get(k).data, body(i, 1 + i % 64))
+    tier.close()
+
+
+def test_restart_with_a_smaller_cap_reports_what_it_kept_and_removed(tmp_path):
+    """100 objects, restarted under a cap that holds about half: recovered is what
+    remains, dropped is what was removed (it said recovered=100, dropped=0)."""
+    d = str(tmp_path / "tier")
+    tier = DiskMemoryLayer(d, 4 << 20)
+    for i in range(100):
+        assert put(tier, K(i), body(i, 8000))
+    tier.close()
+    again = DiskMemoryLayer(d, 400_000)
+    s = again.stats()
+    left = files(d)
+    assert 0 < s["recovered_at_start"] == len(left) == s["items"] < 100
+    assert s["dropped_at_start"] == 100 - len(left)
+    assert again.used_bytes() == charged(left) <= 400_000
+    for k in again.keys():            # the newest survive, intact
+        assert torch.equal(again.get(k).data, body(int(k.name[1:]), 8000))
+    again.close()
+
+
+def _prefix(key):
+    return hashlib.blake2b(key.encode(), digest_size=20).hexdigest()[:2]
+
+
+def test_a_symlink_planted_inside_the_tier_is_refused(tmp_path):
+    """A symlinked subdirectory is never followed: stores whose files belong there
+    fail (nothing lands in its target), other stores work, and a restart does not
+    recover objects through it; a symlinked object file is not read through either."""
+    d = str(tmp_path / "tier")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tier = DiskMemoryLayer(d, 4 << 20)
+    victim = K(0)
+    assert put(tier, victim, body(0, 5000))
+    [victim_file] = files(d)
+    tier.close()
+    sub = os.path.join(d, _prefix(victim))
+    os.rename(sub, str(outside / "moved"))        # the real objects now live outside
+    os.symlink(str(outside / "moved"), sub)
+    again = DiskMemoryLayer(d, 4 << 20)
+    assert again.stats()["recovered_at_start"] == 0 and not again.contains(victim)
+    same = [i for i in range(1, 2000) if _prefix(K(i)) == _prefix(victim)][:3]
+    other = [i for i in range(1, 2000) if _prefix(K(i)) != _prefix(victim)][:3]
+    for i in same:
+        assert not put(again, K(i), body(i, 3000))
+    for i in other:
+        assert put(again, K(i), body(i, 3000))
+        assert torch.equal(again.get(K(i)).data, body(i, 3000))
+    assert sorted(os.listdir(outside / "moved")) == [os.path.basename(victim_file)]
+    again.close()
+
+    os.unlink(sub)                                  # a symlinked object file
+    os.mkdir(sub, 0o700)
+    os.symlink(str(outside / "moved" / os.path.basename(victim_file)), victim_file)
+    third = DiskMemoryLayer(d, 4 << 20)
+    assert not third.contains(victim) and third.stats()["recovered_at_start"] == len(other)
+    assert os.path.exists(outside / "moved" / os.path.basename(victim_file))   # target untouched
+    third.close()
+
+
+def test_a_tier_directory_others_can_write_is_refused(tmp_path, caplog):
+    d = tmp_path / "open"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    with pytest.raises(DiskTierError, match=r"mode 0777, writable by every user.*chmod 700"):
+        DiskMemoryLayer(str(d), 1 << 20)
+    assert os.listdir(d) == []
+    os.chmod(d, 0o750)
+    with caplog.at_level(logging.WARNING, logger="stratacache.backends.disk"):
+        tier = DiskMemoryLayer(str(d), 1 << 20)
+    assert "mode 0750" in caplog.text
+    tier.close()
+
+
+def test_a_key_the_tier_cannot_read_back_is_refused_at_store(tmp_path):
+    """A key over 64 KiB could be written but not parsed at restart (it was stored,
+    then dropped): it is refused at store, and counted."""
+    d = str(tmp_path / "tier")
+    tier = DiskMemoryLayer(d, 4 << 20)
+    long_key = ArtifactKey("kv", "disk-test", "x" * (70 << 10))
+    assert not put(tier, long_key, body(1, 100))
+    assert files(d) == [] and tier.stats()["put_failures"] == 1 and not tier.contains(long_key)
+    fits = ArtifactKey("kv", "disk-test", "y" * (60 << 10))
+    assert put(tier, fits, body(2, 100))
+    tier.close()
+    again = DiskMemoryLayer(d, 4 << 20)
+    assert again.contains(fits) and torch.equal(again.get(fits).data, body(2, 100))
+    again.close()
+
+
+def test_a_full_filesystem_fails_stores_cleanly(small_tmpfs):
+    """A 64 MiB tier on a real 16 MiB tmpfs: once the filesystem is full a store fails
+    (counted), leaves no partial file and no charge; everything acknowledged reads back
+    byte-exactly, also after a restart, which counts honestly."""
+    d = os.path.join(small_tmpfs, "tier")
+    tier = DiskMemoryLayer(d, 64 << 20)
+    stored = [i for i in range(40) if put(tier, K(i), body(i, 1 << 20))]
+    assert 5 < len(stored) < 16 and stored == list(range(len(stored)))
+    s = tier.stats()
+    assert s["put_failures"] == 40 - len(stored) and s["errors"] == 40 - len(stored)
+    assert not any(n.endswith(".tmp") for _, _, ns in os.walk(d) for n in ns)
+    assert tier.used_bytes() == charged(files(d)) and len(files(d)) == len(stored)
+    for i in stored:
+        assert torch.equal(tier.get(K(i)).data, body(i, 1 << 20))
+    tier.close()
+    again = DiskMemoryLayer(d, 64 << 20)
+    assert (again.recovered, again.dropped_at_start) == (len(stored), 0)
+    for i in stored:
+        assert torch.equal(again.get(K(i)).data, body(i, 1 << 20))
+    again.close()
 
 
 WRITER = textwrap.dedent("""

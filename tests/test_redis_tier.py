@@ -103,7 +103,7 @@ def test_stored_value_is_header_then_payload(layer, server):
     data, meta = item(t)
     layer.put(key, data, meta)
     raw = server.admin_client().get(layer.key_prefix + key.encode())
-    assert raw == meta.pack() + t.numpy().tobytes()
+    assert raw == meta.pack(key.encode()) + t.numpy().tobytes()
 
 
 def test_batched_operations(layer):
@@ -161,7 +161,7 @@ def test_corrupt_values_are_counted_misses_and_deleted(layer, server):
     for k in keys:
         layer.put(k, *item(t))
     rk = [layer.key_prefix + k.encode() for k in keys]
-    hlen = len(meta_for(t, 0).pack())
+    hlen = len(meta_for(t, 0).pack(keys[0].encode()))
     admin.setrange(rk[0], hlen + 100, bytes([t[100].item() ^ 0xFF]))   # flipped payload byte
     admin.set(rk[1], b"not a stratacache value at all")                  # bad header
     admin.set(rk[2], admin.get(rk[2])[:-1])                               # truncated

@@ -1,9 +1,12 @@
 // C++ tests of the shared-region store (run under ASan/UBSan by ctest):
 // round trips, replacement, eviction against a model, leases, header errors,
-// threads, a process dying while holding the lock, and SIGKILLed writers.
+// corrupt headers (every geometry field, random bit flips), a truncated
+// region, threads, a process dying while holding the lock, and SIGKILLed
+// writers.
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -332,12 +335,158 @@ static void test_death_while_holding_the_lock() {
   unlink(path.c_str());
 }
 
+// Byte offsets of the header's geometry fields (the layout of
+// SharedRegion::Header; the Python test mirrors them).
+struct HeaderField {
+  const char* name;
+  size_t offset, bytes;
+};
+static const HeaderField kGeometry[] = {
+    {"header_bytes", 12, 4},  {"total_bytes", 16, 8},      {"capacity", 24, 8},    {"units", 32, 8},
+    {"max_objects", 40, 4},   {"max_key_bytes", 44, 4},    {"block_bytes", 48, 4}, {"bucket_count", 52, 4},
+    {"entry_stride", 56, 4},  {"aux_max", 60, 4},          {"leases_per_entry", 64, 4},
+    {"mutex_bytes", 68, 4},   {"buckets_off", 72, 8},      {"entries_off", 80, 8}, {"free_off", 88, 8},
+    {"bitmap_off", 96, 8},    {"data_off", 104, 8},        {"geometry_sum", 112, 8},
+};
+
+static void flip_bit(const std::string& path, size_t byte, int bit) {
+  int fd = open(path.c_str(), O_RDWR);
+  CHECK(fd >= 0);
+  uint8_t b = 0;
+  CHECK(pread(fd, &b, 1, off_t(byte)) == 1);
+  b ^= uint8_t(1u << bit);
+  CHECK(pwrite(fd, &b, 1, off_t(byte)) == 1);
+  close(fd);
+}
+
+// The RegionError an attach with these options raises ("" if it attaches).
+static std::string attach_error(RegionOptions o, bool read_only) {
+  o.read_only = read_only;
+  try {
+    SharedRegion r(o);
+  } catch (const RegionError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Runs fn in a child process; returns its exit status, or 128 + the signal
+// that killed it, so a crash in the child fails the check instead of the test.
+template <class Fn>
+static int in_child(Fn fn) {
+  pid_t pid = fork();
+  CHECK(pid >= 0);
+  if (pid == 0) _exit(fn());
+  int status = 0;
+  CHECK(waitpid(pid, &status, 0) == pid);
+  return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+}
+
+// A flipped high bit in any geometry field is refused before anything is
+// dereferenced, with an error naming the file and the field, for read-write
+// and read-only attaches; reset re-creates the region.
+static void test_corrupt_geometry_is_refused() {
+  const std::string path = region_path("geometry");
+  unlink(path.c_str());
+  const auto o = options(path, 1 << 20, 64);
+  {
+    SharedRegion r(o);
+    auto p = make_payload(1, 1, 3000);
+    CHECK(r.put(key_of(1), p.data(), p.size(), "aux"));
+  }
+  std::vector<uint8_t> pristine(4096);
+  {
+    int fd = open(path.c_str(), O_RDONLY);
+    CHECK(pread(fd, pristine.data(), pristine.size(), 0) == ssize_t(pristine.size()));
+    close(fd);
+  }
+  auto restore = [&] {
+    int fd = open(path.c_str(), O_RDWR);
+    CHECK(pwrite(fd, pristine.data(), pristine.size(), 0) == ssize_t(pristine.size()));
+    close(fd);
+  };
+  for (const HeaderField& f : kGeometry) {
+    flip_bit(path, f.offset + f.bytes - 1, 7);
+    for (bool read_only : {false, true}) {
+      const std::string what = attach_error(o, read_only);
+      if (what.find(path) == std::string::npos || what.find(f.name) == std::string::npos)
+        std::fprintf(stderr, "field %s (read_only=%d): got '%s'\n", f.name, int(read_only), what.c_str());
+      CHECK(what.find(path) != std::string::npos && what.find(f.name) != std::string::npos);
+    }
+    restore();
+  }
+  // Random single-bit flips anywhere in the header page: never a signal, and an
+  // attach that succeeds leaves a consistent region whose object reads back intact.
+  std::mt19937_64 rng(24);
+  for (int trial = 0; trial < 120; ++trial) {
+    const size_t byte = rng() % (trial < 60 ? 128 : 4096);
+    const int bit = int(rng() % 8);
+    flip_bit(path, byte, bit);
+    int rc = in_child([&] {
+      try {
+        SharedRegion r(o);
+        if (!r.check().empty()) return 3;
+        std::vector<uint8_t> out(3000);
+        auto h = r.get(key_of(1), out.data(), out.size());
+        if (h && (h->aux != "aux" || !payload_ok(1, out.data(), h->size))) return 4;
+        return 0;
+      } catch (const RegionError&) {
+        return 2;
+      }
+    });
+    if (rc != 0 && rc != 2) std::fprintf(stderr, "flip of byte %zu bit %d: child status %d\n", byte, bit, rc);
+    CHECK(rc == 0 || rc == 2);
+    restore();
+  }
+  flip_bit(path, 52, 0);  // bucket_count off by one: refused, then reset re-creates
+  auto ro = o;
+  ro.reset = true;
+  SharedRegion fresh(ro);
+  CHECK(fresh.stats().items == 0);
+  expect_consistent(fresh);
+  unlink(path.c_str());
+}
+
+// A truncated region is refused naming the sizes; with reset it is re-created
+// at full size, not refused.
+static void test_truncated_region() {
+  const std::string path = region_path("truncated");
+  unlink(path.c_str());
+  const auto o = options(path, 1 << 20, 64);
+  uint64_t full = 0;
+  {
+    SharedRegion r(o);
+    struct stat st;
+    CHECK(stat(path.c_str(), &st) == 0);
+    full = uint64_t(st.st_size);
+    CHECK(uint64_t(st.st_blocks) * 512 >= full);  // reserved at creation
+  }
+  CHECK(truncate(path.c_str(), off_t(full / 2)) == 0);
+  for (bool read_only : {false, true}) {
+    const std::string what = attach_error(o, read_only);
+    CHECK(what.find("truncated") != std::string::npos && what.find(path) != std::string::npos);
+  }
+  auto ro = o;
+  ro.reset = true;
+  {
+    SharedRegion again(ro);
+    auto p = make_payload(2, 1, 5000);
+    CHECK(again.put(key_of(2), p.data(), p.size(), ""));
+    expect_consistent(again);
+  }
+  struct stat st;
+  CHECK(stat(path.c_str(), &st) == 0 && uint64_t(st.st_size) == full);
+  unlink(path.c_str());
+}
+
 int main() {
   test_round_trip_and_replacement();
   test_eviction_against_model();
   test_threads();
   test_death_while_holding_the_lock();
   test_sigkilled_writers();
+  test_corrupt_geometry_is_refused();
+  test_truncated_region();
   std::printf("test_shared_region: all passed\n");
   return 0;
 }

@@ -2,7 +2,7 @@
 
 Many hosts point at one Redis deployment, so a chunk computed on one host can
 be loaded on every other. Each object is one Redis string under
-``key_prefix + ArtifactKey.encode()`` whose value is ``ArtifactMeta.pack()``
+``key_prefix + ArtifactKey.encode()`` whose value is ``ArtifactMeta.pack(key.encode())``
 followed by the payload bytes. Nothing is pickled.
 
 A remote tier must never slow the caller beyond its timeout or raise into the
@@ -52,7 +52,7 @@ from stratacache.telemetry.metrics import TierCounters
 
 log = logging.getLogger(__name__)
 
-# Largest header ArtifactMeta.pack() writes (16 dims): get reads this much (or the
+# Largest header ArtifactMeta.pack(key) writes (16 dims): get reads this much (or the
 # whole value if shorter) before it knows where the payload starts.
 _MAX_HEADER = ArtifactMeta.header_size(16)
 
@@ -455,8 +455,8 @@ class RedisMemoryLayer:
         nargs = 3 if self.ttl_ms is None else 5
 
         def request(i):
-            _, data, meta = items[i]
-            header = meta.pack()
+            key, data, meta = items[i]
+            header = meta.pack(key.encode())
             head = (b"*%d\r\n" % nargs) + _bulk(b"SET") + _bulk(rkeys[i]) \
                 + b"$%d\r\n" % (len(header) + meta.size) + header
             return (head, memoryview(data.numpy()), b"\r\n" + ttl) if meta.size \
@@ -537,7 +537,7 @@ class RedisMemoryLayer:
             head = bytearray(min(n, _MAX_HEADER))
             reader.into(memoryview(head))
             try:
-                meta, hlen = ArtifactMeta.unpack(head)
+                meta, hlen = ArtifactMeta.unpack(head, keys[i].encode())
                 if n != hlen + meta.size:
                     raise CorruptArtifact(f"value is {n} bytes, header says {hlen}+{meta.size}")
             except CorruptArtifact:

@@ -10,8 +10,9 @@ intra-op threads with no lock held, then commits; a get with ``out`` leases
 the current version, copies it out, releases and re-checks the version, so
 neither a concurrent overwrite nor a killed writer can hand out a torn object.
 A get without ``out`` returns a view into the mapping (hold it under ``pin``
-or ``pinned_get``). ``ArtifactMeta.pack()`` travels with each object, so any
-process can rebuild the caller's dtype and shape.
+or ``pinned_get``). ``ArtifactMeta.pack(key)`` travels with each object, so any
+process can rebuild the caller's dtype and shape; its header checksum covers
+the key too, so a damaged header is a counted miss.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class SharedRegionLayer(BatchDefaults):
         src = as_bytes(data)
         if src.numel() != meta.size:
             raise ValueError(f"payload has {src.numel()} bytes but meta.size is {meta.size}")
-        raw, aux = key.encode(), meta.pack()
+        raw = key.encode()
+        aux = meta.pack(raw)
         # One native call reserves, copies (no lock held) and commits. With
         # on_evict set, this process's evictions go through it first.
         ok = self._region.put_tensor(raw, aux, src, evict=self.on_evict is None)
@@ -129,7 +131,7 @@ class SharedRegionLayer(BatchDefaults):
         raw, (slot, gen, offset, size, aux) = victim
         try:
             key = ArtifactKey.decode(raw)
-            meta, _ = ArtifactMeta.unpack(aux)
+            meta, _ = ArtifactMeta.unpack(aux, raw)
             self.on_evict(key, Artifact(meta, self._data[offset:offset + size]))
         except Exception:  # noqa: BLE001 - a failed hand-off must not block the put
             log.exception("stratacache shared tier: on_evict failed for %r; evicting anyway", raw[:80])
@@ -157,7 +159,8 @@ class SharedRegionLayer(BatchDefaults):
         t0 = time.perf_counter()
         _check_out(out)
         # One native call leases, copies (no lock held), releases and re-checks the version.
-        found = self._region.get_into(key.encode(), self.lease_s, out)
+        raw = key.encode()
+        found = self._region.get_into(raw, self.lease_s, out)
         if found is None:
             self.counters.add("misses")
             return None
@@ -165,7 +168,7 @@ class SharedRegionLayer(BatchDefaults):
         if not current:   # the version changed under a lease that expired mid-copy
             self.counters.add("misses")
             return None
-        meta = self._meta(key, slot, gen, aux, size)
+        meta = self._meta(key, raw, slot, gen, aux, size)
         dst = out[:size]
         if meta is None or not self._verified(key, slot, gen, dst, meta):
             return None
@@ -175,12 +178,13 @@ class SharedRegionLayer(BatchDefaults):
 
     def pinned_get(self, key: ArtifactKey, lease_s: Optional[float] = None):
         """Lease and view the same version atomically: (Artifact, release) or None."""
-        handle = self._region.acquire(key.encode(), self.lease_s if lease_s is None else lease_s)
+        raw = key.encode()
+        handle = self._region.acquire(raw, self.lease_s if lease_s is None else lease_s)
         if handle is None:
             self.counters.add("misses")
             return None
         slot, gen, offset, size, aux = handle
-        meta = self._meta(key, slot, gen, aux, size)
+        meta = self._meta(key, raw, slot, gen, aux, size)
         view = self._data[offset:offset + size]
         if meta is None or not self._verified(key, slot, gen, view, meta):
             self._region.release(slot, gen)
@@ -312,15 +316,18 @@ class SharedRegionLayer(BatchDefaults):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _meta(self, key: ArtifactKey, slot: int, gen: int, aux: bytes, size: int) -> Optional[ArtifactMeta]:
+    def _meta(self, key: ArtifactKey, raw: bytes, slot: int, gen: int, aux: bytes,
+              size: int) -> Optional[ArtifactMeta]:
+        """The stored header, checked against the key and the region's size; None (a
+        counted miss, the object dropped) when it cannot be trusted."""
         try:
-            meta, _ = ArtifactMeta.unpack(aux)
+            meta, _ = ArtifactMeta.unpack(aux, raw)
             if meta.size != size:
                 raise CorruptArtifact(f"header says {meta.size} bytes, region holds {size}")
             return meta
         except CorruptArtifact as exc:
             log.warning("stratacache shared tier: dropping %s: %s", key, exc)
-            self.counters.add("corrupt")
+            self.counters.add_many(misses=1, corrupt=1)
             self._region.erase_version(slot, gen)
             return None
 
@@ -331,7 +338,7 @@ class SharedRegionLayer(BatchDefaults):
             from stratacache.ops import checksum64
             if (checksum64(data) & 0xFFFFFFFFFFFFFFFF) != meta.checksum:
                 log.warning("stratacache shared tier: %s failed its checksum; dropped", key)
-                self.counters.add("corrupt")
+                self.counters.add_many(misses=1, corrupt=1)
                 self._region.erase_version(slot, gen)
                 return False
         return True

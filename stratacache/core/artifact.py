@@ -6,18 +6,22 @@ read need not copy. ``ArtifactMeta`` remembers the logical dtype and shape so
 ``Artifact.tensor()`` can give the caller back what it stored.
 
 Persistent tiers (disk, Redis, the shared region's records) store
-``ArtifactMeta.pack()`` in front of the payload: a small fixed, versioned binary
-header. No pickle is ever used for stored data.
+``ArtifactMeta.pack(key)`` with the payload: a small fixed, versioned binary
+header that ends with a checksum over every header field (dtype, shape, size,
+the payload checksum) and the encoded key the object is stored under, so a
+flipped bit in anything a reader trusts is a miss, never a wrongly typed
+tensor or another key's object. No pickle is ever used for stored data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, field
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the header checksum (records of version 1 read as misses)
 HEADER_MAGIC = b"SCA1"
 
 # Stable on-disk codes for dtypes; never renumber, only append.
@@ -30,6 +34,7 @@ _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
 # magic, format version, dtype code, ndim, payload size, checksum
 _FIXED = struct.Struct("<4sHBBQQ")
+_HEADER_SUM = struct.Struct("<Q")   # follows the shape: _header_sum(fields + shape, key)
 MAX_NDIM = 16
 
 
@@ -46,43 +51,65 @@ class ArtifactMeta:
                                                  # than one element's bytes, a flat payload)
     format_version: int = FORMAT_VERSION
 
-    def pack(self) -> bytes:
-        """Fixed little-endian header: magic, version, dtype, ndim, size, checksum, shape."""
+    def pack(self, key: bytes) -> bytes:
+        """Fixed little-endian header: magic, version, dtype, ndim, size, checksum, shape,
+        then a checksum of all of those and of ``key`` (the encoded key it is stored under)."""
         if len(self.shape) > MAX_NDIM:
             raise ValueError(f"shape has {len(self.shape)} dims; at most {MAX_NDIM} are stored")
         code = _DTYPE_CODES.get(self.dtype)
         if code is None:
             raise ValueError(f"dtype {self.dtype} cannot be stored")
         head = _FIXED.pack(HEADER_MAGIC, self.format_version, code, len(self.shape),
-                           self.size, self.checksum & 0xFFFFFFFFFFFFFFFF)
-        return head + struct.pack(f"<{len(self.shape)}Q", *self.shape)
+                           self.size, self.checksum & 0xFFFFFFFFFFFFFFFF) \
+            + struct.pack(f"<{len(self.shape)}Q", *self.shape)
+        return head + _HEADER_SUM.pack(_header_sum(head, key))
 
     @staticmethod
     def header_size(ndim: int) -> int:
-        return _FIXED.size + 8 * ndim
+        return _FIXED.size + 8 * ndim + _HEADER_SUM.size
 
-    @classmethod
-    def unpack(cls, raw: bytes | memoryview) -> tuple["ArtifactMeta", int]:
-        """Parse a header; returns (meta, header length). Raises CorruptArtifact."""
-        raw = memoryview(raw)
+    @staticmethod
+    def header_length(raw: bytes | memoryview) -> int:
+        """Length of the header at the start of ``raw`` (from its ndim); CorruptArtifact
+        when even that cannot be read. The header itself is checked by ``unpack``."""
         if len(raw) < _FIXED.size:
             raise CorruptArtifact("header truncated")
+        ndim = raw[7]
+        if ndim > MAX_NDIM:
+            raise CorruptArtifact(f"ndim {ndim} exceeds {MAX_NDIM}")
+        return ArtifactMeta.header_size(ndim)
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview, key: bytes) -> tuple["ArtifactMeta", int]:
+        """Parse and check a header stored under ``key``; returns (meta, header length).
+        Raises CorruptArtifact for any damage, including a header of another key."""
+        raw = memoryview(raw)
+        end = cls.header_length(raw)
         magic, version, code, ndim, size, checksum = _FIXED.unpack_from(raw, 0)
         if magic != HEADER_MAGIC:
             raise CorruptArtifact(f"bad magic {bytes(magic)!r}")
         if version != FORMAT_VERSION:
             raise CorruptArtifact(f"unsupported format version {version}")
-        if code not in _CODE_DTYPES or ndim > MAX_NDIM:
-            raise CorruptArtifact("bad dtype code or ndim")
-        end = _FIXED.size + 8 * ndim
         if len(raw) < end:
             raise CorruptArtifact("header truncated")
+        body = end - _HEADER_SUM.size
+        if _HEADER_SUM.unpack_from(raw, body)[0] != _header_sum(raw[:body], key):
+            raise CorruptArtifact("header checksum mismatch (damaged header, or another key's)")
+        if code not in _CODE_DTYPES:
+            raise CorruptArtifact(f"bad dtype code {code}")
         shape = struct.unpack_from(f"<{ndim}Q", raw, _FIXED.size)
         meta = cls(size=size, checksum=checksum, dtype=_CODE_DTYPES[code], shape=tuple(shape),
                    format_version=version)
         if shape and _numel(shape) * _itemsize(meta.dtype) != size:
             raise CorruptArtifact("shape does not match size")
         return meta, end
+
+
+def _header_sum(fields, key: bytes) -> int:
+    """64-bit BLAKE2b of the header fields and the key (a header check, not a MAC)."""
+    h = hashlib.blake2b(fields, digest_size=8)
+    h.update(key)
+    return int.from_bytes(h.digest(), "little")
 
 
 @dataclass(slots=True)
