@@ -23,7 +23,8 @@ b and c use a small streaming client of our own against ``/v1/completions``
 and p99 TTFT; mean and p99 ITL; request and token throughput; prompt tokens
 hit in vLLM's prefix cache and in StrataCache (the servers' Prometheus
 counters). Greedy outputs (temperature 0) of the two servers are compared
-token for token.
+token for token; a difference fails the run in workloads a and d and is
+reported in b and c (see ``STRICT_IDENTITY``).
 
 The reuse bound of workload a: the request throughput vLLM alone would reach
 if every reusable prompt token (block-aligned prefix of an earlier prompt)
