@@ -18,7 +18,7 @@ import stratacache
 from stratacache.cli.errors import CliError
 from stratacache.cli.report import format_table, write_bar_chart
 
-NAMES = ("ops", "store", "vllm", "params")
+NAMES = ("ops", "store", "vllm", "params", "serve")
 BENCH_DIR = Path(stratacache.__file__).resolve().parent.parent / "benchmarks"
 
 
