@@ -1,4 +1,4 @@
-"""``stratacache bench ops|store|vllm|params``: run a benchmark, keep its JSON, chart it.
+"""``stratacache bench ops|store|vllm|params|serve``: run a benchmark, keep its JSON, chart it.
 
 The benchmarks are scripts in the repository's ``benchmarks/`` directory
 (next to the package in a source checkout). Each prints its own progress and
@@ -23,7 +23,7 @@ BENCH_DIR = Path(stratacache.__file__).resolve().parent.parent / "benchmarks"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (ops, store, vllm, params) and chart it",
+    p = sub.add_parser("bench", help="run a benchmark (" + ", ".join(NAMES) + ") and chart it",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("name", choices=NAMES, metavar="NAME", help="one of: " + ", ".join(NAMES))
     p.add_argument("--quick", action="store_true", help="a shorter run (fewer sizes and repeats)")
