@@ -170,8 +170,9 @@ def test_the_layout_is_part_of_the_kv_namespace(monkeypatch):
                                                            kv_cache_layout=layout))
         names.add(page_layout(cfg, spec))
     assert len(names) == len(LAYOUTS)
-    spaces = {KVIdentity(model="m", revision="", model_digest="d", kv_dtype="bf16", layout=n,
-                         block_size=BLOCK, num_kv_heads=4, head_size=64, tp_size=1).namespace(0)
+    spaces = {KVIdentity(model_name="m", weights="sha256:00", model_digest="d", kv_dtype="bf16",
+                         layout=n, block_size=BLOCK, num_kv_heads=4, head_size=64,
+                         tp_size=1).namespace(0)
               for n in names}
     assert len(spaces) == len(LAYOUTS)
 
