@@ -424,6 +424,7 @@ class _Loader:
                 failed = set(load.block_ids)
                 self.stats.add(load_errors=1, load_error_blocks=len(failed))
                 opened = []
+                mark = self.fence.record()   # copies queued before the fault still read them
             self.fence.wait(mark)   # the leases outlive every read of the tier's bytes
         moved = sum(c.src.shape[0] for c in opened) * self.kv.block_bytes
         self.stats.add(load_chunks=len(opened), load_bytes=moved,
