@@ -315,8 +315,10 @@ def main() -> None:
         small_kv = {"VLLM_CPU_KVCACHE_SPACE": "1"}   # three engines' KV space must fit in RAM
         trio = {
             "noconn": EngineProc(bench, "kv_noconn", {**base, "model": kv_model}, small_kv),
+            # The miss engine stores nothing: a small region (a region's whole capacity is
+            # reserved in /dev/shm when it is created).
             "miss": EngineProc(bench, "kv_miss", {**base, "model": kv_model, "kv_transfer_config": _connector(
-                region_miss, capacity, **{"connector.chunk_size": 128 * (prompt_len // 128 + 1),
+                region_miss, "256MiB", **{"connector.chunk_size": 128 * (prompt_len // 128 + 1),
                                           "connector.save_partial_chunks": False})}, small_kv),
             "store": EngineProc(bench, "kv_store", {**base, "model": kv_model,
                                                     "kv_transfer_config": _connector(region, capacity)}, small_kv),
@@ -377,6 +379,10 @@ def main() -> None:
                                                   zip(r["results"][:repeats], r["results"][repeats:])]
         subprocess.run(["rm", "-rf", example_dir], check=False)
 
+        # Regions reserve their whole capacity in RAM (/dev/shm): drop each phase's before
+        # the next, or two 8 GiB regions and three engines do not fit a 24 GiB machine.
+        bench.cleanup(regions)
+        regions.clear()
         # --- compute-heavy model ---------------------------------------------------------
         c_cold, c_store = prompts(4000), prompts(5000)
         r = bench.phase("compute_noconn", {**base, "model": compute_model, "prompts": c_cold})
@@ -389,6 +395,8 @@ def main() -> None:
                                          "kv_transfer_config": _connector(region_c, capacity)})
         cases["compute_stratacache_hit"] = _median(r["results"])
 
+        bench.cleanup(regions)
+        regions.clear()
         # --- long-document QA: vLLM's KV space smaller than the working set ----------------
         docs = 6 if not quick else 4
         doc_len = prompt_len // 2
