@@ -23,8 +23,9 @@ baselines are paired with what they are compared to:
   median over prompts of the per-prompt ratio;
 * hits: a new engine gets each stored prompt (all the overhead prompts)
   twice, first as a connector hit, then as vLLM's own prefix-cache hit of the
-  same prompt; ``hit_vs_prefix_cache`` and the extra TTFT are medians of the
-  per-prompt ratio / difference.
+  same prompt, right after; ``hit_vs_prefix_cache`` and the extra TTFT are
+  medians of the per-prompt ratio / difference, ``first_hit_vs_prefix_cache``
+  the ratio of the engine's first hit alone (start-up work racing it shows there);
 ``load_gbps_vs_copy`` compares the connector's load rate with ``copy_`` on as
 many threads as vLLM gives the worker. ``lookup_us_per_request`` times the
 scheduler-side lookup for a 32-chunk prompt against a real shared-region
@@ -344,13 +345,14 @@ def main() -> None:
                                                       for m, c in zip(turns[n], turns["noconn"])]
         cases["kv_turn_ttfts"] = {n: [r["ttft_s"] for r in turns[n]] for n in names}
         store_p = trio_prompts[:repeats]
-        # Each stored prompt (all of the store engine's) twice in one new engine: the first
-        # time is a StrataCache hit, the second vLLM's own prefix-cache hit in the same
-        # engine (the paired baseline).
+        # Each stored prompt (all of the store engine's) twice in a row in one new engine:
+        # first as a StrataCache hit, then as vLLM's own prefix-cache hit in the same engine
+        # (the paired baseline, timed right after, so drift cannot come between a pair).
         n_hit = len(trio_prompts)
-        r = bench.phase("kv_hit", {**base, "model": kv_model, "prompts": trio_prompts + trio_prompts,
+        r = bench.phase("kv_hit", {**base, "model": kv_model,
+                                    "prompts": [p for p in trio_prompts for _ in (0, 1)],
                                     "kv_transfer_config": _connector(region, capacity)})
-        hits, hit_refs = r["results"][:n_hit], r["results"][n_hit:]
+        hits, hit_refs = r["results"][0::2], r["results"][1::2]
         cases["kv_stratacache_hit"] = _median(hits)
         cases["kv_hit_engine_prefix_cache_hit"] = _median(hit_refs)
         cases["kv_hit_over_prefix_cache_per_prompt"] = [h["ttft_s"] / p["ttft_s"]
@@ -434,6 +436,9 @@ def main() -> None:
     cases.update(kv_stratacache_extra_s=ours_extra, kv_example_connector_extra_s=example_extra)
     summary = {
         "hit_vs_prefix_cache": statistics.median(cases["kv_hit_over_prefix_cache_per_prompt"]),
+        # A fresh engine's very first hit, on its own: background work at start-up (the
+        # region's prefault, the store thread) shows here and hides in the median.
+        "first_hit_vs_prefix_cache": cases["kv_hit_over_prefix_cache_per_prompt"][0],
         "overhead_vs_example_connector": example_extra / max(ours_extra, 0.01 * pc),
         "load_gbps_vs_copy": cases["kv_hit_load_gbps"] / cases["copy_gbps"],
         "cold_vs_hit": cases["compute_cold"] / cases["compute_stratacache_hit"],
@@ -442,7 +447,8 @@ def main() -> None:
         "qa_ttft_speedup": cases["qa_prefix_only_mean_ttft"] / cases["qa_stratacache_mean_ttft"],
         "lookup_us_per_request": cases["lookup_us_32_chunks"],
     }
-    targets = {"hit_vs_prefix_cache": ("<=", 1.05), "overhead_vs_example_connector": (">=", 3),
+    targets = {"hit_vs_prefix_cache": ("<=", 1.05), "first_hit_vs_prefix_cache": ("<=", 1.05),
+               "overhead_vs_example_connector": (">=", 3),
                "load_gbps_vs_copy": (">=", 0.5), "cold_vs_hit": (">=", 10),
                "miss_overhead": ("<=", 1.03), "store_overhead": ("<=", 1.05),
                "qa_ttft_speedup": (">=", 2), "lookup_us_per_request": ("<=", 100)}
