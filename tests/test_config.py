@@ -10,7 +10,7 @@ import yaml
 
 from stratacache.config import (DEFAULT_PATH, ConfigError, StrataConfig, describe_config, load_config,
                                 parse_size)
-from stratacache.config.schema import SCHEMA
+from stratacache.config.schema import StrataConfig as ConfigModel, section_type
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -69,13 +69,20 @@ def test_describe_config_covers_every_key():
     paths = [r[0] for r in rows]
     assert len(paths) == len(set(paths))
 
-    def leaves(node, prefix=""):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                yield from leaves(v, f"{prefix}{k}.")
+    def leaves(model, prefix=""):
+        for k, field in model.model_fields.items():
+            if section_type(field) is not None:
+                yield from leaves(section_type(field), f"{prefix}{k}.")
             else:
                 yield prefix + k
-    assert set(paths) == set(leaves(SCHEMA))
+    assert set(paths) == set(leaves(ConfigModel))
+    # every key of the packaged defaults has a row, and every row a key there
+    defaults = yaml.safe_load(DEFAULT_PATH.read_text())
+
+    def yaml_leaves(node, prefix=""):
+        for k, v in node.items():
+            yield from yaml_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+    assert set(paths) == set(yaml_leaves(defaults))
     assert all(doc for _p, _t, _d, doc in rows)
     assert ("tiers.cpu.capacity", "size (e.g. 4GiB)", "2GiB") == rows[paths.index("tiers.cpu.capacity")][:3]
 
