@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Annotated, Any, Callable, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from stratacache.config import (DEFAULT_PATH, ConfigError, deep_merge, expand_dotted, load_config,
                                 read_yaml_file, validation_problems)
@@ -34,6 +34,17 @@ CONNECTOR_MODULE = "stratacache.adapters.vllm.connector_v1"
 MIB = 1 << 20
 
 
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+# pydantic's lenient int and float take true as 1; the original keys never did.
+_Int = Annotated[int, BeforeValidator(_not_a_bool)]
+_Float = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
 class LegacyKeyTypes(BaseModel):
     """The types of the original connector's keys, converted leniently as it did (vLLM's extra
     config often arrives as JSON strings: ``"true"``, ``"yes"``, ``"96"``); ``telemetry.export``
@@ -43,12 +54,12 @@ class LegacyKeyTypes(BaseModel):
 
     use_cxl: bool = None
     writeback: bool = None
-    cpu_capacity_mb: int = Field(None, ge=1)
-    chunk_size: int = None
+    cpu_capacity_mb: _Int = Field(None, ge=1)
+    chunk_size: _Int = None
     save_partial_chunks: bool = None
     log_stats: bool = None
-    log_every: int = None
-    log_min_interval_s: float = None
+    log_every: _Int = None
+    log_min_interval_s: _Float = None
     debug: bool = None
     cxl_dax_device: Optional[str] = None
     cxl_reset_metadata: bool = None
