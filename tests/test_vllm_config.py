@@ -113,6 +113,7 @@ def test_schema_paths_nested_and_dotted():
     ({"cpu_capacity_mb": "lots"}, "cpu_capacity_mb"),
     ({"writeback": "maybe"}, "writeback"),
     ({"stratacache.config_path": "/nonexistent/sc-test-vllm.yaml"}, "sc-test-vllm.yaml"),
+    ({7: "seven"}, "kv_connector_extra_config.7: keys must be strings"),
 ])
 def test_bad_input_names_the_key(extra, needle):
     with pytest.raises(ConfigError) as err:

@@ -92,7 +92,8 @@ def config_table_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLE_BEGIN = "<!-- key table: generated from stratacache/config/schema.py by `python -m stratacache.config --tables` -->"
+TABLE_BEGIN = ("<!-- key table: generated from stratacache/config/schema.py by "
+               "`python -m stratacache.config --tables` -->")
 TABLE_END = "<!-- end of key table -->"
 
 

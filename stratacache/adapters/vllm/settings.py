@@ -154,6 +154,8 @@ def _absorb(entries: Mapping, source: str, settings: ConnectorSettings) -> dict:
     itself."""
     paths: dict = {}
     for raw_key, value in entries.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"{source}{raw_key!r}: keys must be strings")
         key = raw_key[len(PREFIX):] if raw_key.startswith(PREFIX) else raw_key
         if key == CONFIG_PATH_KEY:
             settings.config_path = None if value in (None, "") else os.fspath(value)
