@@ -10,7 +10,7 @@ import yaml
 
 from stratacache.config import (DEFAULT_PATH, ConfigError, StrataConfig, describe_config, load_config,
                                 parse_size)
-from stratacache.config.schema import SCHEMA
+from stratacache.config.schema import StrataConfig as ConfigModel, section_type
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -69,13 +69,20 @@ def test_describe_config_covers_every_key():
     paths = [r[0] for r in rows]
     assert len(paths) == len(set(paths))
 
-    def leaves(node, prefix=""):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                yield from leaves(v, f"{prefix}{k}.")
+    def leaves(model, prefix=""):
+        for k, field in model.model_fields.items():
+            if section_type(field) is not None:
+                yield from leaves(section_type(field), f"{prefix}{k}.")
             else:
                 yield prefix + k
-    assert set(paths) == set(leaves(SCHEMA))
+    assert set(paths) == set(leaves(ConfigModel))
+    # every key of the packaged defaults has a row, and every row a key there
+    defaults = yaml.safe_load(DEFAULT_PATH.read_text())
+
+    def yaml_leaves(node, prefix=""):
+        for k, v in node.items():
+            yield from yaml_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+    assert set(paths) == set(yaml_leaves(defaults))
     assert all(doc for _p, _t, _d, doc in rows)
     assert ("tiers.cpu.capacity", "size (e.g. 4GiB)", "2GiB") == rows[paths.index("tiers.cpu.capacity")][:3]
 
@@ -263,3 +270,130 @@ def test_direct_tier_constructors_name_the_key_for_what_the_schema_refuses():
     for url in ("redis://localhost:99999", "redis://localhost/notanumber", "redis://:::@@/x"):
         with pytest.raises(RedisTierConfigError, match="tiers.redis.url"):
             RedisMemoryLayer(url)
+
+
+# -- issue 18: the models (pydantic v2) that replaced the hand-written validator.
+
+def _sections():
+    """(dotted prefix, Section class) for every section of the schema, the top level included."""
+    out = []
+
+    def walk(model, prefix):
+        out.append((prefix, model))
+        for name, field in model.model_fields.items():
+            if section_type(field) is not None:
+                walk(section_type(field), f"{prefix}{name}.")
+    walk(ConfigModel, "")
+    return out
+
+
+def _nested(dotted, value):
+    node = value
+    for part in reversed(dotted.split(".")):
+        node = {part: node}
+    return node
+
+
+@pytest.mark.parametrize("prefix,model", _sections(), ids=[p or "(top)" for p, _m in _sections()])
+def test_unknown_key_in_every_section_suggests_the_closest(tmp_path, prefix, model):
+    """A typo of each key of each section (a letter doubled at a random place) is refused,
+    naming the typo's full path and the layer, and suggesting the key it was meant to be."""
+    import random
+    rng = random.Random(prefix)
+    for name in model.model_fields:
+        at = rng.randrange(len(name))
+        typo = name[:at + 1] + name[at:]
+        value = {} if section_type(model.model_fields[name]) is not None else 1
+        path = write(tmp_path, yaml.safe_dump(_nested(prefix + typo, value)), f"{typo}.yaml")
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        msg = str(info.value)
+        assert msg.startswith(f"{prefix}{typo}: unknown key (in {path}); did you mean {prefix}{name}?"), msg
+        with pytest.raises(ConfigError, match=f"did you mean {prefix}{name}\\?"):
+            load_config(overrides={prefix + typo: value})
+
+
+def test_unknown_key_far_from_any_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"telemetry.zzz": 1})
+    assert str(info.value) == ("telemetry.zzz: unknown key (in overrides); valid keys here: prometheus, "
+                               "host, port")
+
+
+@pytest.mark.parametrize("key", ["tiers.cpu.capacity", "tiers.shared.capacity", "tiers.shared.prefault",
+                                 "tiers.disk.capacity", "writeback.max_dirty_bytes", "namespaces.kv.quota"])
+@pytest.mark.parametrize("size", ["4GiBs", "12 bytes", "3 QiB", "1.5 gigs", "GiB", "4 Gi B"])
+def test_size_with_a_bad_unit_names_key_and_value(key, size):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={key: size})
+    msg = str(info.value)
+    assert msg.startswith(f"{key}: expected a size like 4GiB"), msg
+    assert repr(size) in msg and "(expected size (e.g. 4GiB)" in msg
+
+
+def test_cross_field_rules_are_checked_on_the_merged_config(tmp_path):
+    """A rule between keys holds for the merged config, whichever layers the keys come from."""
+    raised = write(tmp_path, "writeback: {retry_backoff_s: 60}\n")        # above the default max, 10
+    with pytest.raises(ConfigError) as info:
+        load_config(raised)
+    assert str(info.value) == "writeback.retry_backoff_max_s: must be >= writeback.retry_backoff_s"
+    cfg = load_config(raised, overrides={"writeback.retry_backoff_max_s": 120})
+    assert (cfg.writeback.retry_backoff_s, cfg.writeback.retry_backoff_max_s) == (60.0, 120.0)
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"tiers.redis.url": "rediss://cache.internal:6380/0"})
+    assert str(info.value) == ("tiers.redis.tls: is false but tiers.redis.url uses rediss:// "
+                               "(set tls: true)")
+    assert load_config(overrides={"tiers.redis.url": "rediss://cache.internal:6380/0",
+                                  "tiers.redis.tls": True}).tiers.redis.tls is True
+
+
+def test_every_bad_value_is_reported_in_one_message():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"tiers.disk.io_threads": 2.5, "telemetry.port": 0,
+                               "connector.load_mode": "lazy"})
+    assert str(info.value) == ("tiers.disk.io_threads: expected an integer, got float 2.5 (expected int); "
+                               "telemetry.port: 0 is below the minimum 1 (expected int); "
+                               "connector.load_mode: 'lazy' is not one of 'sync', 'async', 'layerwise'")
+
+
+def test_structure_errors_name_the_layer_they_come_from(tmp_path):
+    """A section given as a value in the file is reported for the file, even when the overrides
+    would fill that section in."""
+    path = write(tmp_path, "tiers: {cpu: 4GiB}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides={"tiers.cpu.capacity": "1GiB"})
+    assert str(info.value) == "tiers.cpu: expected a mapping of keys, got str '4GiB'"
+
+
+@pytest.mark.parametrize("key,value", [("tiers.cpu.pin_memory", 1), ("tiers.shared.register_cuda", 0),
+                                       ("tiers.cpu.enabled", 1), ("lease_s", True), ("lease_s", ".inf"),
+                                       ("tiers.redis.key_prefix", "  "), ("telemetry.host", 127)])
+def test_values_are_never_coerced(key, value):
+    """YAML's 1 is not true, a bool is not a number, a blank string is not a name."""
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        load_config(overrides={key: float("inf") if value == ".inf" else value})
+
+
+def test_sections_keep_attribute_and_mapping_access():
+    from collections.abc import Mapping
+    cfg = load_config(overrides={"namespaces.params.quota": "1GiB"})
+    assert cfg["tiers"]["cpu"] is cfg.tiers.cpu and isinstance(cfg.tiers.cpu, Mapping)
+    assert list(cfg.namespaces) == ["kv", "params", "custom"]
+    assert {k: cfg.namespaces[k].quota for k in cfg.namespaces} == {"kv": None, "params": 1 << 30,
+                                                                     "custom": None}
+    assert cfg.tiers.redis.get("write_policy", "write_through") == "write_through"   # not a key there
+    assert cfg.tiers.redis.get("capacity") is None and "capacity" not in cfg.tiers.redis
+    assert dict(cfg.telemetry) == {"prometheus": False, "host": "127.0.0.1", "port": 9464}
+    with pytest.raises(KeyError, match="config has no key tiers.nvme"):
+        cfg.tiers["nvme"]
+    with pytest.raises(AttributeError, match="read-only"):
+        cfg.namespaces.kv.priority = 3
+    assert load_config() == load_config() and hash(load_config()) == hash(load_config())
+
+
+def test_config_error_is_the_plane_s_config_error():
+    from stratacache.core import errors
+    assert ConfigError is errors.ConfigError
+    assert issubclass(ConfigError, errors.InvalidArgument) and issubclass(ConfigError, ValueError)
+    with pytest.raises(errors.InvalidArgument, match="^lease_s: "):
+        load_config(overrides={"lease_s": "soon"})

@@ -113,6 +113,7 @@ def test_schema_paths_nested_and_dotted():
     ({"cpu_capacity_mb": "lots"}, "cpu_capacity_mb"),
     ({"writeback": "maybe"}, "writeback"),
     ({"stratacache.config_path": "/nonexistent/sc-test-vllm.yaml"}, "sc-test-vllm.yaml"),
+    ({7: "seven"}, "kv_connector_extra_config.7: keys must be strings"),
 ])
 def test_bad_input_names_the_key(extra, needle):
     with pytest.raises(ConfigError) as err:
@@ -142,3 +143,46 @@ def test_kv_transfer_config_is_accepted_by_vllm():
     conf = KVTransferConfig(**kv_transfer_config(**{"connector.chunk_size": 256}))
     assert conf.kv_connector == "StrataCacheConnectorV1"
     assert conf.get_from_extra_config("stratacache.connector.chunk_size", None) == 256
+
+
+# -- issue 18: legacy values are converted by a pydantic model, not by hand.
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("cpu_capacity_mb", "96", ("tiers.cpu.capacity", 96 * MIB)),
+    ("use_cxl", "yes", ("tiers.shared.enabled", True)),
+    ("writeback", "on", ("tiers.cpu.write_policy", "write_back")),
+    ("writeback", "0", ("tiers.cpu.write_policy", "write_through")),
+    ("log_every", "7", ("connector.log_every", 7)),
+    ("chunk_size", 512.0, ("connector.chunk_size", 512)),
+    ("log_min_interval_s", "0.25", ("connector.log_min_interval_s", 0.25)),
+    ("telemetry.export", "true", ("telemetry.prometheus", True)),
+])
+def test_legacy_values_given_as_strings_are_converted(key, value, expect):
+    """The original connector read its keys from JSON strings; they keep working."""
+    cfg = settings_from_extra_config({"stratacache." + key: value}).load()
+    assert _get(cfg, expect[0]) == expect[1]
+    assert type(_get(cfg, expect[0])) is type(expect[1])
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("chunk_size", 12.5, ["kv_connector_extra_config.stratacache.chunk_size", "12.5", "integer"]),
+    ("cpu_capacity_mb", 1.5, ["cpu_capacity_mb", "1.5"]),
+    ("cpu_capacity_mb", 0, ["kv_connector_extra_config.stratacache.cpu_capacity_mb", "minimum 1"]),
+    ("log_every", True, ["log_every", "True"]),
+    ("use_cxl", None, ["use_cxl", "null"]),
+    ("debug", "sometimes", ["debug", "'sometimes'"]),
+    ("log_min_interval_s", "inf", ["log_min_interval_s", "'inf'"]),
+    ("cxl_dax_device", 7, ["cxl_dax_device", "7"]),
+])
+def test_legacy_value_that_would_be_taken_wrong_is_refused(key, value, words):
+    """A fractional token count or megabyte count is refused, naming the legacy key as given,
+    instead of being truncated (int(12.5) == 12 was the old conversion)."""
+    with pytest.raises(ConfigError) as err:
+        settings_from_extra_config({"stratacache." + key: value}).load()
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_legacy_key_types_cover_every_legacy_key():
+    from stratacache.adapters.vllm.settings import LegacyKeyTypes
+    assert {name.replace(".", "_") for name in LEGACY_KEYS} == set(LegacyKeyTypes.model_fields)

@@ -1,23 +1,31 @@
-"""The config schema: every key of config.yaml, its type, range and meaning.
+"""The config schema: typed pydantic models of every key of config.yaml, its type, range and meaning.
 
-The schema is the single description of what a valid config is. Defaults live
-in the packaged ``default.yaml`` (the repo's config.yaml); the schema checks
-that file like any other, so the two cannot drift apart silently.
+The models are the single description of what a valid config is: each key is a
+field whose annotation is its type and range and whose description is its
+documentation (the README and docs/config.md tables are generated from them).
+Every section forbids unknown keys; rules between keys, and checks against this
+host, are model validators. Defaults live in the packaged ``default.yaml`` (the
+repo's config.yaml); the models check that file like any other, so the two
+cannot drift apart silently. ``stratacache.config`` turns pydantic's errors
+into ``ConfigError`` messages that start with the dotted key path.
 """
-
-from __future__ import annotations
 
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, ClassVar, Iterator, Literal, Optional
 from urllib.parse import parse_qs, urlsplit
 
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
+                      PrivateAttr, create_model, model_validator)
 
-class ConfigError(ValueError):
-    """An invalid config; the message starts with the offending key path."""
+from stratacache.core.errors import ConfigError
+
+__all__ = ["ConfigError", "KeyProblem", "Section", "StrataConfig", "TypeName", "parse_size",
+           "parse_file_mode", "expand_path", "redis_url_problem", "MAX_SIZE"]
 
 
 # ----------------------------------------------------------------- value kinds
@@ -64,44 +72,6 @@ def parse_size(value: Any) -> int:
     return n
 
 
-@dataclass(frozen=True)
-class Key:
-    """One leaf key: how to check and normalise its value, and what it means."""
-
-    kind: str                                  # bool|int|float|size|str|path|choice|file_mode
-    doc: str
-    nullable: bool = False
-    minimum: Optional[float] = None
-    maximum: Optional[float] = None
-    choices: tuple = ()
-    check: Optional[Callable[[Any], Optional[str]]] = None   # extra check -> error text
-
-    @property
-    def type_name(self) -> str:
-        name = {"size": "size (e.g. 4GiB)", "file_mode": "octal string (e.g. \"0600\")",
-                "path": "absolute path (~ and $VARS expanded)"}.get(self.kind, self.kind)
-        if self.kind == "choice":
-            name = " | ".join(_show(c) for c in self.choices)
-        return name + (" or null" if self.nullable else "")
-
-    def normalise(self, value: Any) -> Any:
-        """The validated value, or ValueError saying what is wrong with it."""
-        if value is None:
-            if self.nullable:
-                return None
-            raise ValueError("got null, which is not allowed here")
-        out = _CONVERTERS[self.kind](self, value)
-        if self.minimum is not None and out < self.minimum:
-            raise ValueError(f"{_show(value)} is below the minimum {_show(self.minimum)}")
-        if self.maximum is not None and out > self.maximum:
-            raise ValueError(f"{_show(value)} is above the maximum {_show(self.maximum)}")
-        if self.check is not None:
-            problem = self.check(out)
-            if problem:
-                raise ValueError(problem)
-        return out
-
-
 def _show(v: Any) -> str:
     if v is None:
         return "null"
@@ -110,52 +80,16 @@ def _show(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
-def _to_bool(key: Key, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {type(v).__name__} {_show(v)}")
-    return v
-
-
-def _to_int(key: Key, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"expected an integer, got {type(v).__name__} {_show(v)}")
-    return v
-
-
-def _to_float(key: Key, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"expected a number, got {type(v).__name__} {_show(v)}")
-    return float(v)
-
-
-def _to_str(key: Key, v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {type(v).__name__} {_show(v)}")
-    if not v.strip():
-        raise ValueError(f"got the empty string {v!r}")
-    return v
-
-
-def _to_choice(key: Key, v: Any) -> Any:
-    for c in key.choices:
-        if type(c) is type(v) and c == v:
-            return c
-    raise ValueError(f"{_show(v)} is not one of {', '.join(_show(c) for c in key.choices)}")
-
-
-def _to_size(key: Key, v: Any) -> int:
-    return parse_size(v)
-
-
-def _to_file_mode(key: Key, v: Any) -> int:
-    if not isinstance(v, str) or not re.fullmatch(r"0?[0-7]{3}", v):
-        raise ValueError(f"expected an octal permission string such as \"0600\", got {_show(v)} "
+def parse_file_mode(value: Any) -> int:
+    """``"0600"`` -> 0o600. Raises ValueError unless the owner reads and writes and others get nothing."""
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError(f"expected an octal permission string such as \"0600\", got {_show(value)} "
                          "(quote it in YAML so it stays a string)")
-    mode = int(v, 8)
+    mode = int(value, 8)
     if mode & 0o007:
-        raise ValueError(f"{v!r} gives access to all users; shared files must not be world-accessible")
+        raise ValueError(f"{value!r} gives access to all users; shared files must not be world-accessible")
     if mode & 0o600 != 0o600:
-        raise ValueError(f"{v!r} does not let the owner read and write the file (use \"0600\" "
+        raise ValueError(f"{value!r} does not let the owner read and write the file (use \"0600\" "
                          "or \"0660\")")
     return mode
 
@@ -185,14 +119,47 @@ def expand_path(value: str) -> str:
     return os.path.normpath(out)
 
 
-def _to_path(key: Key, v: Any) -> str:
-    return expand_path(_to_str(key, v))
+@dataclass(frozen=True)
+class TypeName:
+    """How a value type is named in the key tables (metadata of an ``Annotated`` type)."""
+
+    text: str
 
 
-_CONVERTERS = {
-    "bool": _to_bool, "int": _to_int, "float": _to_float, "str": _to_str,
-    "choice": _to_choice, "size": _to_size, "file_mode": _to_file_mode, "path": _to_path,
-}
+def _refuse(problem) -> AfterValidator:
+    """An after-validator raising ValueError with ``problem(value)``'s text when it returns one."""
+    def check(value):
+        text = problem(value)
+        if text:
+            raise ValueError(text)
+        return value
+    return AfterValidator(check)
+
+
+def _blank(value: str) -> Optional[str]:
+    return f"got the empty string {value!r}" if not value.strip() else None
+
+
+def choice(*options: Any) -> Any:
+    """One of ``options``, matched by type as well as value (YAML's ``1`` is not ``true``)."""
+    def exact(value: Any) -> Any:
+        if value is None:
+            raise ValueError("got null, which is not allowed here")
+        for option in options:
+            if type(option) is type(value) and option == value:
+                return option
+        raise ValueError(f"{_show(value)} is not one of {', '.join(_show(o) for o in options)}")
+    return Annotated[Literal[options], BeforeValidator(exact)]
+
+
+Text = Annotated[str, _refuse(_blank)]
+Size = Annotated[int, BeforeValidator(parse_size), TypeName("size (e.g. 4GiB)")]
+FileMode = Annotated[int, BeforeValidator(parse_file_mode), PlainSerializer(lambda mode: f"{mode:04o}"),
+                     TypeName('octal string (e.g. "0600")')]
+AbsPath = Annotated[str, _refuse(_blank), AfterValidator(expand_path),
+                    TypeName("absolute path (~ and $VARS expanded)")]
+Seconds = Annotated[float, Field(ge=0.0)]
+Timeout = Annotated[float, Field(ge=0.001)]
 
 
 def _dir_path(value: str) -> Optional[str]:
@@ -266,15 +233,11 @@ def _host_allocatable() -> Optional[int]:
     return info.get("MemTotal", 0) + info.get("SwapTotal", 0)
 
 
-def _cpu_arena_fits(config: dict) -> Optional[str]:
+def _cpu_arena_problem(capacity: int) -> Optional[str]:
     from stratacache.backends.cpu import arena_bytes
 
-    cpu = config["tiers"]["cpu"]
     limit = _host_allocatable()
-    capacity = cpu["capacity"]
     need = arena_bytes(capacity)
-    if not cpu["enabled"]:
-        return None
     if limit is not None and need > limit:
         return (f"{capacity} bytes (an arena of {need} bytes) cannot be reserved on this host: "
                 f"it allows at most {limit} bytes in one allocation (RAM + swap under the "
@@ -282,133 +245,266 @@ def _cpu_arena_fits(config: dict) -> Optional[str]:
     return None
 
 
-# ----------------------------------------------------------------- the schema
+class KeyProblem(ValueError):
+    """A rule between keys, or against this host, broken: reported at ``key`` of the section
+    whose validator raised it; ``{section}`` in the text stands for that section's path."""
 
-_WRITE_POLICY = Key("choice", "how stores reach the next enabled tier below: write_through stores there "
-                    "before acknowledging; write_back acknowledges at once and a background flusher "
-                    "writes the object down", choices=("write_through", "write_back"))
-_PROMOTE = Key("bool", "copy an object found in a lower tier into this tier on a chain read")
-_DEMOTE = Key("bool", "write objects evicted from this tier into the next tier even under write_through")
-_EVICTION = Key("choice", "eviction policy: lru, or s3fifo (scan-resistant)", choices=("lru", "s3fifo"))
-_POSITIVE_SIZE = dict(minimum=1)
+    def __init__(self, key: str, text: str):
+        super().__init__(text)
+        self.key = key
 
-SCHEMA: dict = {
-    "tiers": {
-        "cpu": {
-            "enabled": Key("bool", "use the per-process CPU arena tier"),
-            "capacity": Key("size", "bytes of payload the CPU arena holds (reserved lazily); with "
-                            "1/16 slack, at most what one allocation may reserve on the host (RAM + swap "
-                            "under the default overcommit policy)", **_POSITIVE_SIZE),
-            "eviction": _EVICTION,
-            "pin_memory": Key("choice", "page-lock the arena for fast GPU copies: auto pins when CUDA is present",
-                              choices=("auto", True, False)),
-            "write_policy": _WRITE_POLICY,
-            "promote": _PROMOTE,
-            "demote_on_evict": _DEMOTE,
-        },
-        "shared": {
-            "enabled": Key("bool", "use the host-wide shared region tier (shm or CXL)"),
-            "path": Key("path", "/dev/shm file, file on a DAX filesystem, or /dev/daxX.Y device", check=_region_path),
-            "capacity": Key("size", "bytes of payload the shared region holds", **_POSITIVE_SIZE),
-            "max_objects": Key("int", "index slots in the region", minimum=1, maximum=2**30),
-            "numa_node": Key("int", "bind the region's memory to this NUMA node (CXL as a CPU-less node)",
-                             nullable=True, minimum=0),
-            "file_mode": Key("file_mode", "permissions of the region file: \"0600\", or \"0660\" to share with "
-                             "a group; the owner must read and write, others get nothing"),
-            "reset": Key("bool", "wipe the region at start-up instead of reusing its contents"),
-            "prefault": Key("size", "bytes of stored objects whose pages a vLLM worker maps in the background "
-                            "when it attaches, so its first hits take no page faults; 0 disables",
-                            minimum=0),
-            "register_cuda": Key("choice", "page-lock the region for one-copy GPU transfers "
-                                 "(cudaHostRegister): auto when CUDA is present; vLLM's scheduler "
-                                 "process always opens it unregistered", choices=("auto", True, False)),
-            "write_policy": _WRITE_POLICY,
-            "promote": _PROMOTE,
-            "demote_on_evict": _DEMOTE,
-        },
-        "disk": {
-            "enabled": Key("bool", "use the local-disk tier"),
-            "path": Key("path", "directory holding the tier's files (created 0700 if missing)", check=_dir_path),
-            "capacity": Key("size", "bytes of payload the directory may hold; never exceeded", **_POSITIVE_SIZE),
-            "eviction": _EVICTION,
-            "io_threads": Key("int", "threads doing file I/O", minimum=1, maximum=256),
-            "write_policy": _WRITE_POLICY,
-            "promote": _PROMOTE,
-            "demote_on_evict": _DEMOTE,
-        },
-        "redis": {
-            "enabled": Key("bool", "use the Redis / Redis Cluster tier"),
-            "url": Key("str", "server URL: redis://host:port/db (port 1-65535, db a number), rediss:// "
-                       "for TLS, or unix:///path; a cluster takes comma-separated seeds",
-                       check=redis_url_problem),
-            "cluster": Key("bool", "talk to a Redis Cluster (Valkey) instead of a single server"),
-            "username": Key("str", "ACL user name", nullable=True),
-            "password": Key("str", "password (prefer the URL or an ACL file in production)", nullable=True),
-            "tls": Key("bool", "use TLS"),
-            "tls_ca_file": Key("path", "CA bundle for TLS", nullable=True, check=_existing_file),
-            "tls_cert_file": Key("path", "client certificate for TLS", nullable=True, check=_existing_file),
-            "tls_key_file": Key("path", "client key for TLS", nullable=True, check=_existing_file),
-            "connect_timeout_s": Key("float", "seconds to wait for a connection", minimum=0.001),
-            "op_timeout_s": Key("float", "seconds to wait for one command", minimum=0.001),
-            "ttl_s": Key("float", "expire stored chunks after this many seconds (null: never)",
-                         nullable=True, minimum=0.001),
-            "max_connections": Key("int", "connection pool size", minimum=1, maximum=4096),
-            "retry_backoff_s": Key("float", "first back-off after a failure; doubles up to the max", minimum=0.0),
-            "retry_backoff_max_s": Key("float", "longest back-off after repeated failures", minimum=0.0),
-            "key_prefix": Key("str", "prefix of every Redis key this plane writes"),
-            "promote": _PROMOTE,
-        },
-    },
-    "lease_s": Key("float", "longest a pin or reader lease holds an object before it expires", minimum=0.001),
-    "writeback": {
-        "retry_backoff_s": Key("float", "first back-off of the write-back flusher after a failed write", minimum=0.0),
-        "retry_backoff_max_s": Key("float", "longest back-off of the write-back flusher", minimum=0.0),
-        "max_dirty_bytes": Key("size", "stores wait for the flusher when this much data is not yet written down",
-                               **_POSITIVE_SIZE),
-    },
-    "namespaces": {
-        kind: {
-            "quota": Key("size", f"most bytes {kind} objects may take in each tier (null: no quota)", nullable=True),
-            "priority": Key("int", f"eviction priority of {kind} objects: a lower-priority store never evicts them"),
-        }
-        for kind in ("kv", "params", "custom")
-    },
-    "telemetry": {
-        "prometheus": Key("bool", "serve Prometheus metrics over HTTP (no server starts unless true)"),
-        "host": Key("str", "address the metrics server binds (127.0.0.1: this host only)"),
-        "port": Key("int", "port of the metrics server", minimum=1, maximum=65535),
-    },
-    "connector": {
-        "chunk_size": Key("int", "tokens per stored KV chunk; a multiple of vLLM's block size", minimum=1),
-        "load_mode": Key("choice", "sync loads before the forward pass; async finishes through "
-                         "get_finished; layerwise overlaps each layer's load with the forward (GPU)",
-                         choices=("sync", "async", "layerwise")),
-        "save_partial_chunks": Key("bool", "also store the last, partial chunk of a prompt"),
-        "verify_checksums": Key("bool", "reject a corrupt chunk at load time (vLLM recomputes it)"),
-        "log_stats": Key("bool", "log connector statistics"),
-        "log_every": Key("int", "log connector stats every N steps", minimum=1),
-        "log_min_interval_s": Key("float", "but not more often than this many seconds", minimum=0.0),
-        "debug": Key("bool", "verbose connector logging"),
-        "model_id": Key("str", "name of the model's weights (e.g. a registry digest); the same "
-                        "string must mean the same weights everywhere. null: fingerprint the "
-                        "weight files", nullable=True),
-    },
-}
 
-# Checks between keys: (path of the key reported, predicate on the whole config, message)
-CROSS_CHECKS = [
-    ("tiers.redis.retry_backoff_max_s",
-     lambda c: c["tiers"]["redis"]["retry_backoff_max_s"] >= c["tiers"]["redis"]["retry_backoff_s"],
-     "must be >= tiers.redis.retry_backoff_s"),
-    ("writeback.retry_backoff_max_s",
-     lambda c: c["writeback"]["retry_backoff_max_s"] >= c["writeback"]["retry_backoff_s"],
-     "must be >= writeback.retry_backoff_s"),
-    ("tiers.redis.tls",
-     lambda c: c["tiers"]["redis"]["tls"] or not c["tiers"]["redis"]["url"].startswith("rediss://"),
-     "is false but tiers.redis.url uses rediss:// (set tls: true)"),
-]
+def _backoff_in_order(section: "Section") -> None:
+    if section.retry_backoff_max_s < section.retry_backoff_s:
+        raise KeyProblem("retry_backoff_max_s", "must be >= {section}.retry_backoff_s")
 
-# Checks against this host, of the tiers that are enabled: (key path, problem(config) -> text).
-HOST_CHECKS = [
-    ("tiers.cpu.capacity", _cpu_arena_fits),
-]
+
+# ----------------------------------------------------------------- sections
+
+class Section(BaseModel, Mapping):
+    """A validated, read-only config section: attribute access (``cfg.tiers.cpu.capacity``) and
+    read-only mapping access (``cfg.tiers["cpu"]``, ``section.get("promote", True)``, iteration
+    over its key names)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+    key_path: ClassVar[str] = ""          # "tiers.cpu." for the cpu tier; set below
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            return super().__getattr__(name)
+        raise AttributeError(f"config has no key {self.key_path}{name}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            return super().__setattr__(name, value)
+        raise AttributeError("config sections are read-only; pass overrides to load_config")
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in type(self).model_fields:
+            raise KeyError(f"config has no key {self.key_path}{name}")
+        return getattr(self, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(type(self).model_fields)
+
+    def __len__(self) -> int:
+        return len(type(self).model_fields)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML-serialisable; sizes as ints, file modes as octal strings)."""
+        return self.model_dump()
+
+
+_WritePolicy = Annotated[choice("write_through", "write_back"), Field(
+    description="how stores reach the next enabled tier below: write_through stores there before "
+                "acknowledging; write_back acknowledges at once and a background flusher writes the "
+                "object down")]
+_Promote = Annotated[bool, Field(description="copy an object found in a lower tier into this tier on a "
+                                             "chain read")]
+_DemoteOnEvict = Annotated[bool, Field(description="write objects evicted from this tier into the next "
+                                                   "tier even under write_through")]
+_Eviction = Annotated[choice("lru", "s3fifo"), Field(description="eviction policy: lru, or s3fifo "
+                                                                  "(scan-resistant)")]
+_AutoOrBool = choice("auto", True, False)
+
+
+class CpuTierConfig(Section):
+    """``tiers.cpu``: the per-process arena."""
+
+    enabled: bool = Field(description="use the per-process CPU arena tier")
+    capacity: Size = Field(ge=1, description="bytes of payload the CPU arena holds (reserved lazily); with "
+                           "1/16 slack, at most what one allocation may reserve on the host (RAM + swap "
+                           "under the default overcommit policy)")
+    eviction: _Eviction
+    pin_memory: _AutoOrBool = Field(description="page-lock the arena for fast GPU copies: auto pins when "
+                                    "CUDA is present")
+    write_policy: _WritePolicy
+    promote: _Promote
+    demote_on_evict: _DemoteOnEvict
+
+    @model_validator(mode="after")
+    def _arena_fits_this_host(self) -> "CpuTierConfig":
+        problem = _cpu_arena_problem(self.capacity) if self.enabled else None
+        if problem:
+            raise KeyProblem("capacity", problem)
+        return self
+
+
+class SharedTierConfig(Section):
+    """``tiers.shared``: the host-wide shared region."""
+
+    enabled: bool = Field(description="use the host-wide shared region tier (shm or CXL)")
+    path: Annotated[AbsPath, _refuse(_region_path)] = Field(
+        description="/dev/shm file, file on a DAX filesystem, or /dev/daxX.Y device")
+    capacity: Size = Field(ge=1, description="bytes of payload the shared region holds")
+    max_objects: int = Field(ge=1, le=2**30, description="index slots in the region")
+    numa_node: Optional[int] = Field(ge=0, description="bind the region's memory to this NUMA node (CXL "
+                                     "as a CPU-less node)")
+    file_mode: FileMode = Field(description="permissions of the region file: \"0600\", or \"0660\" to "
+                                "share with a group; the owner must read and write, others get nothing")
+    reset: bool = Field(description="wipe the region at start-up instead of reusing its contents")
+    prefault: Size = Field(ge=0, description="bytes of stored objects whose pages a vLLM worker maps in "
+                           "the background when it attaches, so its first hits take no page faults; "
+                           "0 disables")
+    register_cuda: _AutoOrBool = Field(description="page-lock the region for one-copy GPU transfers "
+                                       "(cudaHostRegister): auto when CUDA is present; vLLM's scheduler "
+                                       "process always opens it unregistered")
+    write_policy: _WritePolicy
+    promote: _Promote
+    demote_on_evict: _DemoteOnEvict
+
+
+class DiskTierConfig(Section):
+    """``tiers.disk``: files under a local directory."""
+
+    enabled: bool = Field(description="use the local-disk tier")
+    path: Annotated[AbsPath, _refuse(_dir_path)] = Field(
+        description="directory holding the tier's files (created 0700 if missing)")
+    capacity: Size = Field(ge=1, description="bytes of payload the directory may hold; never exceeded")
+    eviction: _Eviction
+    io_threads: int = Field(ge=1, le=256, description="threads doing file I/O")
+    write_policy: _WritePolicy
+    promote: _Promote
+    demote_on_evict: _DemoteOnEvict
+
+
+_ExistingFile = Annotated[AbsPath, _refuse(_existing_file)]
+
+
+class RedisTierConfig(Section):
+    """``tiers.redis``: a Redis server or cluster shared by many hosts (the last tier)."""
+
+    enabled: bool = Field(description="use the Redis / Redis Cluster tier")
+    url: Annotated[Text, _refuse(redis_url_problem)] = Field(
+        description="server URL: redis://host:port/db (port 1-65535, db a number), rediss:// for TLS, or "
+                    "unix:///path; a cluster takes comma-separated seeds")
+    cluster: bool = Field(description="talk to a Redis Cluster (Valkey) instead of a single server")
+    username: Optional[Text] = Field(description="ACL user name")
+    password: Optional[Text] = Field(description="password (prefer the URL or an ACL file in production)")
+    tls: bool = Field(description="use TLS")
+    tls_ca_file: Optional[_ExistingFile] = Field(description="CA bundle for TLS")
+    tls_cert_file: Optional[_ExistingFile] = Field(description="client certificate for TLS")
+    tls_key_file: Optional[_ExistingFile] = Field(description="client key for TLS")
+    connect_timeout_s: Timeout = Field(description="seconds to wait for a connection")
+    op_timeout_s: Timeout = Field(description="seconds to wait for one command")
+    ttl_s: Optional[Timeout] = Field(description="expire stored chunks after this many seconds (null: never)")
+    max_connections: int = Field(ge=1, le=4096, description="connection pool size")
+    retry_backoff_s: Seconds = Field(description="first back-off after a failure; doubles up to the max")
+    retry_backoff_max_s: Seconds = Field(description="longest back-off after repeated failures")
+    key_prefix: Text = Field(description="prefix of every Redis key this plane writes")
+    promote: _Promote
+
+    @model_validator(mode="after")
+    def _rules_between_keys(self) -> "RedisTierConfig":
+        _backoff_in_order(self)
+        if self.url.startswith("rediss://") and not self.tls:
+            raise KeyProblem("tls", "is false but {section}.url uses rediss:// (set tls: true)")
+        return self
+
+
+class TiersConfig(Section):
+    """``tiers``, fastest first; disabled tiers are skipped."""
+
+    cpu: CpuTierConfig
+    shared: SharedTierConfig
+    disk: DiskTierConfig
+    redis: RedisTierConfig
+
+
+class WritebackConfig(Section):
+    """``writeback``: the background flusher of write_back links."""
+
+    retry_backoff_s: Seconds = Field(description="first back-off of the write-back flusher after a failed "
+                                     "write")
+    retry_backoff_max_s: Seconds = Field(description="longest back-off of the write-back flusher")
+    max_dirty_bytes: Size = Field(ge=1, description="stores wait for the flusher when this much data is "
+                                  "not yet written down")
+
+    @model_validator(mode="after")
+    def _rules_between_keys(self) -> "WritebackConfig":
+        _backoff_in_order(self)
+        return self
+
+
+def _namespace_section(kind: str) -> type[Section]:
+    """The section of one kind of artifact (its own class, so its docs name the kind)."""
+    return create_model(
+        f"{kind.capitalize()}NamespaceConfig", __base__=Section, __module__=__name__,
+        quota=(Optional[Size], Field(description=f"most bytes {kind} objects may take in each tier "
+                                                 "(null: no quota)")),
+        priority=(int, Field(description=f"eviction priority of {kind} objects: a lower-priority store "
+                                         "never evicts them")))
+
+
+KvNamespaceConfig = _namespace_section("kv")
+ParamsNamespaceConfig = _namespace_section("params")
+CustomNamespaceConfig = _namespace_section("custom")
+
+
+class NamespacesConfig(Section):
+    """``namespaces``: byte quota and eviction priority per kind of artifact."""
+
+    kv: KvNamespaceConfig
+    params: ParamsNamespaceConfig
+    custom: CustomNamespaceConfig
+
+
+class TelemetryConfig(Section):
+    """``telemetry``: the opt-in Prometheus endpoint."""
+
+    prometheus: bool = Field(description="serve Prometheus metrics over HTTP (no server starts unless true)")
+    host: Text = Field(description="address the metrics server binds (127.0.0.1: this host only)")
+    port: int = Field(ge=1, le=65535, description="port of the metrics server")
+
+
+class ConnectorConfig(Section):
+    """``connector``: vLLM's StrataCacheConnectorV1."""
+
+    chunk_size: int = Field(ge=1, description="tokens per stored KV chunk; a multiple of vLLM's block size")
+    load_mode: choice("sync", "async", "layerwise") = Field(
+        description="sync loads before the forward pass; async finishes through get_finished; layerwise "
+                    "overlaps each layer's load with the forward (GPU)")
+    save_partial_chunks: bool = Field(description="also store the last, partial chunk of a prompt")
+    verify_checksums: bool = Field(description="reject a corrupt chunk at load time (vLLM recomputes it)")
+    log_stats: bool = Field(description="log connector statistics")
+    log_every: int = Field(ge=1, description="log connector stats every N steps")
+    log_min_interval_s: Seconds = Field(description="but not more often than this many seconds")
+    debug: bool = Field(description="verbose connector logging")
+    model_id: Optional[Text] = Field(description="name of the model's weights (e.g. a registry digest); the "
+                                     "same string must mean the same weights everywhere. null: fingerprint "
+                                     "the weight files")
+
+
+class StrataConfig(Section):
+    """The whole validated config (``cfg.tiers.cpu.capacity`` etc.); ``source`` lists the layers
+    it was merged from, lowest first."""
+
+    tiers: TiersConfig
+    lease_s: Timeout = Field(description="longest a pin or reader lease holds an object before it expires")
+    writeback: WritebackConfig
+    namespaces: NamespacesConfig
+    telemetry: TelemetryConfig
+    connector: ConnectorConfig
+
+    _source: tuple = PrivateAttr(default=())
+
+    @property
+    def source(self) -> tuple[str, ...]:
+        return self._source
+
+
+def section_type(field) -> Optional[type[Section]]:
+    """The Section class a field holds, or None for a leaf key."""
+    ann = field.annotation
+    return ann if isinstance(ann, type) and issubclass(ann, Section) else None
+
+
+def _set_key_paths(model: type[Section], prefix: str) -> None:
+    model.key_path = prefix
+    for name, field in model.model_fields.items():
+        sub = section_type(field)
+        if sub is not None:
+            _set_key_paths(sub, f"{prefix}{name}.")
+
+
+_set_key_paths(StrataConfig, "")

@@ -19,65 +19,81 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Annotated, Any, Callable, Mapping, Optional
 
-from stratacache.config import DEFAULT_PATH, ConfigError, load_config, read_yaml_file
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from stratacache.config import (DEFAULT_PATH, ConfigError, deep_merge, expand_dotted, load_config,
+                                read_yaml_file, validation_problems)
 
 logger = logging.getLogger("vllm.stratacache")
 
 PREFIX = "stratacache."
 CONNECTOR_NAME = "StrataCacheConnectorV1"
 CONNECTOR_MODULE = "stratacache.adapters.vllm.connector_v1"
-# Top-level sections of the schema (config.yaml); a dotted key starting with
-# one of these is an override path.
-SCHEMA_SECTIONS = ("tiers", "lease_s", "writeback", "namespaces", "telemetry", "connector")
 MIB = 1 << 20
 
 
-def _as_bool(key: str, value: Any) -> bool:
+def _not_a_bool(value: Any) -> Any:
     if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-        return False
-    raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
 
 
-def _as_int(key: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+# pydantic's lenient int and float take true as 1; the original keys never did.
+_Int = Annotated[int, BeforeValidator(_not_a_bool)]
+_Float = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
-# A legacy key maps its value to (override path, new value) pairs, or returns a
+class LegacyKeyTypes(BaseModel):
+    """The types of the original connector's keys, converted leniently as it did (vLLM's extra
+    config often arrives as JSON strings: ``"true"``, ``"yes"``, ``"96"``); ``telemetry.export``
+    is ``telemetry_export`` here. Validated one key at a time, so an error names the key as given."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
+
+    use_cxl: bool = None
+    writeback: bool = None
+    cpu_capacity_mb: _Int = Field(None, ge=1)
+    chunk_size: _Int = None
+    save_partial_chunks: bool = None
+    log_stats: bool = None
+    log_every: _Int = None
+    log_min_interval_s: _Float = None
+    debug: bool = None
+    cxl_dax_device: Optional[str] = None
+    cxl_reset_metadata: bool = None
+    telemetry_export: bool = None
+    bundle_layers: Any = None
+    tensor_codec: Any = None
+    tensor_header_in_payload: Any = None
+
+
+# A legacy key maps its converted value to (override path, new value) pairs, or returns a
 # deprecation message (str) when it has no meaning any more.
 LegacyRule = Callable[[str, Any], "list[tuple[str, Any]] | str"]
 
 
-def _to(path: str, convert: Optional[Callable[[str, Any], Any]] = None) -> LegacyRule:
-    return lambda key, value: [(path, convert(key, value) if convert else value)]
+def _to(path: str) -> LegacyRule:
+    return lambda key, value: [(path, value)]
 
 
-def _use_cxl(key: str, value: Any):
-    if _as_bool(key, value):
+def _use_cxl(key: str, value: bool):
+    if value:
         return [("tiers.shared.enabled", True)]
     return ("use_cxl=false is deprecated: the shared-region tier (tiers.shared) now runs on /dev/shm "
             "without CXL and stays enabled because vLLM's scheduler process finds KV through it; "
             "set tiers.shared.enabled=false to turn it off")
 
 
-def _writeback(key: str, value: Any):
-    return [("tiers.cpu.write_policy", "write_back" if _as_bool(key, value) else "write_through")]
+def _writeback(key: str, value: bool):
+    return [("tiers.cpu.write_policy", "write_back" if value else "write_through")]
 
 
-def _cxl_dax_device(key: str, value: Any):
-    if value in (None, ""):
+def _cxl_dax_device(key: str, value: Optional[str]):
+    if not value:
         return []
-    return [("tiers.shared.path", str(value)), ("tiers.shared.enabled", True)]
+    return [("tiers.shared.path", value), ("tiers.shared.enabled", True)]
 
 
 def _deprecated(message: str) -> LegacyRule:
@@ -87,16 +103,16 @@ def _deprecated(message: str) -> LegacyRule:
 LEGACY_KEYS: dict[str, LegacyRule] = {
     "use_cxl": _use_cxl,
     "writeback": _writeback,
-    "cpu_capacity_mb": _to("tiers.cpu.capacity", lambda k, v: _as_int(k, v) * MIB),
-    "chunk_size": _to("connector.chunk_size", _as_int),
-    "save_partial_chunks": _to("connector.save_partial_chunks", _as_bool),
-    "log_stats": _to("connector.log_stats", _as_bool),
-    "log_every": _to("connector.log_every", _as_int),
+    "cpu_capacity_mb": lambda key, mib: [("tiers.cpu.capacity", mib * MIB)],
+    "chunk_size": _to("connector.chunk_size"),
+    "save_partial_chunks": _to("connector.save_partial_chunks"),
+    "log_stats": _to("connector.log_stats"),
+    "log_every": _to("connector.log_every"),
     "log_min_interval_s": _to("connector.log_min_interval_s"),
-    "debug": _to("connector.debug", _as_bool),
+    "debug": _to("connector.debug"),
     "cxl_dax_device": _cxl_dax_device,
-    "cxl_reset_metadata": _to("tiers.shared.reset", _as_bool),
-    "telemetry.export": _to("telemetry.prometheus", _as_bool),
+    "cxl_reset_metadata": _to("tiers.shared.reset"),
+    "telemetry.export": _to("telemetry.prometheus"),
     "bundle_layers": _deprecated("a chunk is always one object holding every layer's pages"),
     "tensor_codec": _deprecated("chunks are stored as raw page bytes behind the plane's "
                                 "binary header (no codec)"),
@@ -121,47 +137,38 @@ class ConnectorSettings:
         return load_config(self.config_path, self.overrides)
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+def _legacy_value(name: str, value: Any, shown_key: str) -> Any:
+    """``value`` of legacy key ``name`` converted to its type; ConfigError naming ``shown_key``."""
+    attr = name.replace(".", "_")
+    try:
+        return getattr(LegacyKeyTypes.model_validate({attr: value}), attr)
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(exc.errors(include_url=False), shown_key,
+                                              model=LegacyKeyTypes, key_path=shown_key)) from None
 
 
-def _merge(base: dict, extra: Mapping) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = dict(value) if isinstance(value, Mapping) else value
-    return base
-
-
-def _absorb(entries: Mapping, source: str, settings: ConnectorSettings, overrides: dict) -> None:
-    """Sort one mapping's keys into config path / legacy mappings / schema overrides."""
+def _absorb(entries: Mapping, source: str, settings: ConnectorSettings) -> dict:
+    """One mapping's keys sorted into the config path, legacy keys (translated) and schema
+    overrides; returns the overrides as a nested dict. A key that is neither legacy nor the
+    config path is passed on as a schema path, so an unknown one fails in load_config naming
+    itself."""
+    paths: dict = {}
     for raw_key, value in entries.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"{source}{raw_key!r}: keys must be strings")
         key = raw_key[len(PREFIX):] if raw_key.startswith(PREFIX) else raw_key
         if key == CONFIG_PATH_KEY:
             settings.config_path = None if value in (None, "") else os.fspath(value)
         elif key in LEGACY_KEYS:
-            mapped = LEGACY_KEYS[key](f"{source}{raw_key}", value)
+            shown = f"{source}{raw_key}"
+            mapped = LEGACY_KEYS[key](shown, _legacy_value(key, value, shown))
             if isinstance(mapped, str):
                 settings.deprecations.append(mapped)
             else:
-                for path, new_value in mapped:
-                    _set_path(overrides, path, new_value)
-        elif key.split(".", 1)[0] in SCHEMA_SECTIONS:
-            if "." in key:
-                _set_path(overrides, key, value)
-            else:
-                _merge(overrides, {key: value})
+                paths.update(mapped)
         else:
-            # Unknown: hand it to the schema so the error names it.
-            _set_path(overrides, key, value)
+            paths[key] = value
+    return expand_dotted(paths)
 
 
 def _legacy_part(doc: Mapping) -> tuple[dict, dict]:
@@ -194,8 +201,7 @@ def settings_from_extra_config(extra: Optional[Mapping]) -> ConnectorSettings:
     """Translate vLLM's kv_connector_extra_config (and the YAML it names)."""
     extra = dict(extra or {})
     settings = ConnectorSettings(config_path=None)
-    extra_overrides: dict = {}
-    _absorb(extra, "kv_connector_extra_config.", settings, extra_overrides)
+    extra_overrides = _absorb(extra, "kv_connector_extra_config.", settings)
 
     path = settings.config_path or os.environ.get("STRATACACHE_CONFIG") or None
     settings.config_path = path
@@ -205,9 +211,8 @@ def settings_from_extra_config(extra: Optional[Mapping]) -> ConnectorSettings:
         if legacy:
             # The schema does not know the legacy keys: translate them and pass
             # the rest of the file as overrides beneath the extra config's.
-            yaml_overrides: dict = {}
-            _absorb(legacy, f"{path}: ", settings, yaml_overrides)
-            settings.overrides = _merge(_merge(yaml_overrides, rest), extra_overrides)
+            yaml_overrides = _absorb(legacy, f"{path}: ", settings)
+            settings.overrides = deep_merge(deep_merge(yaml_overrides, rest), extra_overrides)
             # The file is folded in: load the packaged defaults (not $STRATACACHE_CONFIG).
             settings.config_path = str(DEFAULT_PATH)
     return settings
