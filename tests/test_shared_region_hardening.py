@@ -232,20 +232,21 @@ def test_a_truncated_region_is_recreated_with_reset(region_path):
 
 
 def test_a_region_of_the_previous_layout_is_started_over(region_path):
-    """Records of the previous format become misses: a region of layout version 1 is
-    re-created by a process that attaches alone; while others are attached it is
-    refused, and a newer layout is always refused (an older build never destroys it)."""
+    """Records of the previous format become misses: a region of layout version 2
+    (before entries recorded a priority) is re-created by a process that attaches alone;
+    while others are attached it is refused, and a newer layout is always refused (an
+    older build never destroys it)."""
     layer = SharedRegionLayer(region_path, 4 * MiB, 64)
     assert put(layer, 1, 1000)
-    _write_u32(region_path, 8, 1)
-    with pytest.raises(SharedRegionError, match="layout version 1 but this build uses version 2"):
+    _write_u32(region_path, 8, 2)
+    with pytest.raises(SharedRegionError, match="layout version 2 but this build uses version 3"):
         SharedRegionLayer(region_path, 4 * MiB, 64)       # the first layer is still attached
     layer.close()
     again = SharedRegionLayer(region_path, 4 * MiB, 64)
     assert again.get(key(1)) is None and again.check() == [] and put(again, 2, 1000)
     again.close()
-    _write_u32(region_path, 8, 3)
-    with pytest.raises(SharedRegionError, match="layout version 3"):
+    _write_u32(region_path, 8, 4)
+    with pytest.raises(SharedRegionError, match="layout version 4"):
         SharedRegionLayer(region_path, 4 * MiB, 64)
 
 
