@@ -316,8 +316,13 @@ void RegionFile::attach(const std::function<void(Attached)>& ready) {
       bool fresh = avail < kHeaderBytes || !read_header(&h) || memcmp(h.magic, zeros, 8) == 0;
       // A region of an older layout holds nothing this build can read and
       // nobody else is attached: start it over (its objects become misses).
-      // A newer layout is refused below, so an older build never destroys it.
-      if (!fresh && memcmp(h.magic, kRegionMagic, 8) == 0 && h.layout_version < kLayoutVersion) fresh = true;
+      // Only a genuine one, whose geometry checksum (kept since layout 2)
+      // matches: a flipped bit in the version field is refused below as a
+      // version mismatch, never taken for an old region and wiped. A newer
+      // layout is refused too, so an older build never destroys it.
+      if (!fresh && memcmp(h.magic, kRegionMagic, 8) == 0 && h.layout_version >= 2 &&
+          h.layout_version < kLayoutVersion && h.geometry_sum == geometry_checksum(h))
+        fresh = true;
       if (!fresh) {
         std::string problem = region_problem(h, avail, l);
         if (!problem.empty()) {

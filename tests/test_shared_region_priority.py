@@ -86,7 +86,9 @@ def test_priority_0_traffic_never_evicts_priority_10_objects(region_path):
     outcomes = {True: 0, None: 0}
     for step in range(600):
         key = f"kv-{rng.randrange(120)}".encode()
-        data = payload(rng, rng.randrange(1, 160 * KiB))
+        # Now and then larger than all the room priority-10 objects leave: refused.
+        size = rng.randrange(1100 * KiB, 1500 * KiB) if step % 10 == 0 else rng.randrange(1, 160 * KiB)
+        data = payload(rng, size)
         ok = region.put_tensor(key, b"", data, priority=0)
         assert ok in (True, None)
         outcomes[ok] += 1
@@ -100,7 +102,7 @@ def test_priority_0_traffic_never_evicts_priority_10_objects(region_path):
                 assert region.erase_version(slot, gen, evicted=True)
                 region.release(slot, gen)
                 last.pop(vkey, None)
-    assert outcomes[True] > 100 and outcomes[None] > 0        # some fit, some could not
+    assert outcomes[True] > 100 and outcomes[None] >= 60      # some fit, the large ones could not
     assert region.stats()["evictions"] > evictions_before      # kv objects evicted each other
     assert_intact(region, params, 10)
     for key in region.keys():                                  # what kv is left is its newest version
@@ -121,7 +123,8 @@ def test_priority_0_writer_in_another_process_cannot_evict_them(region_path):
         rng = random.Random(3)
         stored = refused = 0
         for i in range(400):
-            data = torch.frombuffer(bytearray(rng.randbytes(rng.randrange(1, 200 * 1024))), dtype=torch.uint8)
+            size = rng.randrange(1100 * 1024, 1500 * 1024) if i % 10 == 0 else rng.randrange(1, 200 * 1024)
+            data = torch.frombuffer(bytearray(rng.randbytes(size)), dtype=torch.uint8)
             ok = region.put_tensor(b"kv-%d" % rng.randrange(60), b"", data, priority=0)
             stored += ok is True
             refused += ok is None

@@ -63,6 +63,18 @@ static void write_u32(const std::string& path, off_t at, uint32_t v) {
   close(fd);
 }
 
+// Makes the region's header a genuine one of the previous layout: version
+// kLayoutVersion - 1 with its geometry checksum recomputed.
+static void write_older_layout(const std::string& path) {
+  RegionHeader h;
+  int fd = open(path.c_str(), O_RDWR);
+  CHECK(fd >= 0 && pread(fd, &h, sizeof h, 0) == ssize_t(sizeof h));
+  h.layout_version = kLayoutVersion - 1;
+  h.geometry_sum = RegionFile::geometry_checksum(h);
+  CHECK(pwrite(fd, &h, sizeof h, 0) == ssize_t(sizeof h));
+  close(fd);
+}
+
 static void test_creation_mode_and_backing() {
   const std::string path = region_path("create");
   unlink(path.c_str());
@@ -175,7 +187,7 @@ static void test_attach_kinds_and_versions() {
     });
     CHECK(what.find("max_objects=32") != std::string::npos && what.find("max_objects=33") != std::string::npos);
     // An older layout is refused while another process is attached...
-    write_u32(path, 8, kLayoutVersion - 1);
+    write_older_layout(path);
     what = error_of<RegionError>([&] {
       RegionFile f(options(path));
       attach(f);
@@ -187,9 +199,20 @@ static void test_attach_kinds_and_versions() {
     RegionFile f(options(path));
     CHECK(attach(f) == Attached::kCreated && f.header()->layout_version == kLayoutVersion);
   }
+  // A version field that a flipped bit made older (its checksum does not
+  // match) is refused even when alone, never wiped as an old region.
+  for (uint32_t version : {kLayoutVersion ^ 1u, kLayoutVersion ^ 2u}) {
+    write_u32(path, 8, version);
+    const std::string err = error_of<RegionError>([&] {
+      RegionFile f(options(path));
+      attach(f);
+    });
+    CHECK(err.find("layout version " + std::to_string(version) + " but this build uses") != std::string::npos);
+    write_u32(path, 8, kLayoutVersion);
+  }
   {
     RegionFile f(options(path));
-    CHECK(attach(f) == Attached::kAlone);
+    CHECK(attach(f) == Attached::kAlone);  // the restored header: attached, not re-created
   }
   // A newer layout is always refused (an older build never destroys it).
   write_u32(path, 8, kLayoutVersion + 1);
