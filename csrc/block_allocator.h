@@ -17,7 +17,6 @@ class BlockAllocator {
   BlockAllocator(uint64_t* bitmap, uint64_t units, uint64_t* cursor)
       : bm_(bitmap), units_(units), cursor_(cursor) {}
 
-  uint64_t units() const { return units_; }
   // First unit of a free run of `need` units at or after the cursor
   // (wrapping once), or kNone. need == 0 gives 0.
   uint64_t find_free_run(uint64_t need) const;

@@ -58,8 +58,7 @@ class RegionFile {
   // validates and maps.
   void attach(const std::function<void(Attached)>& ready);
 
-  // Why a header that carries the magic cannot be trusted, or "" when it can.
-  std::string header_problem(const RegionHeader& h, uint64_t file_bytes) const;
+  // Checksum of the header's geometry fields (layout_version .. data_off).
   static uint64_t geometry_checksum(const RegionHeader& h);
 
   RegionHeader* header() const { return hdr_; }
@@ -78,6 +77,8 @@ class RegionFile {
   void ensure_backed(uint64_t total, bool alone);
   void init_header(const RegionLayout& l);
   void init_mutex();
+  // Why a header that carries the magic cannot be trusted, or "" when it can.
+  std::string header_problem(const RegionHeader& h, uint64_t file_bytes) const;
   std::string region_problem(const RegionHeader& h, uint64_t file_bytes, const RegionLayout& l) const;
   void bind_numa();
 

@@ -110,7 +110,6 @@ class EntryTable {
 
   RegionEntry* at(uint32_t i) const { return reinterpret_cast<RegionEntry*>(first_ + uint64_t(i) * stride_); }
   uint32_t size() const { return count_; }
-  uint32_t max_key_bytes() const { return max_key_bytes_; }
   // The stored key, clamped to max_key_bytes so a damaged key_len never reads past the record.
   std::string_view key(const RegionEntry* e) const {
     return {reinterpret_cast<const char*>(e + 1), std::min<uint32_t>(e->key_len, max_key_bytes_)};
