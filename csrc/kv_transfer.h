@@ -7,8 +7,7 @@
 //
 // Flat layout of a block transfer: bytes [n_blocks, n_layers, page_bytes], so
 // the chunk of blocks [c*chunk_blocks, (c+1)*chunk_blocks) is one contiguous
-// byte range. A token transfer's flat layout: [n_tokens, n_layers,
-// token_bytes], a token's bytes being its (kv, head) rows in that order.
+// byte range.
 #pragma once
 
 #include <algorithm>
@@ -39,16 +38,6 @@ struct BlockPlan {
   int64_t chunk_len(int64_t c) const {
     return std::min(chunk_blocks, n_blocks - c * chunk_blocks) * n_layers * page_bytes;
   }
-};
-
-struct TokenPlan {
-  int64_t n_tokens = 0, n_layers = 0;
-  int64_t kv = 0, num_blocks = 0, block_size = 0, heads = 0;
-  int64_t row_bytes = 0;    // head_dim * element size: one contiguous run
-  int64_t token_bytes = 0;  // kv * heads * row_bytes
-  std::vector<uint8_t*> layer_base;
-  // Byte strides of the KV, block, token-in-block and head dims, per layer.
-  std::vector<int64_t> s_kv, s_block, s_tok, s_head;
 };
 
 enum class Direction { kGather, kScatter };
@@ -124,37 +113,6 @@ std::vector<uint64_t> chunk_checksums_of(const BlockPlan& p, const uint8_t* flat
     }
   });
   return v;
-}
-
-// Copies each token's KV x heads rows between the layers and `flat`; slot -1
-// is skipped (its flat rows are left as they are).
-template <class ParallelFor>
-void copy_tokens(const TokenPlan& p, const int64_t* slots, uint8_t* flat, Direction dir, ParallelFor&& parallel_for) {
-  const int64_t L = p.n_layers;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(p.token_bytes, 1));
-  parallel_for(int64_t{0}, p.n_tokens * L, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t t = it / L, l = it % L;
-      const int64_t slot = slots[t];
-      if (slot < 0) continue;
-      uint8_t* tok = p.layer_base[l] + (slot / p.block_size) * p.s_block[l] + (slot % p.block_size) * p.s_tok[l];
-      uint8_t* linear = flat + it * p.token_bytes;
-      // Heads are one run when they are adjacent (NHD order).
-      const bool merged = p.heads == 1 || p.s_head[l] == p.row_bytes;
-      const int64_t runs = merged ? 1 : p.heads, run_bytes = merged ? p.heads * p.row_bytes : p.row_bytes;
-      for (int64_t kv = 0; kv < p.kv; ++kv) {
-        for (int64_t h = 0; h < runs; ++h) {
-          uint8_t* paged = tok + kv * p.s_kv[l] + h * p.s_head[l];
-          uint8_t* lin = linear + (kv * runs + h) * run_bytes;
-          if (dir == Direction::kGather) {
-            std::memcpy(lin, paged, run_bytes);
-          } else {
-            std::memcpy(paged, lin, run_bytes);
-          }
-        }
-      }
-    }
-  });
 }
 
 }  // namespace stratacache

@@ -1,4 +1,4 @@
-// CPU ops (checksums, block and token transfers) and the tensor validation
+// CPU ops (checksums and block transfers) and the tensor validation
 // shared with the CUDA kernels. The copy loops are in kv_transfer.h and run
 // on torch's intra-op thread pool.
 #include "kv_transfer_ops.h"
@@ -117,67 +117,15 @@ BlockPlan plan_blocks(at::TensorList layers, const at::Tensor& block_ids, const 
   return p;
 }
 
-namespace {
-
-// Index values copied to the host, each checked to lie in [lo, hi).
-std::vector<int64_t> host_indices(const at::Tensor& t, const char* name, int64_t lo, int64_t hi, const char* what) {
-  auto host = t.to(at::kCPU).contiguous();
+std::vector<int64_t> host_block_ids(const at::Tensor& block_ids, int64_t num_blocks) {
+  auto host = block_ids.to(at::kCPU).contiguous();
   const int64_t* v = host.data_ptr<int64_t>();
   std::vector<int64_t> out(v, v + host.numel());
   for (size_t i = 0; i < out.size(); ++i) {
-    TORCH_CHECK_INDEX(out[i] >= lo && out[i] < hi, name, "[", i, "] = ", out[i], " is out of range for layers with ",
-                      hi, what);
+    TORCH_CHECK_INDEX(out[i] >= 0 && out[i] < num_blocks, "block_ids[", i, "] = ", out[i],
+                      " is out of range for layers with ", num_blocks, " blocks");
   }
   return out;
-}
-
-}  // namespace
-
-std::vector<int64_t> host_block_ids(const at::Tensor& block_ids, int64_t num_blocks) {
-  return host_indices(block_ids, "block_ids", 0, num_blocks, " blocks");
-}
-
-std::vector<int64_t> host_slots(const at::Tensor& slot_mapping, int64_t num_slots) {
-  return host_indices(slot_mapping, "slot_mapping", -1, num_slots, " slots (-1 marks a skipped token)");
-}
-
-TokenPlan plan_tokens(at::TensorList layers, const at::Tensor& slot_mapping, const at::Tensor& flat,
-                      const char* flat_name, const char* op) {
-  TORCH_CHECK_VALUE(!layers.empty(), op, ": layers must hold at least one tensor");
-  check_index_tensor(slot_mapping, "slot_mapping", op);
-  TokenPlan p;
-  p.n_tokens = slot_mapping.size(0);
-  p.n_layers = static_cast<int64_t>(layers.size());
-  const auto& first = layers[0];
-  for (size_t l = 0; l < layers.size(); ++l) {
-    const auto& t = layers[l];
-    TORCH_CHECK_VALUE(t.defined(), op, ": layers[", l, "] is None");
-    TORCH_CHECK_VALUE(t.dim() == 5, op, ": layers[", l, "] must be a [KV, blocks, block_size, heads, head_dim] view, ",
-                      "got ", t.dim(), " dims (use the layout argument of stratacache.ops.", op, ")");
-    TORCH_CHECK_VALUE(t.sizes() == first.sizes(), op, ": layers[", l, "] has shape ", t.sizes(), " but layers[0] has ",
-                      first.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), op, ": layers[", l, "] has dtype ", t.scalar_type(),
-                     " but layers[0] has ", first.scalar_type());
-    TORCH_CHECK_VALUE(t.size(4) <= 1 || t.stride(4) == 1, op, ": layers[", l,
-                      "] must have a contiguous head_dim (stride 1), got strides ", t.strides());
-    int64_t es = static_cast<int64_t>(t.element_size());
-    p.layer_base.push_back(byte_ptr(t));
-    p.s_kv.push_back(t.stride(0) * es);
-    p.s_block.push_back(t.stride(1) * es);
-    p.s_tok.push_back(t.stride(2) * es);
-    p.s_head.push_back(t.stride(3) * es);
-  }
-  p.kv = first.size(0);
-  p.num_blocks = first.size(1);
-  p.block_size = first.size(2);
-  p.heads = first.size(3);
-  p.row_bytes = first.size(4) * static_cast<int64_t>(first.element_size());
-  p.token_bytes = p.kv * p.heads * p.row_bytes;
-  check_devices(layers, flat, flat_name, op);
-  TORCH_CHECK_VALUE(slot_mapping.device() == layers[0].device() || slot_mapping.device().is_cpu(), op,
-                    ": slot_mapping is on ", slot_mapping.device(), " but the layers are on ", layers[0].device());
-  check_flat(flat, flat_name, p.n_tokens * p.n_layers * p.token_bytes, op);
-  return p;
 }
 
 namespace {
@@ -273,20 +221,6 @@ at::Tensor scatter_blocks_cpu(const at::Tensor& src, const at::Tensor& block_ids
   return ok;
 }
 
-void gather_tokens_cpu(at::TensorList layers, const at::Tensor& slot_mapping, const at::Tensor& out) {
-  auto p = plan_tokens(layers, slot_mapping, out, "out", "gather_tokens");
-  TORCH_CHECK_VALUE(layers[0].device().is_cpu(), "gather_tokens: the CPU kernel needs CPU layers");
-  auto slots = host_slots(slot_mapping, p.num_blocks * p.block_size);
-  copy_tokens(p, slots.data(), byte_ptr(out), Direction::kGather, TorchParallel{});
-}
-
-void scatter_tokens_cpu(const at::Tensor& src, const at::Tensor& slot_mapping, at::TensorList layers) {
-  auto p = plan_tokens(layers, slot_mapping, src, "src", "scatter_tokens");
-  TORCH_CHECK_VALUE(layers[0].device().is_cpu(), "scatter_tokens: the CPU kernel needs CPU layers");
-  auto slots = host_slots(slot_mapping, p.num_blocks * p.block_size);
-  copy_tokens(p, slots.data(), byte_ptr(src), Direction::kScatter, TorchParallel{});
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stratacache, CPU, m) {
@@ -294,8 +228,6 @@ TORCH_LIBRARY_IMPL(stratacache, CPU, m) {
   m.impl("chunk_checksums", &chunk_checksums_cpu);
   m.impl("gather_blocks", &gather_blocks_cpu);
   m.impl("scatter_blocks", &scatter_blocks_cpu);
-  m.impl("gather_tokens", &gather_tokens_cpu);
-  m.impl("scatter_tokens", &scatter_tokens_cpu);
 }
 
 }  // namespace stratacache

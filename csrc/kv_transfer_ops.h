@@ -30,14 +30,7 @@ BlockPlan plan_blocks(at::TensorList layers, const at::Tensor& block_ids, const 
 // against the layers' block count.
 std::vector<int64_t> host_block_ids(const at::Tensor& block_ids, int64_t num_blocks);
 
-// Validates a token gather/scatter; each layer is a [KV, B, N, H, D] view.
-TokenPlan plan_tokens(at::TensorList layers, const at::Tensor& slot_mapping, const at::Tensor& flat,
-                      const char* flat_name, const char* op);
-
-// Slots as host values; -1 marks a padding token that is skipped.
-std::vector<int64_t> host_slots(const at::Tensor& slot_mapping, int64_t num_slots);
-
-// An int64 1-D argument (block_ids, slot_mapping, expected).
+// An int64 1-D argument (block_ids, expected).
 void check_index_tensor(const at::Tensor& t, const char* name, const char* op);
 
 }  // namespace stratacache

@@ -1,7 +1,7 @@
 // The one TORCH_LIBRARY block declaring every stratacache op schema. The CPU
-// kernels register in checksum.cpp and kv_transfer.cpp, the CUDA kernels in
-// cuda/*.cu; Python wrappers, fake (meta) kernels and the pure-torch
-// reference live in stratacache/ops.py.
+// kernels register in kv_transfer_ops.cpp, the CUDA kernels in
+// cuda/kv_transfer_cuda.cu; Python wrappers, fake (meta) kernels and the
+// pure-torch references live in stratacache/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(stratacache, m) {
@@ -19,8 +19,4 @@ TORCH_LIBRARY(stratacache, m) {
   m.def(
       "scatter_blocks(Tensor src, Tensor block_ids, Tensor(a!)[] layers, int chunk_blocks=0, "
       "Tensor? expected=None, str transfer=\"auto\") -> Tensor");
-  // Token rows by slot mapping; layers are [KV, blocks, block_size, heads, head_dim] views,
-  // out / src uint8 [n_tokens, L, KV * heads * head_dim * itemsize].
-  m.def("gather_tokens(Tensor[] layers, Tensor slot_mapping, Tensor(a!) out) -> ()");
-  m.def("scatter_tokens(Tensor src, Tensor slot_mapping, Tensor(a!)[] layers) -> ()");
 }

@@ -2,11 +2,17 @@
 // processes: a file under /dev/shm, a file on a DAX filesystem, or a devdax
 // device (/dev/daxX.Y) for CXL memory.
 //
-// Everything lives in the region: a header (magic, layout version, geometry,
-// a robust process-shared mutex, persisted counters), an open-addressing hash
-// index over a fixed table of entries that hold the FULL key bytes, a bitmap
-// allocator over the data area, and CLOCK eviction. No Python or torch
-// dependency, so it also builds into the CMake C++ tests under sanitizers.
+// Everything lives in the region (region_format.h): a header (magic, layout
+// version, geometry, a robust process-shared mutex, persisted counters), a
+// fixed table of entries that hold the FULL key bytes, and the data area.
+// SharedRegion wires the pieces, each its own class with its own C++ tests:
+//   RegionFile     (region_file.h)    file creation, header validation, attach
+//   HashIndex      (hash_index.h)     open-addressing buckets over the entries
+//   BlockAllocator (block_allocator.h) bitmap over the data area's units
+//   LeaseTable     (lease_table.h)    reader leases, writer liveness
+//   ClockEvictor   (clock_evictor.h)  priority-aware CLOCK
+// No Python or torch dependency, so it also builds into the CMake C++ tests
+// under sanitizers.
 //
 // Crash safety. The entries are the only source of truth: the bitmap, the
 // hash buckets, the free-entry stack and the byte counters are derived and are
@@ -19,39 +25,28 @@
 // take leases (pid + expiry) so space is not reused under a long copy; a dead
 // or expired reader's lease is ignored. Every free/reuse bumps the entry's
 // generation, which readers re-check after copying.
+//
+// Priorities. Each object records the priority of its namespace kind, given
+// at reserve/put. Eviction to make room for an object of priority p only
+// takes objects of priority <= p, so KV traffic (priority 0) never evicts a
+// saved model's parameters (priority 10).
 #pragma once
-
-#include <pthread.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <optional>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
 
+#include "block_allocator.h"
+#include "clock_evictor.h"
+#include "hash_index.h"
+#include "region_file.h"
+#include "region_format.h"
+
 namespace stratacache {
-
-// Every failure to open, validate or use a region, with a message that names
-// the region path and what is wrong.
-class RegionError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-struct RegionOptions {
-  std::string path;
-  uint64_t capacity = 0;          // bytes of the data area
-  uint32_t max_objects = 65536;   // entries in the index
-  uint32_t max_key_bytes = 512;   // longest key stored (keys are stored in full)
-  uint32_t block_bytes = 4096;    // allocation unit; payloads are aligned to it
-  int numa_node = -1;             // mbind the mapping to this node (-1: no binding)
-  uint32_t file_mode = 0600;      // mode of a region file we create
-  bool reset = false;             // drop every object at attach
-  bool read_only = false;         // inspection: no lock, no writes, no counters
-};
 
 // A reservation for an object being written (state WRITING, invisible).
 struct Reservation {
@@ -85,27 +80,23 @@ struct RegionStats {
 
 class SharedRegion {
  public:
-  static constexpr uint32_t kLayoutVersion = 2;  // 2: geometry checksum
-  static constexpr uint32_t kAuxMax = 256;
-  static constexpr uint32_t kLeasesPerEntry = 8;
-
   explicit SharedRegion(const RegionOptions& opts);
-  ~SharedRegion();
   SharedRegion(const SharedRegion&) = delete;
   SharedRegion& operator=(const SharedRegion&) = delete;
 
   // Writer protocol: reserve (evicting as needed), copy the payload to
   // data() + offset with no lock held, then commit (publish, replacing any
   // older version) or abort. reserve returns nullopt when there is no room
-  // (object larger than the region, or everything left is pinned/being written).
-  // With evict=false nothing is evicted (the caller hands victims to a lower
-  // tier first, see pick_victim).
+  // (object larger than the region, or everything left is pinned, being
+  // written, or of a higher priority than `priority`). With evict=false
+  // nothing is evicted (the caller hands victims to a lower tier first, see
+  // pick_victim).
   std::optional<Reservation> reserve(std::string_view key, uint64_t size, std::string_view aux,
-                                     bool evict = true);
+                                     bool evict = true, int32_t priority = 0);
   bool commit(const Reservation& r);
   void abort(const Reservation& r);
   // reserve + memcpy + commit in one call.
-  bool put(std::string_view key, const void* data, uint64_t size, std::string_view aux);
+  bool put(std::string_view key, const void* data, uint64_t size, std::string_view aux, int32_t priority = 0);
 
   // Reader protocol: acquire a lease on the current version (counted as a hit
   // or miss when count_stats), copy, then release. release() and is_current()
@@ -125,11 +116,14 @@ class SharedRegion {
   // reader that found a bad copy never deletes a newer good one.
   bool erase_version(uint32_t slot, uint64_t gen, bool evicted = false);
   // For callers that must see what is evicted (to write it to a lower tier):
-  // advances the CLOCK hand like eviction but leases the chosen object and
-  // returns (key, handle) instead of freeing it; the caller copies it out,
-  // then erase_version(..., evicted=true) and release. nullopt: nothing is
-  // evictable.
-  std::optional<std::pair<std::string, ReadHandle>> pick_victim(double lease_s);
+  // advances the CLOCK hand like eviction for an incoming object of
+  // `priority`, but leases the chosen object and returns (key, handle)
+  // instead of freeing it; the caller copies it out, then
+  // erase_version(..., evicted=true) and release. nullopt: nothing of
+  // priority <= `priority` is evictable.
+  std::optional<std::pair<std::string, ReadHandle>> pick_victim(double lease_s, int32_t priority = 0);
+  // The priority recorded with the current version of key, or nullopt on a miss.
+  std::optional<int32_t> priority_of(std::string_view key);
   std::vector<std::string> keys();
   void clear();
 
@@ -149,79 +143,45 @@ class SharedRegion {
   // returns one line per inconsistency (empty when consistent).
   std::vector<std::string> check();
 
-  uint8_t* data() const { return data_; }
-  uint64_t data_bytes() const;
-  const std::string& path() const { return opts_.path; }
-  bool read_only() const { return opts_.read_only; }
-  void* mapping() const { return base_; }
-  size_t mapping_bytes() const { return map_bytes_; }
+  uint8_t* data() const { return file_.data(); }
+  uint64_t data_bytes() const { return hdr_->capacity; }
+  const std::string& path() const { return file_.path(); }
+  bool read_only() const { return file_.options().read_only; }
+  void* mapping() const { return file_.base(); }
+  size_t mapping_bytes() const { return file_.map_bytes(); }
 
   // Test hook: take the region lock and never release it, so a test can kill
   // the process while it holds the lock and check that others recover.
   void lock_and_leak_for_testing();
 
  private:
-  struct Header;
-  struct Entry;
-  struct Lease;
-  struct Layout;
+  class Locked;
 
-  void open_file();
-  void map_region(uint64_t bytes);
-  void attach();
-  void init_header(const Layout& l);
-  bool read_header(Header* h) const;
-  uint64_t file_bytes() const;
-  void ensure_backed(uint64_t total, bool alone);
-  static uint64_t geometry_checksum(const Header& h);
-  std::string header_problem(const Header& h, uint64_t file_bytes) const;
-  std::string region_problem(const Header& h, uint64_t file_bytes, const Layout& l) const;
-  void bind_numa();
-
+  void wire();
+  void on_attached(RegionFile::Attached how);
   void lock();
   void unlock();
   bool derived_state_sane_locked() const;
   void repair_locked(bool sole);
   void rebuild_locked(bool sole);
 
-  Entry* entry(uint32_t i) const;
-  std::string_view entry_key(const Entry* e) const;
-  uint64_t* buckets() const;
-  uint64_t* bitmap() const;
+  RegionEntry* entry(uint32_t i) const { return entries_.at(i); }
   uint32_t* free_stack() const;
 
-  int64_t lookup_locked(std::string_view key, uint64_t hash, uint64_t* bucket_pos) const;
-  void bucket_insert_locked(uint32_t slot, uint64_t hash);
-  void rebuild_buckets_locked();
-  bool pinned_locked(Entry* e, uint64_t now);
-  bool add_lease_locked(Entry* e, uint64_t now, double lease_s);
   ReadHandle handle_locked(uint32_t slot) const;
-  bool owner_alive(uint32_t pid, uint64_t start) const;
   void free_entry_locked(uint32_t slot);
   void retire_or_free_locked(uint32_t slot, uint64_t now);
-  struct ClockStop {
-    int64_t victim = -1;  // an evictable READY entry, or -1
-    uint64_t unit = 0, units = 0;
-    bool freed = false;  // the hand freed this range of unusable space instead
-  };
-  ClockStop clock_step_locked(uint64_t now);
-  bool evict_one_locked(uint64_t need_units, uint64_t* run_start);
+  // Frees one victim (or unusable space) for an object of `priority`; with
+  // need_units, *run_start receives a free run of that many units around the
+  // freed space, or kNone. False when nothing could be freed.
+  bool evict_one_locked(uint64_t need_units, int32_t priority, uint64_t* run_start);
 
-  uint64_t find_free_run(uint64_t need) const;
-  uint64_t run_around(uint64_t start, uint64_t len, uint64_t need) const;
-  void set_bits(uint64_t start, uint64_t len, bool value);
-  bool any_bit(uint64_t start, uint64_t len, bool value) const;
-
-  RegionOptions opts_;
-  int fd_ = -1;
-  bool is_device_ = false;
-  void* base_ = nullptr;
-  size_t map_bytes_ = 0;
-  Header* hdr_ = nullptr;
-  uint8_t* data_ = nullptr;
+  RegionFile file_;
+  RegionHeader* hdr_ = nullptr;
+  EntryTable entries_;
+  HashIndex index_;
+  BlockAllocator blocks_;
+  ClockEvictor clock_;
 };
-
-// 64-bit hash of a key (index placement only; keys are always compared in full).
-uint64_t hash_key(std::string_view key);
 
 }  // namespace stratacache

@@ -21,6 +21,13 @@ std::string_view view_of(const py::bytes& b) {
   return {p, size_t(n)};
 }
 
+// A namespace priority as stored in an entry (int32), or a ValueError naming it.
+int32_t priority_arg(int64_t priority) {
+  if (priority < INT32_MIN || priority > INT32_MAX)
+    throw py::value_error("priority must fit in a signed 32-bit integer, got " + std::to_string(priority));
+  return int32_t(priority);
+}
+
 py::object handle_tuple(const std::optional<ReadHandle>& h) {
   if (!h) return py::none();
   return py::make_tuple(h->slot, h->gen, h->offset, h->size, py::bytes(h->aux));
@@ -62,8 +69,9 @@ void bind_shared_region(py::module_& m) {
       .def_property_readonly("mapping_bytes", &SharedRegion::mapping_bytes)
       .def("put_tensor",
            [](SharedRegion& r, const py::bytes& key, const py::bytes& aux, const at::Tensor& src,
-              bool evict) -> py::object {
+              bool evict, int64_t priority) -> py::object {
              TORCH_CHECK(src.device().is_cpu() && src.is_contiguous(), "put_tensor: src must be a contiguous CPU tensor");
+             const int32_t prio = priority_arg(priority);
              auto k = view_of(key);
              auto a = view_of(aux);
              const auto* from = static_cast<const uint8_t*>(src.data_ptr());
@@ -72,7 +80,7 @@ void bind_shared_region(py::module_& m) {
              bool ok = false;
              {
                py::gil_scoped_release nogil;
-               res = r.reserve(k, n, a, evict);
+               res = r.reserve(k, n, a, evict, prio);
                if (res) {
                  parallel_copy(r.data() + res->offset, from, n);
                  ok = r.commit(*res);
@@ -81,8 +89,10 @@ void bind_shared_region(py::module_& m) {
              if (!res) return py::none();
              return py::bool_(ok);
            },
-           py::arg("key"), py::arg("aux"), py::arg("src"), py::arg("evict") = true,
-           "Reserve, copy src in (no lock held) and commit: True, False (commit lost), None (no room).")
+           py::arg("key"), py::arg("aux"), py::arg("src"), py::arg("evict") = true, py::arg("priority") = 0,
+           "Reserve, copy src in (no lock held) and commit: True, False (commit lost), None (no room). "
+           "The object records priority (its namespace kind's); eviction for it only takes objects "
+           "of priority <= priority.")
       .def("get_into",
            [](SharedRegion& r, const py::bytes& key, double lease_s, const at::Tensor& out) -> py::object {
              TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.scalar_type() == at::kByte,
@@ -169,16 +179,31 @@ void bind_shared_region(py::module_& m) {
       .def("erase_version", &SharedRegion::erase_version, py::arg("slot"), py::arg("gen"),
            py::arg("evicted") = false, py::call_guard<py::gil_scoped_release>())
       .def("pick_victim",
-           [](SharedRegion& r, double lease_s) -> py::object {
+           [](SharedRegion& r, double lease_s, int64_t priority) -> py::object {
+             const int32_t prio = priority_arg(priority);
              std::optional<std::pair<std::string, ReadHandle>> v;
              {
                py::gil_scoped_release nogil;
-               v = r.pick_victim(lease_s);
+               v = r.pick_victim(lease_s, prio);
              }
              if (!v) return py::none();
              return py::make_tuple(py::bytes(v->first), handle_tuple(v->second));
            },
-           "Lease the next CLOCK victim without freeing it: (key, handle) or None.")
+           py::arg("lease_s"), py::arg("priority") = 0,
+           "Lease the next CLOCK victim of priority <= priority (the incoming object's) without "
+           "freeing it: (key, handle) or None.")
+      .def("priority_of",
+           [](SharedRegion& r, const py::bytes& key) -> py::object {
+             auto k = view_of(key);
+             std::optional<int32_t> p;
+             {
+               py::gil_scoped_release nogil;
+               p = r.priority_of(k);
+             }
+             if (!p) return py::none();
+             return py::int_(*p);
+           },
+           py::arg("key"), "The priority recorded with key's current version, or None on a miss.")
       .def("keys",
            [](SharedRegion& r) {
              std::vector<std::string> ks;

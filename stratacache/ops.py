@@ -33,9 +33,8 @@ import torch
 from stratacache import _C  # noqa: F401  (loads the torch.ops.stratacache library)
 
 __all__ = [
-    "MASK64", "LAYOUTS", "checksum64", "chunk_checksums", "gather_blocks", "scatter_blocks",
-    "gather_tokens", "scatter_tokens", "token_view", "ref_checksum64", "ref_gather_blocks",
-    "ref_scatter_blocks", "ref_gather_tokens", "ref_scatter_tokens",
+    "MASK64", "checksum64", "chunk_checksums", "gather_blocks", "scatter_blocks", "ref_checksum64",
+    "ref_gather_blocks", "ref_scatter_blocks",
 ]
 
 MASK64 = (1 << 64) - 1
@@ -159,71 +158,6 @@ def _scatter_blocks_fake(src, block_ids, layers, chunk_blocks=0, expected=None, 
     return layers[0].new_empty((n,), dtype=torch.bool)
 
 
-# --------------------------------------------------------------------------- token transfers
-
-# Paged KV layouts with addressable tokens, and how each maps to the canonical
-# [KV, num_blocks, block_size, heads, head_dim] view the kernels take.
-LAYOUTS = {
-    "NHD": "[num_blocks, block_size, heads, head_dim] (FlashAttention, K or V of one layer)",
-    "HND": "[num_blocks, heads, block_size, head_dim]",
-    "2NHD": "[2, num_blocks, block_size, heads, head_dim] (K and V stacked in front)",
-    "2HND": "[2, num_blocks, heads, block_size, head_dim]",
-    "N2HD": "[num_blocks, 2, block_size, heads, head_dim] (FlashInfer)",
-    "MLA": "[num_blocks, block_size, latent_dim] (one latent vector per token)",
-}
-
-
-def token_view(layer: torch.Tensor, layout: str) -> torch.Tensor:
-    """The [KV, num_blocks, block_size, heads, head_dim] view (no copy) of one layer in ``layout``."""
-    ndim = {"NHD": 4, "HND": 4, "2NHD": 5, "2HND": 5, "N2HD": 5, "MLA": 3}
-    if layout not in ndim:
-        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
-    if not isinstance(layer, torch.Tensor) or layer.dim() != ndim[layout]:
-        shape = tuple(layer.shape) if isinstance(layer, torch.Tensor) else type(layer).__name__
-        raise ValueError(f"layers: a {layout} layer is {LAYOUTS[layout]}, got {shape}")
-    if layout == "NHD":
-        return layer.unsqueeze(0)
-    if layout == "HND":
-        return layer.permute(0, 2, 1, 3).unsqueeze(0)
-    if layout == "2HND":
-        return layer.permute(0, 1, 3, 2, 4)
-    if layout == "N2HD":
-        return layer.permute(1, 0, 2, 3, 4)
-    if layout == "MLA":
-        return layer.unsqueeze(0).unsqueeze(3)
-    return layer
-
-
-def gather_tokens(layers: Sequence[torch.Tensor], slot_mapping: torch.Tensor, out: torch.Tensor,
-                  layout: str = "NHD") -> torch.Tensor:
-    """Copy the tokens at ``slot_mapping`` from every layer into ``out``.
-
-    Slot ``s`` is token ``s % block_size`` of block ``s // block_size``; ``-1``
-    (vLLM's padding) is skipped and leaves its rows of ``out`` untouched.
-    out: contiguous uint8 with at least ``T * L * token_bytes`` bytes, filled
-    as ``[T, L, token_bytes]``; a token's bytes are its (kv, head, dim) elements
-    in that order. Used for partial blocks and custom offload loops.
-    """
-    _ops.gather_tokens([token_view(t, layout) for t in layers], slot_mapping, out)
-    return out
-
-
-def scatter_tokens(src: torch.Tensor, slot_mapping: torch.Tensor, layers: Sequence[torch.Tensor],
-                   layout: str = "NHD") -> None:
-    """The inverse of :func:`gather_tokens`: write ``src`` rows into the slots of every layer."""
-    _ops.scatter_tokens(src, slot_mapping, [token_view(t, layout) for t in layers])
-
-
-@torch.library.register_fake("stratacache::gather_tokens")
-def _gather_tokens_fake(layers, slot_mapping, out):
-    return None
-
-
-@torch.library.register_fake("stratacache::scatter_tokens")
-def _scatter_tokens_fake(src, slot_mapping, layers):
-    return None
-
-
 # --------------------------------------------------------------------------- pure-torch references
 
 _K_POSITION = 0x9E3779B97F4A7C15
@@ -285,43 +219,3 @@ def ref_scatter_blocks(src: torch.Tensor, block_ids: torch.Tensor, layers: Seque
     for l, t in enumerate(layers):
         pages = _pages(t)
         pages[block_ids.to(t.device)] = flat[:, l].to(t.device)
-
-
-def _token_rows(view: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    kv, nb, bs, h, d = view.shape
-    keep = slots >= 0
-    s = slots[keep]
-    return keep, view[:, s // bs, s % bs]   # [KV, T', H, D]
-
-
-def ref_gather_tokens(layers: Sequence[torch.Tensor], slot_mapping: torch.Tensor, out: torch.Tensor,
-                      layout: str = "NHD") -> torch.Tensor:
-    """Reference token gather into ``out`` (same contract as :func:`gather_tokens`)."""
-    views = [token_view(t, layout) for t in layers]
-    T, L = slot_mapping.numel(), len(views)
-    tb = _token_bytes(views[0])
-    rows = out.reshape(-1)[: T * L * tb].view(T, L, tb)
-    for l, v in enumerate(views):
-        keep, data = _token_rows(v, slot_mapping)
-        rows[keep, l] = data.permute(1, 0, 2, 3).reshape(data.shape[1], -1).view(torch.uint8)
-    return out
-
-
-def ref_scatter_tokens(src: torch.Tensor, slot_mapping: torch.Tensor, layers: Sequence[torch.Tensor],
-                       layout: str = "NHD") -> None:
-    """Reference token scatter (same contract as :func:`scatter_tokens`)."""
-    views = [token_view(t, layout) for t in layers]
-    T, L = slot_mapping.numel(), len(views)
-    tb = _token_bytes(views[0])
-    rows = src.reshape(-1)[: T * L * tb].view(T, L, tb)
-    for l, v in enumerate(views):
-        kv, nb, bs, h, d = v.shape
-        keep = slot_mapping >= 0
-        s = slot_mapping[keep]
-        data = rows[keep, l].contiguous().view(v.dtype).view(-1, kv, h, d).permute(1, 0, 2, 3)
-        v[:, s // bs, s % bs] = data
-
-
-def _token_bytes(view: torch.Tensor) -> int:
-    kv, _, _, h, d = view.shape
-    return kv * h * d * view.element_size()

@@ -2,7 +2,7 @@
 AddressSanitizer + UndefinedBehaviorSanitizer and runs them with ctest.
 
 The sanitizer build uses STRATACACHE_WITH_TORCH=OFF: the copy and checksum
-loops (and the shared-region index) are torch-free, so they build in seconds;
+loops (and the shared region and its pieces) are torch-free, so they build in seconds;
 the thin torch-facing layer is covered by the Python tests.
 """
 
@@ -26,7 +26,10 @@ def test_cpp_kernels_pass_ctest_under_asan_ubsan(tmp_path):
     built = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, env=env)
     assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
     tests = sorted(p.stem for p in (ROOT / "csrc" / "tests").glob("test_*.cpp"))
-    assert {"test_checksum", "test_kv_transfer"} <= set(tests)
+    # The shared region's pieces each have their own test (RegionFile, HashIndex,
+    # BlockAllocator, LeaseTable, ClockEvictor) beside the wired SharedRegion's.
+    assert {"test_checksum", "test_kv_transfer", "test_shared_region", "test_region_file", "test_hash_index",
+            "test_block_allocator", "test_lease_table", "test_clock_evictor"} <= set(tests)
     run = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]

@@ -232,21 +232,59 @@ def test_a_truncated_region_is_recreated_with_reset(region_path):
 
 
 def test_a_region_of_the_previous_layout_is_started_over(region_path):
-    """Records of the previous format become misses: a region of layout version 1 is
-    re-created by a process that attaches alone; while others are attached it is
-    refused, and a newer layout is always refused (an older build never destroys it)."""
+    """Records of the previous format become misses: a region of layout version 2
+    (before entries recorded a priority) is re-created by a process that attaches alone;
+    while others are attached it is refused, and a newer layout is always refused (an
+    older build never destroys it). A version field made older by a flipped bit (its
+    geometry checksum no longer matches) is refused, never wiped as an old region."""
     layer = SharedRegionLayer(region_path, 4 * MiB, 64)
     assert put(layer, 1, 1000)
-    _write_u32(region_path, 8, 1)
-    with pytest.raises(SharedRegionError, match="layout version 1 but this build uses version 2"):
+    _write_older_layout(region_path, 2)
+    with pytest.raises(SharedRegionError, match="layout version 2 but this build uses version 3"):
         SharedRegionLayer(region_path, 4 * MiB, 64)       # the first layer is still attached
     layer.close()
     again = SharedRegionLayer(region_path, 4 * MiB, 64)
     assert again.get(key(1)) is None and again.check() == [] and put(again, 2, 1000)
     again.close()
-    _write_u32(region_path, 8, 3)
-    with pytest.raises(SharedRegionError, match="layout version 3"):
+    _write_u32(region_path, 8, 4)
+    with pytest.raises(SharedRegionError, match="layout version 4"):
         SharedRegionLayer(region_path, 4 * MiB, 64)
+    _write_u32(region_path, 8, 2)                         # 3 with bit 0 flipped
+    with pytest.raises(SharedRegionError, match="layout version 2 but this build uses version 3"):
+        SharedRegionLayer(region_path, 4 * MiB, 64)
+    _write_u32(region_path, 8, 3)
+    again = SharedRegionLayer(region_path, 4 * MiB, 64)
+    assert torch.equal(again.get(key(2)).data, payload(2, 1000))   # the restored region, intact
+    again.close()
+
+
+def _hash_key(data: bytes) -> int:
+    """csrc/hash_index.cpp's hash_key, which the header's geometry checksum uses."""
+    m64 = (1 << 64) - 1
+
+    def mix(v):
+        v ^= v >> 33
+        v = (v * 0xC4CEB9FE1A85EC53) & m64
+        return v ^ (v >> 29)
+
+    n = len(data)
+    h = 0x9E3779B97F4A7C15 ^ ((n * 0xFF51AFD7ED558CCD) & m64)
+    full = n // 8 * 8
+    for i in range(0, full, 8):
+        h = ((h ^ mix(int.from_bytes(data[i:i + 8], "little"))) * 0x9FB21C651E98DF25) & m64
+        h ^= h >> 31
+    tail = int.from_bytes(data[full:], "little")
+    h = ((h ^ mix(tail ^ (((n - full) << 56) & m64))) * 0x9FB21C651E98DF25) & m64
+    return mix(h)
+
+
+def _write_older_layout(path: str, version: int) -> None:
+    """Makes the header a genuine one of an older layout: the version and its geometry checksum."""
+    _write_u32(path, 8, version)
+    with open(path, "r+b") as f:
+        header = f.read(GEOMETRY["geometry_sum"][0])
+        f.seek(GEOMETRY["geometry_sum"][0])
+        f.write(_hash_key(header[8:]).to_bytes(8, "little"))
 
 
 def _write_u32(path: str, offset: int, value: int) -> None:

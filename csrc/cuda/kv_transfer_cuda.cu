@@ -442,100 +442,6 @@ at::Tensor scatter_blocks_cuda(const at::Tensor& src, const at::Tensor& block_id
   return ok;
 }
 
-// ----------------------------------------------------------------------------- token kernels
-
-// table: [L bases][L kv strides][L block strides][L token strides][L head strides][T slots].
-template <typename V, bool kGather>
-__global__ void token_copy_kernel(const int64_t* __restrict__ table, int64_t L, int64_t T, int64_t kv,
-                                  int64_t heads, int64_t block_size, int64_t row_bytes,
-                                  uint8_t* __restrict__ flat) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarp);
-  const int64_t token_bytes = kv * heads * row_bytes;
-  for (int64_t it = int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp; it < T * L; it += warps) {
-    const int64_t t = it / L, l = it % L;
-    const int64_t slot = table[5 * L + t];
-    if (slot < 0) continue;
-    uint8_t* tok = reinterpret_cast<uint8_t*>(table[l]) + (slot / block_size) * table[2 * L + l] +
-                   (slot % block_size) * table[3 * L + l];
-    uint8_t* linear = flat + it * token_bytes;
-    for (int64_t r = 0; r < kv * heads; ++r) {
-      uint8_t* paged = tok + (r / heads) * table[L + l] + (r % heads) * table[4 * L + l];
-      uint8_t* lin = linear + r * row_bytes;
-      if (kGather) {
-        warp_copy<V, false>(lin, paged, row_bytes, 0, lane);
-      } else {
-        warp_copy<V, false>(paged, lin, row_bytes, 0, lane);
-      }
-    }
-  }
-}
-
-template <bool kGather>
-void run_tokens(const TokenPlan& p, const at::Tensor& slot_mapping, const at::Tensor& flat, const char* op) {
-  auto dev = c10::Device(at::kCUDA, c10::cuda::current_device());
-  auto slots = host_slots(slot_mapping, p.num_blocks * p.block_size);
-  const int64_t L = p.n_layers, total = p.n_tokens * L * p.token_bytes;
-  if (p.n_tokens == 0 || total == 0) return;
-  auto host = at::empty({5 * L + p.n_tokens}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* h = host.data_ptr<int64_t>();
-  bool a16 = p.row_bytes % 16 == 0, a8 = p.row_bytes % 8 == 0;
-  for (int64_t l = 0; l < L; ++l) {
-    h[l] = reinterpret_cast<int64_t>(p.layer_base[l]);
-    h[L + l] = p.s_kv[l];
-    h[2 * L + l] = p.s_block[l];
-    h[3 * L + l] = p.s_tok[l];
-    h[4 * L + l] = p.s_head[l];
-    for (int64_t k = 0; k < 5; ++k) {
-      a16 = a16 && h[k * L + l] % 16 == 0;
-      a8 = a8 && h[k * L + l] % 8 == 0;
-    }
-  }
-  std::memcpy(h + 5 * L, slots.data(), slots.size() * sizeof(int64_t));
-  auto table = host.to(dev, /*non_blocking=*/true);
-  Path path = choose_path(flat, total, "auto", op, kGather ? "out" : "src");
-  auto side = flat_side(flat, path, total, total, dev);
-  uintptr_t fp = reinterpret_cast<uintptr_t>(side.kernel_ptr);
-  a16 = a16 && fp % 16 == 0 && p.token_bytes % 16 == 0;
-  a8 = a8 && fp % 8 == 0 && p.token_bytes % 8 == 0;
-  if (!kGather && side.staging.defined()) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(side.kernel_ptr, flat.data_ptr(), total, cudaMemcpyHostToDevice, current_stream()));
-  }
-  if (kGather && side.staging.defined()) {  // skipped (-1) tokens keep the destination's bytes
-    C10_CUDA_CHECK(cudaMemcpyAsync(side.kernel_ptr, flat.data_ptr(), total, cudaMemcpyHostToDevice, current_stream()));
-  }
-  dim3 grid(static_cast<unsigned>(grid_for(p.n_tokens * L))), block(kThreads);
-  const int64_t* t = table.data_ptr<int64_t>();
-  if (a16) {
-    token_copy_kernel<uint4, kGather><<<grid, block, 0, current_stream()>>>(t, L, p.n_tokens, p.kv, p.heads,
-                                                                            p.block_size, p.row_bytes, side.kernel_ptr);
-  } else if (a8) {
-    token_copy_kernel<uint2, kGather><<<grid, block, 0, current_stream()>>>(t, L, p.n_tokens, p.kv, p.heads,
-                                                                            p.block_size, p.row_bytes, side.kernel_ptr);
-  } else {
-    token_copy_kernel<uint8_t, kGather><<<grid, block, 0, current_stream()>>>(
-        t, L, p.n_tokens, p.kv, p.heads, p.block_size, p.row_bytes, side.kernel_ptr);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (kGather && side.staging.defined()) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(flat.data_ptr(), side.kernel_ptr, total, cudaMemcpyDeviceToHost, current_stream()));
-  }
-}
-
-void gather_tokens_cuda(at::TensorList layers, const at::Tensor& slot_mapping, const at::Tensor& out) {
-  auto p = plan_tokens(layers, slot_mapping, out, "out", "gather_tokens");
-  TORCH_CHECK_VALUE(layers[0].is_cuda(), "gather_tokens: the CUDA kernel needs CUDA layers");
-  c10::cuda::CUDAGuard guard(layers[0].device());
-  run_tokens<true>(p, slot_mapping, out, "gather_tokens");
-}
-
-void scatter_tokens_cuda(const at::Tensor& src, const at::Tensor& slot_mapping, at::TensorList layers) {
-  auto p = plan_tokens(layers, slot_mapping, src, "src", "scatter_tokens");
-  TORCH_CHECK_VALUE(layers[0].is_cuda(), "scatter_tokens: the CUDA kernel needs CUDA layers");
-  c10::cuda::CUDAGuard guard(layers[0].device());
-  run_tokens<false>(p, slot_mapping, src, "scatter_tokens");
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stratacache, CUDA, m) {
@@ -543,8 +449,6 @@ TORCH_LIBRARY_IMPL(stratacache, CUDA, m) {
   m.impl("chunk_checksums", &chunk_checksums_cuda);
   m.impl("gather_blocks", &gather_blocks_cuda);
   m.impl("scatter_blocks", &scatter_blocks_cuda);
-  m.impl("gather_tokens", &gather_tokens_cuda);
-  m.impl("scatter_tokens", &scatter_tokens_cuda);
 }
 
 }  // namespace stratacache

@@ -1,5 +1,5 @@
 // C++ tests of the CPU KV copy kernels (run under ASan/UBSan by ctest):
-// randomized block and token transfers against a direct restatement, with
+// randomized block transfers against a direct restatement, with
 // poisoned destinations and guard bytes around every buffer.
 #include <random>
 #include <vector>
@@ -103,52 +103,6 @@ static void layer_slice_case(std::mt19937_64& rng, int64_t Ltot, int64_t l0, int
   for (size_t k = n * row; k < back.size(); ++k) CHECK(back[k] == kPoison);
 }
 
-static void token_case(std::mt19937_64& rng, int64_t kv, int64_t nb, int64_t bs, int64_t H, int64_t row, bool hnd) {
-  // Layer memory [kv, nb, bs, H, row] (NHD) or [kv, nb, H, bs, row] (HND).
-  const int64_t L = 2;
-  const int64_t layer_bytes = kv * nb * bs * H * row;
-  std::vector<uint8_t> mem(L * layer_bytes + 16);
-  for (auto& x : mem) x = uint8_t(rng());
-  TokenPlan p;
-  p.n_layers = L;
-  p.kv = kv;
-  p.num_blocks = nb;
-  p.block_size = bs;
-  p.heads = H;
-  p.row_bytes = row;
-  p.token_bytes = kv * H * row;
-  for (int64_t l = 0; l < L; ++l) {
-    p.layer_base.push_back(mem.data() + l * layer_bytes);
-    p.s_kv.push_back(nb * bs * H * row);
-    p.s_block.push_back(bs * H * row);
-    p.s_tok.push_back(hnd ? row : H * row);
-    p.s_head.push_back(hnd ? bs * row : row);
-  }
-  std::vector<int64_t> slots;
-  for (int64_t s = 0; s < nb * bs; s += 3) slots.push_back(s);
-  slots.push_back(-1);
-  p.n_tokens = int64_t(slots.size());
-  std::vector<uint8_t> flat(p.n_tokens * L * p.token_bytes + 8, kPoison);
-  copy_tokens(p, slots.data(), flat.data(), Direction::kGather, TestThreads{});
-  for (int64_t t = 0; t < p.n_tokens; ++t)
-    for (int64_t l = 0; l < L; ++l)
-      for (int64_t k = 0; k < kv; ++k)
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t d = 0; d < row; ++d) {
-            uint8_t got = flat[((t * L + l) * kv * H + k * H + h) * row + d];
-            if (slots[t] < 0) {
-              CHECK(got == kPoison);
-              continue;
-            }
-            int64_t b = slots[t] / bs, s = slots[t] % bs;
-            CHECK(got == p.layer_base[l][k * p.s_kv[l] + b * p.s_block[l] + s * p.s_tok[l] + h * p.s_head[l] + d]);
-          }
-  for (size_t k = p.n_tokens * L * p.token_bytes; k < flat.size(); ++k) CHECK(flat[k] == kPoison);
-  std::vector<uint8_t> before(mem);
-  copy_tokens(p, slots.data(), flat.data(), Direction::kScatter, TestThreads{});
-  CHECK(before == mem);  // scattering back what was gathered changes nothing
-}
-
 // vector_copy: exact bytes and untouched neighbours at every alignment and length class.
 static void vector_copy_cases(std::mt19937_64& rng) {
   for (size_t n : {0, 7, 4095, 4096, 4097, 4096 + 127, 65536, 65536 + 200}) {
@@ -179,10 +133,6 @@ int main() {
   layer_slice_case(rng, 8, 0, 1, 12, 256, 10);
   layer_slice_case(rng, 8, 5, 3, 12, 104, 12);
   layer_slice_case(rng, 4, 3, 1, 5, 13, 5);                 // unaligned pages
-  for (bool hnd : {false, true}) {
-    token_case(rng, 1, 3, 4, 2, 16, hnd);
-    token_case(rng, 2, 2, 8, 3, 6, hnd);
-  }
   std::puts("test_kv_transfer: ok");
   return 0;
 }

@@ -2,7 +2,7 @@
 // round trips, replacement, eviction against a model, leases, header errors,
 // corrupt headers (every geometry field, random bit flips), a truncated
 // region, threads, a process dying while holding the lock, and SIGKILLed
-// writers.
+// writers, priority-aware eviction.
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -479,6 +479,101 @@ static void test_truncated_region() {
   unlink(path.c_str());
 }
 
+// Priorities: a region filled with priority-10 objects keeps every one of
+// them under a random stream of priority-0 puts (which fail, or evict each
+// other once some fit), also through the hand-off path (pick_victim), a
+// repair and a re-attach; priority-10 puts then evict the priority-0 objects.
+static void test_priorities() {
+  auto path = region_path("priority");
+  unlink(path.c_str());
+  const uint64_t capacity = 256 * 1024;
+  SharedRegion r(options(path, capacity, 64));
+  std::mt19937_64 rng(10);
+  std::map<int, std::vector<uint8_t>> params;  // keys 0..: priority 10
+  uint64_t filled = 0;
+  for (int k = 0; filled < capacity - 24 * 1024; ++k) {
+    auto v = make_payload(k, 1, 1000 + rng() % 12000);
+    CHECK(r.put(key_of(k), v.data(), v.size(), "params", 10));
+    filled += (v.size() + 255) / 256 * 256;
+    params[k] = v;
+  }
+  CHECK(r.stats().evictions == 0 && r.priority_of(key_of(0)) == 10);
+  auto params_intact = [&] {
+    std::vector<uint8_t> out(capacity);
+    for (auto& [k, v] : params) {
+      auto h = r.get(key_of(k), out.data(), out.size());
+      CHECK(h && h->size == v.size() && h->aux == "params" && memcmp(out.data(), v.data(), v.size()) == 0);
+    }
+  };
+  long stored = 0, refused = 0;
+  for (int step = 0; step < 600; ++step) {
+    const int k = 1000 + int(rng() % 80);
+    auto v = make_payload(k, uint64_t(step) + 1, 8 + rng() % 30000);
+    if (r.put(key_of(k), v.data(), v.size(), "kv", 0)) {
+      ++stored;
+      CHECK(r.priority_of(key_of(k)) == 0);
+    } else {
+      ++refused;
+    }
+    if (step % 50 == 0) {  // the hand-off path finds only priority-0 victims
+      auto victim = r.pick_victim(1.0, 0);
+      if (victim) {
+        CHECK(std::stoi(victim->first.substr(victim->first.rfind('-') + 1)) >= 1000);
+        CHECK(r.erase_version(victim->second.slot, victim->second.gen, true));
+        r.release(victim->second.slot, victim->second.gen);
+      }
+    }
+  }
+  CHECK(stored > 50 && refused > 0 && r.stats().evictions > 0);
+  params_intact();
+  expect_consistent(r);
+  // Nothing of priority <= -1 exists: the hand-off path reports nothing.
+  CHECK(!r.pick_victim(1.0, -1));
+  CHECK(r.put("kv-last", params[0].data(), 2000, "kv", 0));  // priority-0 objects still take each other's room
+  // Priorities are in the entries, so a repair (here: a process that died
+  // holding the lock) and a re-attach keep them.
+  pid_t pid = fork();
+  if (pid == 0) {
+    SharedRegion child(options(path, capacity, 64));
+    child.lock_and_leak_for_testing();
+    raise(SIGKILL);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(r.priority_of(key_of(0)) == 10);
+  {
+    SharedRegion again(options(path, capacity, 64));
+    CHECK(again.priority_of(key_of(0)) == 10);
+    std::vector<uint8_t> big(40000, 9);
+    CHECK(!again.put("too-low", big.data(), big.size(), "", -1));  // nothing it may evict
+  }
+  params_intact();
+  // Higher-priority puts evict lower-priority ones: a region full of
+  // priority-0 objects takes priority-10 ones, each evicting one of them,
+  // after which priority-0 puts are refused.
+  r.clear();
+  const uint64_t object = 16 * 1024;
+  for (int k = 0; k < int(capacity / object); ++k) {
+    auto v = make_payload(2000 + k, 1, object);
+    CHECK(r.put(key_of(2000 + k), v.data(), v.size(), "kv", 0));
+  }
+  CHECK(r.stats().reserved_bytes == capacity);
+  const uint64_t evictions = r.stats().evictions;
+  params.clear();
+  for (int k = 0; k < int(capacity / object); ++k) {
+    auto v = make_payload(3000 + k, 1, object);
+    CHECK(r.put(key_of(3000 + k), v.data(), v.size(), "params", 10));
+    params[3000 + k] = v;
+  }
+  CHECK(r.stats().evictions == evictions + capacity / object);
+  for (auto& k : r.keys()) CHECK(r.priority_of(k) == 10);
+  params_intact();
+  auto v = make_payload(1, 1, 300);
+  CHECK(!r.put(key_of(1), v.data(), v.size(), "kv", 0));
+  expect_consistent(r);
+  unlink(path.c_str());
+}
+
 int main() {
   test_round_trip_and_replacement();
   test_eviction_against_model();
@@ -487,6 +582,7 @@ int main() {
   test_sigkilled_writers();
   test_corrupt_geometry_is_refused();
   test_truncated_region();
+  test_priorities();
   std::printf("test_shared_region: all passed\n");
   return 0;
 }
