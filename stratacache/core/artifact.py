@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stratacache.core.errors import CorruptArtifact  # noqa: F401 - re-exported: raised by unpack
+
 FORMAT_VERSION = 2   # 2: the header checksum (records of version 1 read as misses)
 HEADER_MAGIC = b"SCA1"
 
@@ -36,10 +38,6 @@ _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 _FIXED = struct.Struct("<4sHBBQQ")
 _HEADER_SUM = struct.Struct("<Q")   # follows the shape: _header_sum(fields + shape, key)
 MAX_NDIM = 16
-
-
-class CorruptArtifact(ValueError):
-    """A stored header or payload failed validation; callers treat it as a miss."""
 
 
 @dataclass(frozen=True, slots=True)
