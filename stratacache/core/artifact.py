@@ -144,12 +144,13 @@ def as_bytes(payload) -> torch.Tensor:
 
 
 def meta_for(payload, checksum: int) -> ArtifactMeta:
-    """Metadata describing ``payload`` (a tensor keeps its dtype and shape)."""
+    """Metadata describing ``payload``: a tensor keeps its dtype and shape (0-dim
+    included); bytes-like come back as the 1-D uint8 tensor they are."""
     if isinstance(payload, torch.Tensor):
-        data = as_bytes(payload)
-        return ArtifactMeta(size=data.numel(), checksum=checksum, dtype=payload.dtype,
-                            shape=tuple(payload.shape))
-    return ArtifactMeta(size=len(memoryview(payload).cast("B")), checksum=checksum)
+        return ArtifactMeta(size=payload.numel() * payload.element_size(), checksum=checksum,
+                            dtype=payload.dtype, shape=tuple(payload.shape))
+    size = memoryview(payload).nbytes
+    return ArtifactMeta(size=size, checksum=checksum, dtype=torch.uint8, shape=(size,))
 
 
 def _numel(shape) -> int:
