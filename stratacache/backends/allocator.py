@@ -62,9 +62,6 @@ class ArenaAllocator:
             end += after
         self._add_free(start, end - start)
 
-    def allocation_size(self, off: int) -> int:
-        return self._used[off]
-
     def runs(self) -> list[tuple[int, int]]:
         """Allocated (offset, rounded size) runs, by address (for checks and inspection)."""
         return sorted(self._used.items())
