@@ -9,6 +9,7 @@ ones included (see test_tierchain.py), to count what the chain asks of it.
 
 import random
 import threading
+import types
 from collections import Counter
 from typing import Optional
 
@@ -169,15 +170,17 @@ class FaultyTier(DictTier):
 def probe_counts(tier: Tier) -> Counter:
     """Count, per method, the calls made into ``tier``'s own ``_get`` / ``_get_many`` /
     ``_acquire`` (and keys probed) and its ``contains`` (keys looked up), by wrapping them.
-    Only the outermost call counts: the base's default ``_acquire`` reads through ``_get``."""
+    Only the outermost call counts: the base's default ``_acquire`` reads through ``_get``,
+    a ``_get_many`` may fan out to ``_get`` on a pool's threads (so the depth is not
+    per-thread; callers of a wrapped tier are single-threaded)."""
     counts: Counter = Counter()
-    depth = threading.local()
+    depth = types.SimpleNamespace(n=0)
     for name, keys_of in (("_get", lambda a: 1), ("_acquire", lambda a: 1),
                           ("_get_many", lambda a: len(a[0])), ("contains", lambda a: len(a[0]))):
         inner = getattr(tier, name)
 
         def counting(*args, _inner=inner, _name=name, _keys_of=keys_of):
-            level = getattr(depth, "n", 0)
+            level = depth.n
             if level == 0:
                 counts[_name] += 1
                 counts[_name + ":keys"] += _keys_of(args)
