@@ -403,6 +403,16 @@ def test_caller_mistakes_reach_the_caller_as_invalid_argument():
         e.hold([K(1), b"k"])
     with pytest.raises(InvalidArgument, match="mode must be one of"):
         e.lease(K(1), mode="fastest")
+    with pytest.raises(InvalidType, match="payload dtype torch.complex64 cannot be stored"):
+        e.store(K(3), torch.zeros(4, dtype=torch.complex64))
+    with pytest.raises(InvalidArgument, match="payload has 17 dims"):
+        e.store(K(3), torch.zeros([1] * 17))
+    with pytest.raises(InvalidArgument, match="payload tensor must be contiguous"):
+        e.store(K(3), torch.zeros(4, 4).t())
+    with pytest.raises(InvalidType, match="payload must be a torch.Tensor or bytes-like"):
+        e.store(K(3), [1, 2])
+    with pytest.raises(InvalidArgument, match=r"items\[0\].key .* encodes to \d+ bytes"):
+        e.store_many([(ArtifactKey("kv", "n", "x" * 600), b"x")])
     with pytest.raises(InvalidType, match=r"tiers\[0\] must be a stratacache.backends.base.Tier"):
         TierChain([object()])
     assert e.stats()["tiers"]["good"]["errors"] == 0
