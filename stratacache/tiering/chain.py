@@ -359,8 +359,8 @@ class TierChain:
         for i in order:
             if not todo:
                 break
-            hits = self._call(i, self.tiers[i].contains, [encoded_keys[j] for j in todo],
-                              default=[False] * len(todo))
+            batch = encoded_keys if len(todo) == len(encoded_keys) else [encoded_keys[j] for j in todo]
+            hits = self._call(i, self.tiers[i].contains, batch, default=[False] * len(todo))
             for j, hit in zip(todo, hits):
                 present[j] = bool(hit)
             todo = [j for j in todo if not present[j]]
