@@ -1,4 +1,4 @@
-"""Eviction policies and the ObjectTable: capacity, pins (expiring leases), refcounts, quotas, priorities."""
+"""Eviction policies and the ObjectTable: capacity, leases (each holder's own, expiring), refcounts, quotas, priorities."""
 
 import time
 
@@ -110,11 +110,21 @@ def test_leases_expire_so_a_leaked_pin_cannot_fill_the_tier():
     assert put(t, K(2), 10) and K(1) not in t
 
 
-def test_unpin_releases_early():
+def test_release_lease_ends_exactly_that_lease():
+    """Two holders lease one object; each release ends only its own lease (unpin used to
+    pop whichever lease came last, so A's release could end B's hold)."""
     t = ObjectTable(10, "lru", lease_s=60)
-    assert put(t, K(1), 10) and t.pin(K(1))
+    assert put(t, K(1), 10)
+    entry_a, deadline_a = t.pin(K(1), lease_s=30)      # A: the later deadline
+    entry_b, deadline_b = t.pin(K(1), lease_s=10)      # B
+    assert entry_a is entry_b and deadline_a != deadline_b
     assert not put(t, K(2), 10)
-    t.unpin(K(1), NOFREE)
+    t.release_lease(entry_a, deadline_a, NOFREE)
+    assert entry_a.leases == [deadline_b]              # B's lease, not A's, is left
+    assert not put(t, K(2), 10)                        # B still holds it
+    t.release_lease(entry_a, deadline_a, NOFREE)       # releasing twice changes nothing
+    assert not put(t, K(2), 10)
+    t.release_lease(entry_b, deadline_b, NOFREE)
     assert put(t, K(2), 10)
 
 
