@@ -1,7 +1,6 @@
 """CpuTier: byte-exact round trips, exact capacity, zero-copy views, leases, concurrency."""
 
 import random
-import threading
 import warnings
 
 import pytest
@@ -11,6 +10,7 @@ from stratacache.backends.cpu import CpuTier
 from stratacache.core.errors import InvalidArgument
 from stratacache.core.artifact import ArtifactMeta, as_bytes, meta_for
 from stratacache.core.keys import ArtifactKey
+from tests.test_tier_conformance import run_in_threads
 
 
 def K(i, kind="kv"):
@@ -146,11 +146,7 @@ def test_thread_concurrency_stress():
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, 8)
     assert not errors, errors[:5]
     s = tier.stats()
     assert 0 <= s["used_bytes"] <= tier.capacity_bytes
