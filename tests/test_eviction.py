@@ -167,3 +167,18 @@ def test_on_evict_gets_victims_before_reuse():
         e = t.admit(K(i), meta(10), lambda s: i, free, ev, view)
         t.publish(e, free)
     assert seen == [("evict", K(0)), ("free", K(0))]
+
+
+def test_an_overwrite_under_pressure_replaces_its_own_old_version_first():
+    """A full table: overwriting K(2) frees K(2)'s old version for its successor instead of
+    evicting K(1), the least recently used object (it used to evict K(1), then drop K(2)'s
+    old version at publish anyway: one object lost for nothing)."""
+    t = ObjectTable(100, "lru")
+    assert put(t, K(1), 50) and put(t, K(2), 50)
+    assert put(t, K(2), 50)
+    assert K(1) in t and K(2) in t and t.used == 100 and t.evictions == 0
+    reader = t.acquire(K(2))                      # a held old version keeps its space ...
+    assert put(t, K(2), 50)                       # ... so room is made by evicting K(1)
+    assert K(1) not in t and t.evictions == 1 and t.used == 100
+    t.release(reader, NOFREE)
+    assert t.used == 50
