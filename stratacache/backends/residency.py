@@ -81,30 +81,38 @@ class ObjectTable:
         ``free_loc`` releases one. With ``on_evict``, victims are handed to it
         with the lock released and their space is reused only afterwards.
         ``overhead`` bytes (e.g. a file header) are charged on top of the payload.
-        An object already stored under ``key`` stays readable until ``publish``.
+        An object already stored under ``key`` stays readable until ``publish``,
+        unless room is needed: then it goes first (it is being replaced), so an
+        overwrite never evicts another object to make room beside its own old version.
         """
         size = meta.size + overhead
         kind = key.kind
-        quota = self.quotas.get(kind)
-        if size > self.capacity or (quota is not None and size > quota):
+        quota = self.quotas.get(kind) if self.quotas else None
+        capacity = self.capacity
+        if size > capacity or (quota is not None and size > quota):
             return None
+        kb = key_bytes(key)
         while True:
             held: list[Entry] = []
             with self.lock:
                 if self._detached:
                     self._reap(free_loc)
                 while True:
-                    if self.used + size <= self.capacity and \
+                    if self.used + size <= capacity and \
                             (quota is None or self.used_by_kind.get(kind, 0) + size <= quota):
                         loc = place(size)
                         if loc is not None:
-                            entry = Entry(key, key_bytes(key), meta, loc, size)
-                            self._account(kind, size)
-                            return entry
+                            self.used += size
+                            self.used_by_kind[kind] = self.used_by_kind.get(kind, 0) + size
+                            return Entry(key, kb, meta, loc, size)
+                    old = self.entries.get(kb)
+                    if old is not None and not held:
+                        self._detach(old, free_loc)   # replaced anyway: not an eviction
+                        continue
                     pending = sum(e.size for e in held)
                     need_quota = quota is not None and \
                         self.used_by_kind.get(kind, 0) - pending + size > quota
-                    if held and not need_quota and self.used - pending + size <= self.capacity:
+                    if held and not need_quota and self.used - pending + size <= capacity:
                         break   # enough is being evicted; place after the write-down
                     victim = self._pick_victim(kind, need_quota)
                     if victim is None:
@@ -239,7 +247,7 @@ class ObjectTable:
     def _detach(self, entry: Entry, free_loc) -> None:
         del self.entries[entry.kb]
         self.policy.remove(entry.kb)
-        if entry.busy(time.monotonic()):
+        if entry.refs or (entry.leases and entry.busy(time.monotonic())):
             self._detached.add(entry)
         else:
             self._free(entry, free_loc)
@@ -256,12 +264,9 @@ class ObjectTable:
             self._free(entry, free_loc)
 
     def _free(self, entry: Entry, free_loc) -> None:
-        self._account(entry.key.kind, -entry.size)
+        self.used -= entry.size
+        self.used_by_kind[entry.key.kind] -= entry.size   # charged by admit, so present
         free_loc(entry)
-
-    def _account(self, kind: str, delta: int) -> None:
-        self.used += delta
-        self.used_by_kind[kind] = self.used_by_kind.get(kind, 0) + delta
 
 
 

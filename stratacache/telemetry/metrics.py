@@ -70,6 +70,15 @@ class TierCounters:
             for name, n in counts.items():
                 self._c[name] += n
 
+    def record_transfer(self, op: str, seconds: float, count: str, bytes_counter: str, nbytes: int) -> None:
+        """``record(op, seconds, **{count: 1, bytes_counter: nbytes})`` without building a
+        dict or a loop: one put or get of a tier, on every call."""
+        with self._lock:
+            self._lat[op].observe(seconds)
+            c = self._c
+            c[count] += 1
+            c[bytes_counter] += nbytes
+
     def observe(self, op: str, seconds: float) -> None:
         with self._lock:
             self._lat[op].observe(seconds)
