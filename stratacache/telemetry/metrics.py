@@ -63,16 +63,9 @@ class TierCounters:
             for name, n in counts.items():
                 self._c[name] += n
 
-    def record(self, op: str, seconds: float, **counts: int) -> None:
-        """One finished operation: its latency and counter increments, under one lock."""
-        with self._lock:
-            self._lat[op].observe(seconds)
-            for name, n in counts.items():
-                self._c[name] += n
-
     def record_transfer(self, op: str, seconds: float, count: str, bytes_counter: str, nbytes: int) -> None:
-        """``record(op, seconds, **{count: 1, bytes_counter: nbytes})`` without building a
-        dict or a loop: one put or get of a tier, on every call."""
+        """One finished put or get: its latency, ``count`` + 1 and ``bytes_counter`` + ``nbytes``,
+        under one lock (on every tier call, so no kwargs dict and no loop)."""
         with self._lock:
             self._lat[op].observe(seconds)
             c = self._c
