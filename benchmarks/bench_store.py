@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stratacache.backends.disk import DiskMemoryLayer  # noqa: E402
+from stratacache.backends.disk import DiskTier  # noqa: E402
 from stratacache.config import load_config  # noqa: E402
 from stratacache.core.keys import ArtifactKey  # noqa: E402
 from stratacache.engine import StorageEngine  # noqa: E402
@@ -144,7 +144,7 @@ def bench_disk(sizes, total_bytes: int, repeats: int, where: str) -> tuple[dict,
         root = tempfile.mkdtemp(prefix="stratacache-bench-store-", dir=where)
         plain = os.path.join(root, "plain")
         os.makedirs(plain)
-        tier = DiskMemoryLayer(os.path.join(root, "tier"), 2 * count * (size + 4096), io_threads=2)
+        tier = DiskTier(os.path.join(root, "tier"), 2 * count * (size + 4096), io_threads=2)
         engine = StorageEngine(None, chain=TierChain([tier], [TierSettings()]))
         outs = [torch.empty(size, dtype=torch.uint8) for _ in range(count)]
 

@@ -1,7 +1,7 @@
 """Shared-region tier against plain ``copy_``, measured in the same run.
 
 * ``shared_put_vs_copy`` / ``shared_get_vs_copy``: one process,
-  ``SharedRegionLayer.put`` (reserve, copy into the region, commit) and
+  ``SharedRegionTier.put`` (reserve, copy into the region, commit) and
   ``get(out=...)`` (lease, copy out, version re-check) of 1-32 MiB objects
   over ``dst.copy_(src)`` of the same bytes between warm private buffers,
   timed in interleaved rounds. Median over sizes (worst size beside it).
@@ -9,7 +9,7 @@
 * ``shared_xproc_get_vs_copy``: a second process attaches to the region and
   fetches what this process wrote straight into its own destination tensors,
   against ``copy_`` of the same bytes inside that process. Target >= 0.8.
-* ``shared_lookups_per_s``: ``contains_many`` of many ArtifactKeys (encoding
+* ``shared_lookups_per_s``: ``contains`` of many ArtifactKeys (their encoding
   included) in one native call, all resident. Target >= 1,000,000.
 
     python benchmarks/bench_store_shared.py [--quick] [--json PATH]
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_store import device_string, paired, summarise  # noqa: E402
-from stratacache.backends.shared import SharedRegionLayer  # noqa: E402
+from stratacache.backends.shared import SharedRegionTier  # noqa: E402
 from stratacache.core.artifact import meta_for  # noqa: E402
 from stratacache.core.keys import ArtifactKey  # noqa: E402
 
@@ -48,7 +48,7 @@ def object_keys(size: int, count: int) -> list[ArtifactKey]:
 
 def xproc_reader(path: str, capacity: int, max_objects: int, size: int, count: int, repeats: int) -> dict:
     """Run in another process: get(out=...) of the parent's objects vs copy_ of private bytes."""
-    layer = SharedRegionLayer(path, capacity, max_objects)
+    layer = SharedRegionTier(path, capacity, max_objects)
     keys = object_keys(size, count)
     dsts = [torch.empty(size, dtype=torch.uint8).fill_(1) for _ in range(count)]
     srcs = [torch.full((size,), 7, dtype=torch.uint8) for _ in range(count)]
@@ -71,7 +71,7 @@ def bench_size(path: str, size: int, total: int, repeats: int) -> dict:
     count = max(2, total // size)
     capacity = 2 * count * size + 64 * MIB    # an overwrite holds old and new until commit
     max_objects = 4 * count + 64
-    layer = SharedRegionLayer(path, capacity, max_objects, reset=True)
+    layer = SharedRegionTier(path, capacity, max_objects, reset=True)
     g = torch.Generator().manual_seed(size)
     srcs = [torch.randint(0, 256, (size,), generator=g, dtype=torch.uint8) for _ in range(count)]
     metas = [meta_for(s, checksum=i) for i, s in enumerate(srcs)]
@@ -109,7 +109,7 @@ def bench_size(path: str, size: int, total: int, repeats: int) -> dict:
 
 
 def bench_lookups(path: str, n_keys: int, rounds: int) -> dict:
-    layer = SharedRegionLayer(path, (n_keys + 64) * 256, n_keys + 64, block_bytes=256, reset=True)
+    layer = SharedRegionTier(path, (n_keys + 64) * 256, n_keys + 64, block_bytes=256, reset=True)
     ns = "llama|bf16|LBHNC|h8x64|b16|tp0of1"
     names = [f"{i:064x}" for i in range(n_keys)]
     one = torch.zeros(64, dtype=torch.uint8)
@@ -120,13 +120,13 @@ def bench_lookups(path: str, n_keys: int, rounds: int) -> dict:
     for _ in range(rounds):
         keys = [ArtifactKey("kv", ns, n) for n in names]   # fresh (equal, not identical) keys
         t0 = time.perf_counter()
-        found = layer.contains_many(keys)
+        found = layer.contains([k.encode() for k in keys])
         dt = time.perf_counter() - t0
         assert all(found)
         best = max(best, n_keys / dt)
         encoded = [k.encode() for k in keys]
         t0 = time.perf_counter()
-        found = layer.contains_encoded(encoded)
+        found = layer.contains(encoded)
         dt = time.perf_counter() - t0
         assert all(found)
         best_encoded = max(best_encoded, n_keys / dt)

@@ -7,6 +7,7 @@
 """
 
 import os
+import uuid
 
 import pytest
 
@@ -23,3 +24,12 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") == "true" and report.skipped and "gpu" not in item.keywords:
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, which must run every non-GPU test: {report.longrepr}"
+
+
+@pytest.fixture
+def region_path():
+    """A fresh shared-region path in /dev/shm, removed after the test."""
+    path = f"/dev/shm/stratacache-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.region"
+    yield path
+    if os.path.exists(path):
+        os.unlink(path)

@@ -43,8 +43,7 @@ WRITER = textwrap.dedent("""
             use["items"] += 1
             use["payload"] += size
         engine.flush()
-        layer = next(t for t in engine.tiers if t.name == tier)
-        used = layer.used_bytes()
+        used = engine.stats()["tiers"][tier]["used_bytes"]
     print(json.dumps({"written": written, "used_bytes": used}))
 """)
 
@@ -98,7 +97,7 @@ def test_inspect_disk_tier_written_by_another_process(tmp_path):
         tmp_path, "disk", {"path": str(directory), "capacity": capacity}, seed=11)
     before = sorted((p, p.stat().st_mtime_ns) for p in directory.rglob("*"))
     assert_reports_what_was_written(wrote, got, capacity)
-    assert got["details"]["path"] == str(directory)
+    assert got["location"] == str(directory)
     # Inspecting is read-only: running it again changes nothing on disk.
     assert cli("inspect", "--config", config, "--json").returncode == 0
     assert sorted((p, p.stat().st_mtime_ns) for p in directory.rglob("*")) == before
@@ -154,7 +153,7 @@ def test_inspect_redis_tier_written_by_another_process(tmp_path):
                 seen = got["kinds"][kind][namespace]
                 assert seen["items"] == use["items"]
                 assert use["payload"] <= seen["bytes"] <= use["payload"] + 512 * use["items"]
-        assert got["details"]["url"].startswith("redis://127.0.0.1:")
+        assert got["location"].startswith("redis://127.0.0.1:")
 
 
 def test_inspect_shared_region_written_by_another_process(tmp_path):
@@ -165,7 +164,7 @@ def test_inspect_shared_region_written_by_another_process(tmp_path):
             tmp_path, "shared", {"path": str(region), "capacity": capacity, "max_objects": 1024},
             seed=13)
         assert_reports_what_was_written(wrote, got, capacity)
-        assert got["details"]["path"] == str(region)
+        assert got["location"] == str(region)
         # The region keeps its own hit/miss counters; the writer made no reads.
         assert got["counters"]["hits"] == 0
         image = region.read_bytes()

@@ -1,15 +1,16 @@
-"""CpuMemoryLayer: byte-exact round trips, exact capacity, zero-copy views, pins, concurrency."""
+"""CpuTier: byte-exact round trips, exact capacity, zero-copy views, leases, concurrency."""
 
 import random
-import threading
 import warnings
 
 import pytest
 import torch
 
-from stratacache.backends.cpu import CpuMemoryLayer
+from stratacache.backends.cpu import CpuTier
+from stratacache.core.errors import InvalidArgument
 from stratacache.core.artifact import ArtifactMeta, as_bytes, meta_for
 from stratacache.core.keys import ArtifactKey
+from tests.test_tier_conformance import run_in_threads
 
 
 def K(i, kind="kv"):
@@ -23,7 +24,7 @@ def put(tier, key, payload):
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32, torch.int64])
 def test_round_trip_byte_exact_with_dtype_and_shape(dtype):
-    tier = CpuMemoryLayer(1 << 20, pin_memory=False)
+    tier = CpuTier(1 << 20, pin_memory=False)
     g = torch.Generator().manual_seed(hash(str(dtype)) & 0xFFFF)
     x = torch.randint(0, 255, (3, 5, 7), generator=g, dtype=torch.uint8)
     x = x.to(dtype) if dtype != torch.bfloat16 else torch.randn(3, 5, 7, generator=g).to(dtype)
@@ -39,7 +40,7 @@ def test_round_trip_byte_exact_with_dtype_and_shape(dtype):
 
 
 def test_zero_copy_view_points_into_arena():
-    tier = CpuMemoryLayer(1 << 16, pin_memory=False)
+    tier = CpuTier(1 << 16, pin_memory=False)
     put(tier, K(1), bytes(range(256)))
     a, b = tier.get(K(1)), tier.get(K(1))
     assert a.data.data_ptr() == b.data.data_ptr()
@@ -47,41 +48,41 @@ def test_zero_copy_view_points_into_arena():
 
 
 def test_exact_capacity_and_rejects_too_large():
-    tier = CpuMemoryLayer(1000, pin_memory=False, eviction="lru")
+    tier = CpuTier(1000, pin_memory=False, eviction="lru")
     assert not put(tier, K(0), b"x" * 1001)
     assert put(tier, K(1), b"a" * 600)
     assert put(tier, K(2), b"b" * 400)
-    assert tier.used_bytes() == 1000
+    assert tier.stats()["used_bytes"] == 1000
     assert put(tier, K(3), b"c" * 1)                                   # evicts K(1) (LRU)
-    assert not tier.contains(K(1)) and tier.contains(K(2))
-    assert tier.used_bytes() == 401
+    assert tier.contains([K(1).encode(), K(2).encode()]) == [False, True]
+    assert tier.stats()["used_bytes"] == 401
     s = tier.stats()
     assert s["evictions"] == 1 and s["items"] == 2 and s["put_failures"] == 1
-    assert s["allocator"]["arena_bytes"] >= 1000
+    assert s["detail"]["allocator"]["arena_bytes"] >= 1000
 
 
-def test_pinned_view_survives_pressure_until_lease_released():
-    tier = CpuMemoryLayer(4096, pin_memory=False, eviction="lru", lease_s=30)
+def test_leased_view_survives_pressure_until_lease_released():
+    tier = CpuTier(4096, pin_memory=False, eviction="lru", lease_s=30)
     payload = bytes(random.Random(1).randbytes(2048))
     put(tier, K(1), payload)
-    assert tier.pin(K(1))
-    view = tier.get(K(1)).data
+    lease = tier.acquire(K(1))
+    view = lease.artifact.data
     for i in range(2, 20):
         put(tier, K(i), b"z" * 2048)                                   # heavy pressure
     assert bytes(view.numpy()) == payload                              # still intact
-    tier.unpin(K(1))
+    lease.release()
     put(tier, K(50), b"y" * 2048)
     put(tier, K(51), b"y" * 2048)
-    assert not tier.contains(K(1))
+    assert tier.contains([K(1).encode()]) == [False]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_arena_is_page_locked_as_it_grows_with_cuda():
-    tier = CpuMemoryLayer(1 << 30, pin_memory="auto")
+    tier = CpuTier(1 << 30, pin_memory="auto")
     x = torch.randint(0, 256, (8 << 20,), dtype=torch.uint8)
     assert put(tier, K(1), x)
-    s = tier.stats()
+    s = tier.stats()["detail"]
     assert s["pin_memory"] and s["pin_failures"] == 0 and 0 < s["pinned_bytes"] < 1 << 30
     view = tier.get(K(1)).data
     assert view.is_pinned()
@@ -96,21 +97,24 @@ def test_pin_memory_true_without_cuda_warns_clearly():
         return
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        tier = CpuMemoryLayer(1 << 20, pin_memory=True)
-    assert any("not page-locked" in str(x.message) for x in w)
-    assert tier.stats()["pin_failures"] == 1 and tier.stats()["pin_memory"] is False
+        tier = CpuTier(1 << 20, pin_memory=True)
+    assert any("not page-locked" in str(x.message) and issubclass(x.category, RuntimeWarning) for x in w)
+    detail = tier.stats()["detail"]
+    assert detail["pin_failures"] == 1 and detail["pin_memory"] is False
 
 
 def test_bad_out_is_a_clear_error():
-    tier = CpuMemoryLayer(1 << 16, pin_memory=False)
+    tier = CpuTier(1 << 16, pin_memory=False)
     put(tier, K(1), b"q" * 100)
-    with pytest.raises(ValueError, match="at least 100 bytes"):
+    with pytest.raises(InvalidArgument, match="out has 10 bytes but the stored object has 100"):
         tier.get(K(1), out=torch.empty(10, dtype=torch.uint8))
+    with pytest.raises(InvalidArgument, match="out must be a contiguous 1-D torch.uint8 CPU tensor"):
+        tier.get(K(1), out=torch.empty(200, dtype=torch.float32))
 
 
 def test_thread_concurrency_stress():
-    """8 threads put/get/delete/pin overlapping keys; every read is byte-exact for its key."""
-    tier = CpuMemoryLayer(256 << 10, pin_memory=False, eviction="s3fifo", lease_s=5)
+    """8 threads put/get/delete/acquire overlapping keys; every read is byte-exact for its key."""
+    tier = CpuTier(256 << 10, pin_memory=False, eviction="s3fifo", lease_s=5)
     errors = []
 
     def body(key_id):
@@ -134,20 +138,15 @@ def test_thread_concurrency_stress():
                 elif op < 0.8:
                     tier.delete(K(i))
                 else:
-                    got = tier.pinned_get(K(i))
-                    if got is not None:
-                        art, release = got
-                        if not torch.equal(art.data, body(i)):
-                            errors.append(f"bad pinned bytes for {i}")
-                        release()
+                    lease = tier.acquire(K(i))
+                    if lease is not None:
+                        with lease as art:
+                            if not torch.equal(art.data, body(i)):
+                                errors.append(f"bad leased bytes for {i}")
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, 8)
     assert not errors, errors[:5]
     s = tier.stats()
     assert 0 <= s["used_bytes"] <= tier.capacity_bytes

@@ -37,7 +37,7 @@ def engine(tmp_path, redis_url):
         "disk": {"enabled": True, "path": str(tmp_path / "disk"), "capacity": "64MiB"},
         "redis": {"enabled": True, "url": redis_url, "key_prefix": f"rules{uuid.uuid4().hex[:6]}:"}}})
     eng = StorageEngine(cfg)
-    assert [t.name for t in eng.tiers] == list(TIERS)
+    assert eng.tier_names == tuple(TIERS)
     yield eng
     eng.close()
     if os.path.exists(region):

@@ -1,4 +1,4 @@
-"""Eviction policies and the ObjectTable: capacity, pins (expiring leases), refcounts, quotas, priorities."""
+"""Eviction policies and the ObjectTable: capacity, leases (each holder's own, expiring), refcounts, quotas, priorities."""
 
 import time
 
@@ -110,11 +110,21 @@ def test_leases_expire_so_a_leaked_pin_cannot_fill_the_tier():
     assert put(t, K(2), 10) and K(1) not in t
 
 
-def test_unpin_releases_early():
+def test_release_lease_ends_exactly_that_lease():
+    """Two holders lease one object; each release ends only its own lease (unpin used to
+    pop whichever lease came last, so A's release could end B's hold)."""
     t = ObjectTable(10, "lru", lease_s=60)
-    assert put(t, K(1), 10) and t.pin(K(1))
+    assert put(t, K(1), 10)
+    entry_a, deadline_a = t.pin(K(1), lease_s=30)      # A: the later deadline
+    entry_b, deadline_b = t.pin(K(1), lease_s=10)      # B
+    assert entry_a is entry_b and deadline_a != deadline_b
     assert not put(t, K(2), 10)
-    t.unpin(K(1), NOFREE)
+    t.release_lease(entry_a, deadline_a, NOFREE)
+    assert entry_a.leases == [deadline_b]              # B's lease, not A's, is left
+    assert not put(t, K(2), 10)                        # B still holds it
+    t.release_lease(entry_a, deadline_a, NOFREE)       # releasing twice changes nothing
+    assert not put(t, K(2), 10)
+    t.release_lease(entry_b, deadline_b, NOFREE)
     assert put(t, K(2), 10)
 
 
@@ -157,3 +167,18 @@ def test_on_evict_gets_victims_before_reuse():
         e = t.admit(K(i), meta(10), lambda s: i, free, ev, view)
         t.publish(e, free)
     assert seen == [("evict", K(0)), ("free", K(0))]
+
+
+def test_an_overwrite_under_pressure_replaces_its_own_old_version_first():
+    """A full table: overwriting K(2) frees K(2)'s old version for its successor instead of
+    evicting K(1), the least recently used object (it used to evict K(1), then drop K(2)'s
+    old version at publish anyway: one object lost for nothing)."""
+    t = ObjectTable(100, "lru")
+    assert put(t, K(1), 50) and put(t, K(2), 50)
+    assert put(t, K(2), 50)
+    assert K(1) in t and K(2) in t and t.used == 100 and t.evictions == 0
+    reader = t.acquire(K(2))                      # a held old version keeps its space ...
+    assert put(t, K(2), 50)                       # ... so room is made by evicting K(1)
+    assert K(1) not in t and t.evictions == 1 and t.used == 100
+    t.release(reader, NOFREE)
+    assert t.used == 50

@@ -16,9 +16,9 @@ import uuid
 import pytest
 import torch
 
-from stratacache.backends.disk import DiskMemoryLayer
+from stratacache.backends.disk import DiskTier
 from stratacache.backends.redis import RedisMemoryLayer
-from stratacache.backends.shared import SharedRegionLayer
+from stratacache.backends.shared import SharedRegionTier
 from stratacache.core.artifact import HEADER_MAGIC, ArtifactMeta, meta_for
 from stratacache.core.keys import ArtifactKey
 from stratacache.ops import checksum64
@@ -51,7 +51,7 @@ def redis_server():
 
 def test_shared_tier_every_header_bit(tmp_path):
     path = f"/dev/shm/sc-meta-{os.getpid()}-{uuid.uuid4().hex[:8]}.region"
-    layer = SharedRegionLayer(path, 4 << 20, 1024)
+    layer = SharedRegionTier(path, 4 << 20, 1024)
     try:
         with open(path, "r+b") as f:
             f.seek(104)
@@ -74,7 +74,7 @@ def test_shared_tier_every_header_bit(tmp_path):
                     got = layer.get(key, out=out)
                     assert got is None, (bit, got.meta)
                 assert layer.stats()["corrupt"] > before
-                assert not layer.contains(key), "a header that failed its check stays stored"
+                assert layer.contains([key.encode()]) == [False], "a header that failed its check stays stored"
     finally:
         layer.close()
         os.unlink(path)
@@ -92,14 +92,14 @@ def test_disk_tier_every_header_bit_across_a_restart(tmp_path):
     key = ArtifactKey("kv", "meta", "disk")
     t = tensor(1)
     for bit in range(HEADER_BITS):
-        tier = DiskMemoryLayer(d, 1 << 20)
+        tier = DiskTier(d, 1 << 20)
         store(tier, key, t)
         tier.close()
         f = _disk_file(d)
         raw = open(f, "rb").read()
         open(f, "wb").write(flip(raw, bit))
-        again = DiskMemoryLayer(d, 1 << 20)
-        s = again.stats()
+        again = DiskTier(d, 1 << 20)
+        s = again.stats()["detail"]
         assert (s["recovered_at_start"], s["dropped_at_start"]) == (0, 1), bit
         assert again.get(key) is None
         store(again, key, t)                       # damaged while running
@@ -151,13 +151,13 @@ def test_records_of_the_previous_format_are_misses(tmp_path, redis_server):
     finally:
         layer.close()
     d = str(tmp_path / "tier")
-    tier = DiskMemoryLayer(d, 1 << 20)
+    tier = DiskTier(d, 1 << 20)
     store(tier, key, t)
     tier.close()
     f = _disk_file(d)
     k = key.encode()
     old = _old_format(t)
     open(f, "wb").write(old[:40] + struct.pack("<I", len(k)) + k + old[40:])
-    again = DiskMemoryLayer(d, 1 << 20)
-    assert again.stats()["dropped_at_start"] == 1 and again.get(key) is None
+    again = DiskTier(d, 1 << 20)
+    assert again.stats()["detail"]["dropped_at_start"] == 1 and again.get(key) is None
     again.close()

@@ -3,12 +3,10 @@ cross-process sharing, protection from KV eviction and clear errors."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -52,14 +50,6 @@ def prompt(seed: int, batch: int = 2, tokens: int = 24) -> torch.Tensor:
 def logits(model, ids) -> torch.Tensor:
     with torch.inference_mode():
         return model(ids).logits.clone()
-
-
-@pytest.fixture
-def shm_path():
-    path = f"/dev/shm/stratacache-params-test-{uuid.uuid4().hex}.region"
-    yield path
-    if os.path.exists(path):
-        os.unlink(path)
 
 
 # --- ParameterStoreClient ---------------------------------------------------------------------
@@ -127,7 +117,7 @@ def test_offloaded_outputs_bit_identical_to_resident(tmp_path, zero_copy, prefet
     for n, p in model.named_parameters():
         assert torch.equal(p, resident[n]), n
     assert torch.equal(logits(model, ids[0]), want[0])
-    assert not any(k.kind == "params" for tier in engine.tiers for k in tier.keys())   # private keys deleted
+    assert all(s["items"] == 0 for s in engine.stats()["tiers"].values())   # private keys deleted
     engine.close()
 
 
@@ -295,11 +285,11 @@ def test_restart_loads_model_from_disk_tier_without_checkpoint(tmp_path):
     engine.close()
 
 
-def test_corrupted_shared_weights_are_refused_never_used(tmp_path, shm_path):
+def test_corrupted_shared_weights_are_refused_never_used(tmp_path, region_path):
     model = tiny_llama(seed=12)
     ids = prompt(5)
     want = logits(model, ids)
-    engine = make_engine(tmp_path, cpu=None, shared=shm_path)
+    engine = make_engine(tmp_path, cpu=None, shared=region_path)
     record = ParamRecord("model.layers.4.mlp.down_proj", "weight", torch.bfloat16, (64, 160))
 
     def wild_write(revision):                          # flip bits in the region behind the tier's back
@@ -346,17 +336,17 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_second_process_loads_model_from_shared_region(tmp_path, shm_path):
+def test_second_process_loads_model_from_shared_region(tmp_path, region_path):
     model = tiny_llama(seed=11)
     ids = prompt(4)
     want = logits(model, ids)
-    engine = make_engine(tmp_path, cpu=None, shared=shm_path)
+    engine = make_engine(tmp_path, cpu=None, shared=region_path)
     save_to_plane(model, engine, "local/tiny-llama", "shared-test")
     engine.close()                                     # the writer is gone; the region persists
     del model
     ids.numpy().tofile(tmp_path / "prompt.bin")
     out = tmp_path / "child.bin"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, shm_path, str(out), str(tmp_path / "prompt.bin")],
+    proc = subprocess.run([sys.executable, "-c", _CHILD, region_path, str(out), str(tmp_path / "prompt.bin")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.fromfile(out, dtype=np.float32).reshape(want.shape)
@@ -365,10 +355,10 @@ def test_second_process_loads_model_from_shared_region(tmp_path, shm_path):
 
 # --- mixed workload -------------------------------------------------------------------------------
 
-def test_kv_traffic_at_ten_times_capacity_never_evicts_params_in_use(tmp_path, shm_path):
+def test_kv_traffic_at_ten_times_capacity_never_evicts_params_in_use(tmp_path, region_path):
     cpu_capacity, shared_capacity = 2 << 20, 4 << 20
     # Leases of 0.6 s: the model's leases must be renewed many times while the KV flood runs.
-    engine = make_engine(tmp_path, cpu=cpu_capacity, shared=shm_path, shared_capacity=shared_capacity,
+    engine = make_engine(tmp_path, cpu=cpu_capacity, shared=region_path, shared_capacity=shared_capacity,
                          lease_s=0.6)
     model = tiny_llama(seed=9)
     ids = prompt(6)

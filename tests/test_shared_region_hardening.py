@@ -20,10 +20,10 @@ import textwrap
 import pytest
 import torch
 
-from stratacache.backends.shared import SharedRegionError, SharedRegionLayer
+from stratacache.backends.shared import SharedRegionError, SharedRegionTier
 from stratacache.core.artifact import meta_for
 from stratacache.core.keys import ArtifactKey
-from tests.test_shared_region import region_path  # noqa: F401 - a fixture: a fresh /dev/shm path
+from tests.test_shared_region import inspect_region, region_path  # noqa: F401 - region_path: a fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -122,10 +122,10 @@ def test_a_region_larger_than_its_filesystem_is_refused_at_creation(small_tmpfs)
     the free space, and gives back what it reserved."""
     path = os.path.join(small_tmpfs, "big.region")
     proc = run_child(f"""
-        from stratacache.backends.shared import SharedRegionLayer, SharedRegionError
+        from stratacache.backends.shared import SharedRegionTier, SharedRegionError
         from tests.test_shared_region_hardening import put
         try:
-            layer = SharedRegionLayer({path!r}, 64 << 20, 256)
+            layer = SharedRegionTier({path!r}, 64 << 20, 256)
         except SharedRegionError as exc:
             print("REFUSED", exc)
         else:
@@ -137,7 +137,7 @@ def test_a_region_larger_than_its_filesystem_is_refused_at_creation(small_tmpfs)
     assert proc.stdout.startswith("REFUSED"), proc.stdout
     assert path in proc.stdout and "bytes free" in proc.stdout and "No space left" in proc.stdout
     assert os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize > 15 * MiB
-    layer = SharedRegionLayer(path, 8 * MiB, 256)   # a region that fits is then created
+    layer = SharedRegionTier(path, 8 * MiB, 256)   # a region that fits is then created
     assert put(layer, 1, 100_000)
     layer.close()
 
@@ -147,13 +147,13 @@ def test_a_writer_never_faults_when_the_filesystem_fills_up(small_tmpfs):
     afterwards cannot make a store fault: 400 stores of 64 KiB into an 8 MiB region
     (evicting) on a full tmpfs all succeed and read back byte-exactly."""
     path = os.path.join(small_tmpfs, "r.region")
-    SharedRegionLayer(path, 8 * MiB, 512).close()
+    SharedRegionTier(path, 8 * MiB, 512).close()
     fill(small_tmpfs)
     proc = run_child(f"""
         import torch
-        from stratacache.backends.shared import SharedRegionLayer
+        from stratacache.backends.shared import SharedRegionTier
         from tests.test_shared_region_hardening import key, payload, put
-        layer = SharedRegionLayer({path!r}, 8 << 20, 512)
+        layer = SharedRegionTier({path!r}, 8 << 20, 512)
         assert all(put(layer, i, 64 << 10) for i in range(400))
         for i in range(380, 400):
             art = layer.get(key(i), out=torch.empty(64 << 10, dtype=torch.uint8))
@@ -173,15 +173,16 @@ def test_a_region_that_cannot_be_backed_is_refused_at_attach(small_tmpfs):
     read-only attach refuses without touching the mapping; once space is free again
     the region attaches and is consistent."""
     path = os.path.join(small_tmpfs, "r.region")
-    layer = SharedRegionLayer(path, 8 * MiB, 512)
+    layer = SharedRegionTier(path, 8 * MiB, 512)
     assert all(put(layer, i, 50_000) for i in range(20))
     layer.close()
     punch_hole(path, 4096, os.path.getsize(path) - 4096)   # all but the header page
     filler = fill(small_tmpfs)
-    for what, code in (("a read-write attach", f"SharedRegionLayer({path!r}, 8 << 20, 512)"),
-                       ("a read-only inspect", f"SharedRegionLayer.inspect({path!r})")):
+    for what, code in (("a read-write attach", f"SharedRegionTier({path!r}, 8 << 20, 512)"),
+                       ("a read-only inspect", f"inspect_region({path!r})")):
         proc = run_child(f"""
-            from stratacache.backends.shared import SharedRegionLayer, SharedRegionError
+            from stratacache.backends.shared import SharedRegionTier, SharedRegionError
+            from tests.test_shared_region import inspect_region
             try:
                 {code}
             except SharedRegionError as exc:
@@ -205,7 +206,7 @@ def test_a_region_that_cannot_be_backed_is_refused_at_attach(small_tmpfs):
     assert_no_signal(cli, "stratacache inspect")
     assert cli.returncode != 0 and path in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
     os.unlink(filler)
-    again = SharedRegionLayer(path, 8 * MiB, 512)   # space is free again: reserved, usable
+    again = SharedRegionTier(path, 8 * MiB, 512)   # space is free again: reserved, usable
     assert again.check() == []
     assert put(again, 99, 70_000)
     assert torch.equal(again.get(key(99)).data, payload(99, 70_000))
@@ -215,16 +216,16 @@ def test_a_region_that_cannot_be_backed_is_refused_at_attach(small_tmpfs):
 
 
 def test_a_truncated_region_is_recreated_with_reset(region_path):
-    layer = SharedRegionLayer(region_path, 4 * MiB, 64)
+    layer = SharedRegionTier(region_path, 4 * MiB, 64)
     assert put(layer, 1, 10_000)
     layer.close()
     full = os.path.getsize(region_path)
     os.truncate(region_path, full // 3)
     with pytest.raises(SharedRegionError, match=r"truncated.*reset"):
-        SharedRegionLayer(region_path, 4 * MiB, 64)
+        SharedRegionTier(region_path, 4 * MiB, 64)
     with pytest.raises(SharedRegionError, match="truncated"):
-        SharedRegionLayer.inspect(region_path)
-    again = SharedRegionLayer(region_path, 4 * MiB, 64, reset=True)
+        inspect_region(region_path)
+    again = SharedRegionTier(region_path, 4 * MiB, 64, reset=True)
     assert os.path.getsize(region_path) == full and again.check() == []
     assert again.get(key(1)) is None and put(again, 2, 20_000)
     assert torch.equal(again.get(key(2)).data, payload(2, 20_000))
@@ -237,23 +238,23 @@ def test_a_region_of_the_previous_layout_is_started_over(region_path):
     while others are attached it is refused, and a newer layout is always refused (an
     older build never destroys it). A version field made older by a flipped bit (its
     geometry checksum no longer matches) is refused, never wiped as an old region."""
-    layer = SharedRegionLayer(region_path, 4 * MiB, 64)
+    layer = SharedRegionTier(region_path, 4 * MiB, 64)
     assert put(layer, 1, 1000)
     _write_older_layout(region_path, 2)
     with pytest.raises(SharedRegionError, match="layout version 2 but this build uses version 3"):
-        SharedRegionLayer(region_path, 4 * MiB, 64)       # the first layer is still attached
+        SharedRegionTier(region_path, 4 * MiB, 64)       # the first layer is still attached
     layer.close()
-    again = SharedRegionLayer(region_path, 4 * MiB, 64)
+    again = SharedRegionTier(region_path, 4 * MiB, 64)
     assert again.get(key(1)) is None and again.check() == [] and put(again, 2, 1000)
     again.close()
     _write_u32(region_path, 8, 4)
     with pytest.raises(SharedRegionError, match="layout version 4"):
-        SharedRegionLayer(region_path, 4 * MiB, 64)
+        SharedRegionTier(region_path, 4 * MiB, 64)
     _write_u32(region_path, 8, 2)                         # 3 with bit 0 flipped
     with pytest.raises(SharedRegionError, match="layout version 2 but this build uses version 3"):
-        SharedRegionLayer(region_path, 4 * MiB, 64)
+        SharedRegionTier(region_path, 4 * MiB, 64)
     _write_u32(region_path, 8, 3)
-    again = SharedRegionLayer(region_path, 4 * MiB, 64)
+    again = SharedRegionTier(region_path, 4 * MiB, 64)
     assert torch.equal(again.get(key(2)).data, payload(2, 1000))   # the restored region, intact
     again.close()
 
@@ -308,12 +309,13 @@ def test_every_corrupt_geometry_field_is_refused_naming_the_field(region_path):
     """The high bit of each geometry field (the old code SIGSEGVed on units,
     bucket_count and the offsets), in a child process: a clear error naming the file
     and the field for a read-write attach and for inspect; reset re-creates."""
-    layer = SharedRegionLayer(region_path, 4 * MiB, 64)
+    layer = SharedRegionTier(region_path, 4 * MiB, 64)
     assert put(layer, 1, 30_000)
     layer.close()
     proc = run_child(f"""
         import json
-        from stratacache.backends.shared import SharedRegionLayer, SharedRegionError
+        from stratacache.backends.shared import SharedRegionTier, SharedRegionError
+        from tests.test_shared_region import inspect_region
         from tests.test_shared_region_hardening import GEOMETRY, _flip
         with open({region_path!r}, "rb") as f:
             pristine = f.read(4096)
@@ -321,8 +323,8 @@ def test_every_corrupt_geometry_field_is_refused_naming_the_field(region_path):
         for field, (off, width) in GEOMETRY.items():
             _flip({region_path!r}, off + width - 1, 7)
             got = []
-            for attach in (lambda: SharedRegionLayer({region_path!r}, 4 << 20, 64),
-                           lambda: SharedRegionLayer.inspect({region_path!r})):
+            for attach in (lambda: SharedRegionTier({region_path!r}, 4 << 20, 64),
+                           lambda: inspect_region({region_path!r})):
                 try:
                     attach()
                     got.append("ATTACHED")
@@ -341,8 +343,8 @@ def test_every_corrupt_geometry_field_is_refused_naming_the_field(region_path):
             assert region_path in msg and f"field {field}" in msg and "reset" in msg, (field, msg)
     _flip(region_path, GEOMETRY["bucket_count"][0], 0)   # off by one: attached, then 80 of 84 missed
     with pytest.raises(SharedRegionError, match="bucket_count"):
-        SharedRegionLayer(region_path, 4 * MiB, 64)
-    fresh = SharedRegionLayer(region_path, 4 * MiB, 64, reset=True)
+        SharedRegionTier(region_path, 4 * MiB, 64)
+    fresh = SharedRegionTier(region_path, 4 * MiB, 64, reset=True)
     assert fresh.check() == [] and put(fresh, 2, 1000)
     fresh.close()
 
@@ -351,14 +353,14 @@ def test_random_header_bit_flips_never_crash_and_never_mislead(region_path):
     """300 random single-bit flips in the header page, all tried in one child process:
     never a signal; each attach either refuses with a SharedRegionError or gives a
     consistent region whose objects read back byte-exactly."""
-    layer = SharedRegionLayer(region_path, 4 * MiB, 64)
+    layer = SharedRegionTier(region_path, 4 * MiB, 64)
     sizes = {i: 1000 + 7919 * i for i in range(12)}
     assert all(put(layer, i, n) for i, n in sizes.items())
     layer.close()
     seed = random.randrange(1 << 30)
     proc = run_child(f"""
         import json, random, torch
-        from stratacache.backends.shared import SharedRegionLayer, SharedRegionError
+        from stratacache.backends.shared import SharedRegionTier, SharedRegionError
         from tests.test_shared_region_hardening import _flip, key, payload
         rng = random.Random({seed})
         sizes = {sizes!r}
@@ -370,7 +372,7 @@ def test_random_header_bit_flips_never_crash_and_never_mislead(region_path):
             print("trial", trial, byte, bit, flush=True)
             _flip({region_path!r}, byte, bit)
             try:
-                layer = SharedRegionLayer({region_path!r}, 4 << 20, 64)
+                layer = SharedRegionTier({region_path!r}, 4 << 20, 64)
             except SharedRegionError as exc:
                 assert {region_path!r} in str(exc), str(exc)
                 refused += 1
@@ -401,23 +403,23 @@ def test_damaged_derived_state_is_rebuilt_by_an_attach_next_to_others(region_pat
     """With another process attached there is no full repair at attach, so the old
     code trusted a damaged free-stack top or counter (a flipped free_top crashed the
     next store). Now the attach checks their invariants and rebuilds them."""
-    layer = SharedRegionLayer(region_path, 4 * MiB, 64)
+    layer = SharedRegionTier(region_path, 4 * MiB, 64)
     assert all(put(layer, i, 3000 + i) for i in range(10))
     layer.close()
     proc = run_child(f"""
         import torch
-        from stratacache.backends.shared import SharedRegionLayer
+        from stratacache.backends.shared import SharedRegionTier
         from tests.test_shared_region_hardening import DERIVED, _flip, key, payload, put
-        holder = SharedRegionLayer({region_path!r}, 4 << 20, 64)   # others stay attached
+        holder = SharedRegionTier({region_path!r}, 4 << 20, 64)   # others stay attached
         for n, (field, (off, width)) in enumerate(DERIVED.items()):
             _flip({region_path!r}, off + width - 1, 7)
-            layer = SharedRegionLayer({region_path!r}, 4 << 20, 64)
+            layer = SharedRegionTier({region_path!r}, 4 << 20, 64)
             assert layer.check() == [], (field, layer.check())
             assert all(put(layer, 100 + 10 * n + j, 5000) for j in range(2)), field
             for i in range(10):
                 assert torch.equal(layer.get(key(i)).data, payload(i, 3000 + i)), (field, i)
             layer.close()
-        assert holder.stats()["region"]["repairs"] >= len(DERIVED)
+        assert holder.stats()["detail"]["region"]["repairs"] >= len(DERIVED)
         print("OK")
     """)
     assert_no_signal(proc, "an attach next to others to a region with damaged derived state")
@@ -431,5 +433,5 @@ def test_damaged_derived_state_is_rebuilt_by_an_attach_next_to_others(region_pat
 def test_a_world_accessible_file_mode_is_refused(region_path, mode):
     """The config schema refuses these modes; the direct constructor now does too."""
     with pytest.raises(ValueError, match=f"file_mode 0{mode:o} gives access to all users"):
-        SharedRegionLayer(region_path, 1 * MiB, 16, file_mode=mode)
+        SharedRegionTier(region_path, 1 * MiB, 16, file_mode=mode)
     assert not os.path.exists(region_path)

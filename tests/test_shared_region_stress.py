@@ -24,7 +24,7 @@ import traceback
 import pytest
 import torch
 
-from stratacache.backends.shared import SharedRegionLayer
+from stratacache.backends.shared import SharedRegionTier
 from stratacache.core.artifact import ArtifactMeta
 from stratacache.core.keys import ArtifactKey
 from tests.test_shared_region import region_path  # noqa: F401 - the fixture
@@ -37,8 +37,8 @@ N_KEYS = 96
 MIX = 0x9E3779B97F4A7C15 - (1 << 64)   # as a signed int64
 
 
-def region_layer(path: str) -> SharedRegionLayer:
-    return SharedRegionLayer(path, CAPACITY, MAX_OBJECTS, lease_s=5.0)
+def region_layer(path: str) -> SharedRegionTier:
+    return SharedRegionTier(path, CAPACITY, MAX_OBJECTS, lease_s=5.0)
 
 
 def object_key(i: int) -> ArtifactKey:
@@ -67,7 +67,7 @@ def random_size(rng: random.Random) -> int:
     return 8 * rng.choice([1, rng.randint(2, 512), rng.randint(512, 16384), rng.randint(16384, 131072)])
 
 
-def store(layer: SharedRegionLayer, rng: random.Random, i: int) -> bool:
+def store(layer: SharedRegionTier, rng: random.Random, i: int) -> bool:
     version = rng.getrandbits(62) + 1
     data = payload(i, version, random_size(rng))
     return layer.put(object_key(i), data, ArtifactMeta(size=data.numel(), checksum=version))
@@ -101,8 +101,9 @@ def stress_loop(path: str, seed: int, seconds: float) -> dict:
                     counts["copies"] += 1
                     counts["mismatches"] += not verify(i, art)
             else:                      # zero-copy view, valid under its lease
-                with layer.pinned(object_key(i)) as art:
-                    if art is not None:
+                lease = layer.acquire(object_key(i))
+                if lease is not None:
+                    with lease as art:
                         counts["hits"] += 1
                         counts["mismatches"] += not verify(i, art)
         else:
@@ -124,14 +125,15 @@ def kill_victim(path: str, seed: int, ready) -> None:
         elif op < 0.85:
             layer.delete(object_key(i))
         else:
-            with layer.pinned(object_key(i)):
-                pass
+            lease = layer.acquire(object_key(i))
+            if lease is not None:
+                lease.release()
 
 
-def audit(layer: SharedRegionLayer) -> int:
+def audit(layer: SharedRegionTier) -> int:
     """Region consistent, capacity accounting exact, every object intact; returns items."""
     assert layer.check() == []
-    stats = layer.stats()["region"]
+    stats = layer.stats()["detail"]["region"]
     assert stats["writing"] == 0, "a dead writer's reservation was not reclaimed"
     total, items = 0, 0
     for k in layer.keys():
@@ -140,7 +142,7 @@ def audit(layer: SharedRegionLayer) -> int:
         assert verify(int(k.name.split("-")[1]), art), f"torn or foreign bytes under {k}"
         total += art.meta.size
         items += 1
-    stats = layer.stats()["region"]
+    stats = layer.stats()["detail"]["region"]
     assert stats["used_bytes"] == total and stats["items"] == items
     assert stats["reserved_bytes"] <= stats["capacity"]
     return items
@@ -173,7 +175,7 @@ def test_four_processes_thirty_seconds_zero_mismatches(region_path, ctx):
     assert totals["hits"] > 1000 and totals["copies"] > 500 and totals["puts"] > 1000
     assert totals["deletes"] > 50
     layer = region_layer(region_path)
-    assert layer.stats()["region"]["evictions"] > 0    # the region filled and evicted under load
+    assert layer.stats()["detail"]["region"]["evictions"] > 0    # the region filled and evicted under load
     audit(layer)
     layer.close()
 
@@ -198,7 +200,7 @@ def test_sigkill_writer_fifty_rounds(region_path, ctx):
         assert store(layer, rng, 0)
         art = layer.get(object_key(0))
         assert art is not None and verify(0, art)
-    stats = layer.stats()["region"]
+    stats = layer.stats()["detail"]["region"]
     print("after kills:", stats)
     assert audit(layer) > 0
     layer.close()

@@ -1,15 +1,17 @@
-"""TierChain: write-through reaches every tier, read-through + promotion, demotion on eviction, modes."""
+"""TierChain over the real tiers: write-through reaches every tier, read-through + promotion,
+demotion on eviction, modes, one probe per tier per read, leases and holds."""
 
 import pytest
 import torch
 
-from stratacache.backends.cpu import CpuMemoryLayer
-from stratacache.backends.disk import DiskMemoryLayer
-from stratacache.core.artifact import meta_for
+from stratacache.backends.cpu import CpuTier
+from stratacache.backends.disk import DiskTier
+from stratacache.backends.shared import SharedRegionTier
 from stratacache.core.keys import ArtifactKey
 from stratacache.engine import StorageEngine
 from stratacache.ops import checksum64
 from stratacache.tiering import TierChain, TierSettings, tier_class
+from tests.test_chain_reads import probe_counts
 
 
 def K(i):
@@ -21,16 +23,16 @@ def body(i, n=3000):
 
 
 def engine(tmp_path, *, top_cap=64 << 10, policy="write_through", promote=True, demote=False):
-    top = CpuMemoryLayer(top_cap, pin_memory=False, eviction="lru", name="cpu")
-    mid = CpuMemoryLayer(1 << 20, pin_memory=False, eviction="lru", name="mid")
-    disk = DiskMemoryLayer(str(tmp_path / "disk"), 4 << 20)
+    top = CpuTier(top_cap, pin_memory=False, eviction="lru", name="cpu")
+    mid = CpuTier(1 << 20, pin_memory=False, eviction="lru", name="mid")
+    disk = DiskTier(str(tmp_path / "disk"), 4 << 20)
     chain = TierChain([top, mid, disk], [TierSettings(policy, promote, demote),
                                          TierSettings("write_through", promote, demote), TierSettings()])
     return StorageEngine(None, chain=chain)
 
 
 def test_tier_classes_resolve_lazily():
-    assert tier_class("cpu") is CpuMemoryLayer and tier_class("disk") is DiskMemoryLayer
+    assert tier_class("cpu") is CpuTier and tier_class("disk") is DiskTier
     with pytest.raises(ValueError, match="unknown tier 'tape'"):
         tier_class("tape")
 
@@ -100,7 +102,8 @@ def test_prefix_lookup_and_contains_many(tmp_path):
     encoded = [k.encode() for k in keys]                                # the scheduler's key form
     assert e.prefix_lookup(encoded) == 5 and e.contains_many(encoded) == [True] * 5 + [False]
     upper = [i != 3 for i in range(5)] + [False]                        # K(3) is only on disk
-    assert [t.contains_encoded(encoded) for t in e.tiers] == [upper, upper, [True] * 5 + [False]]
+    assert [[e.contains(k, mode="exact", tier=n) for k in keys] for n in e.tier_names] == \
+        [upper, upper, [True] * 5 + [False]]
     e.delete(K(2))
     assert e.prefix_lookup(keys) == 2 and e.prefix_lookup(encoded) == 2
     e.close()
@@ -132,4 +135,82 @@ def test_batched_forms_mix_tiers_misses_and_write_back(tmp_path):
         e.load_many(keys, outs=outs[:1])
     s = e.stats()["engine"]
     assert s["hits"] >= 5 and s["misses"] >= 1
+    e.close()
+
+
+def real_tiers(tmp_path, region_path, *, cap=1 << 20):
+    return [CpuTier(cap, pin_memory=False, eviction="lru", name="cpu"),
+            SharedRegionTier(region_path, cap, 256, reset=True, register_cuda=False),
+            DiskTier(str(tmp_path / "disk"), 4 << 20)]
+
+
+@pytest.mark.parametrize("read", ["load", "load_many", "lease", "pinned"])
+def test_real_tiers_a_miss_probes_each_tier_once_and_is_counted_once(tmp_path, region_path, read):
+    tiers = real_tiers(tmp_path, region_path)
+    counts = [probe_counts(t) for t in tiers]
+    e = StorageEngine(None, chain=TierChain(tiers, [TierSettings()] * 3))
+    assert e.store(K(1), body(1), mode="exact", tier="disk")
+    missing = [K(100 + i) for i in range(3)]
+    if read == "load":
+        assert [e.load(k) for k in missing] == [None] * 3
+    elif read == "load_many":
+        assert e.load_many(missing) == [None] * 3
+    elif read == "lease":
+        assert [e.lease(k) for k in missing] == [None] * 3
+    else:
+        for k in missing:
+            with e.pinned(k) as art:
+                assert art is None
+    stats = e.stats()
+    for tier, count in zip(tiers, counts):
+        assert count["_get:keys"] + count["_acquire:keys"] + count["_get_many:keys"] == 3, (tier.name, count)
+        assert count["contains"] == 0, (tier.name, count)
+        assert stats["tiers"][tier.name]["misses"] == 3 and stats["tiers"][tier.name]["hits"] == 0
+    assert stats["engine"]["misses"] == 3 and stats["engine"]["hits"] == 0
+    # A hit on disk: one probe per tier on the way down, then promoted into both tiers above.
+    counts = [probe_counts(t) for t in tiers]
+    with e.lease(K(1)) as art:
+        assert torch.equal(art.data, body(1))
+    assert [c["_acquire:keys"] for c in counts] == [1, 1, 1]
+    assert e.contains(K(1), mode="exact", tier="cpu") and e.contains(K(1), mode="exact", tier="shared")
+    e.close()
+
+
+@pytest.mark.parametrize("tier", ["cpu", "shared"])
+def test_real_tiers_a_lease_outlives_eviction_pressure_for_its_holder_only(tmp_path, region_path, tier):
+    cap, size = 256 << 10, 32 << 10
+    tiers = real_tiers(tmp_path, region_path, cap=cap)
+    e = StorageEngine(None, chain=TierChain(tiers, [TierSettings()] * 3))
+    x = body(7, size)
+    assert e.store(K(0), x, mode="exact", tier=tier)
+    first = e.lease(K(0), mode="exact", tier=tier)
+    second = e.lease(K(0), mode="exact", tier=tier)
+    assert first.held and second.held and torch.equal(first.artifact.data, x)
+    first.release()
+    first.release()                                           # idempotent, ends only its own hold
+    for i in range(1, 4 * cap // size):                       # four times the tier's capacity
+        e.store(K(i), body(i, size), mode="exact", tier=tier)
+    assert e.contains(K(0), mode="exact", tier=tier)          # the second holder keeps it
+    assert torch.equal(second.artifact.data, x)
+    second.release()
+    for i in range(4 * cap // size, 8 * cap // size):
+        e.store(K(i), body(i, size), mode="exact", tier=tier)
+    assert not e.contains(K(0), mode="exact", tier=tier)      # no holder left: evicted
+    e.close()
+
+
+def test_real_tiers_hold_keeps_weights_resident_until_released(tmp_path, region_path):
+    cap, size = 256 << 10, 32 << 10
+    tiers = real_tiers(tmp_path, region_path, cap=cap)
+    e = StorageEngine(None, chain=TierChain(tiers, [TierSettings()] * 3))
+    weights = [ArtifactKey("params", "chain-test@main", f"w{i}") for i in range(2)]
+    assert e.store_many([(k, body(50 + i, size)) for i, k in enumerate(weights)]) == [True, True]
+    held = e.hold(weights, lease_s=30.0)
+    assert sorted(lease.tier for lease in held) == ["cpu", "cpu", "shared", "shared"]   # not disk
+    for i in range(16):
+        e.store(K(i), body(i, size))
+    for name in ("cpu", "shared"):
+        assert all(e.contains(k, mode="exact", tier=name) for k in weights)
+    for lease in held:
+        lease.release()
     e.close()

@@ -38,8 +38,9 @@ def test_scheduler_lookup_engine_opens_the_region_without_cuda(monkeypatch, user
     try:
         engine = StorageEngine(cfg, tiers=["shared"])
         try:
-            layer = engine.chain.tiers[0]
-            assert layer.name == "shared" and layer._cuda_registered is False
+            shared = engine.stats()["tiers"]["shared"]
+            assert engine.tier_names == ("shared",) and shared["detail"]["cuda_registered"] is False
+            assert shared["detail"]["pin_failures"] == 0
             assert engine.contains_many([]) == []
         finally:
             engine.close()

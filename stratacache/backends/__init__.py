@@ -1,9 +1,9 @@
-"""Memory layers: one module per tier, each implementing ``base.MemoryLayer``.
+"""Tiers: one module (or package) per tier, each a ``base.Tier``.
 
 Tier modules are imported lazily (by ``stratacache.tiering.tier_class``) so a
 process only loads the tiers it enables.
 """
 
-from stratacache.backends.base import BatchDefaults, MemoryLayer
+from stratacache.backends.base import Lease, Tier
 
-__all__ = ["BatchDefaults", "MemoryLayer"]
+__all__ = ["Lease", "Tier"]

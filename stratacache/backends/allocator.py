@@ -37,7 +37,8 @@ class ArenaAllocator:
 
     def alloc(self, n: int) -> Optional[int]:
         """Offset of a new run of at least ``n`` bytes, or None when no free run fits."""
-        need = self.rounded(n)
+        align = self.align
+        need = max(align, -(-n // align) * align)   # rounded(n), inline: on every put
         i = bisect.bisect_left(self._by_size, (need, -1))
         if i == len(self._by_size):
             return None
@@ -61,9 +62,6 @@ class ArenaAllocator:
             self._remove_free(end, after)
             end += after
         self._add_free(start, end - start)
-
-    def allocation_size(self, off: int) -> int:
-        return self._used[off]
 
     def runs(self) -> list[tuple[int, int]]:
         """Allocated (offset, rounded size) runs, by address (for checks and inspection)."""

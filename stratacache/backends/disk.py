@@ -29,8 +29,9 @@ new file, so a reader of the previous version never sees the new one half-way.
 * On start the index is rebuilt from the files (headers only), so objects
   survive restarts; ``recovered``/``dropped`` count the files kept and the
   files removed (unreadable, superseded, or over a smaller cap). One process owns a directory at a time (an flock on
-  ``.lock``); ``DiskMemoryLayer.inspect(path)`` reads one without opening it.
+  ``.lock``); ``DiskTier.inspect(section, cfg)`` reads one without opening it.
 * Batched reads and writes run on a small thread pool (``io_threads``).
+* Not zero-copy: ``acquire`` hands out an owned copy (read and verified like a get).
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ from typing import Optional
 
 import torch
 
-from stratacache.backends.base import EvictCallback
-from stratacache.backends.residency import Entry, ObjectTable, TableBackedLayer
+from stratacache.backends.base import fit_out, inspect_report
+from stratacache.backends.residency import Entry, ObjectTable, TableTier
 from stratacache.core.artifact import Artifact, ArtifactMeta, CorruptArtifact
+from stratacache.core.errors import ConfigError, InvalidArgument
 from stratacache.core.keys import ArtifactKey
 from stratacache._C import read_record, write_record
-from stratacache.telemetry.metrics import TierCounters
 
 log = logging.getLogger(__name__)
 
@@ -67,24 +68,24 @@ _HEAD_READ = ArtifactMeta.header_size(16) + _KEYLEN.size + _MAX_KEY
 _RECORD_OPEN_FAILED, _RECORD_BAD_HEADER, _RECORD_BAD_SIZE, _RECORD_READ_FAILED = 1, 2, 3, 4
 
 
-class DiskTierError(RuntimeError):
-    """The directory cannot be used (in use by another process, not writable)."""
+class DiskTierError(ConfigError):
+    """The directory cannot be used (in use by another process, not writable, open to all)."""
 
 
-class DiskMemoryLayer(TableBackedLayer):
+class DiskTier(TableTier):
+    """One file per object under a directory; persists across restarts."""
+
     persistent = True
-    verifies_checksums = True
+    inspectable = True
+    verifies_checksums = True   # the native read checksums the payload while reading it
 
     def __init__(self, path: str, capacity_bytes: int, *, eviction: str = "lru", io_threads: int = 4,
                  lease_s: float = 30.0, quotas: Optional[dict] = None, priorities: Optional[dict] = None,
                  name: str = "disk"):
         if capacity_bytes <= 0:
-            raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
-        self.name = name
+            raise InvalidArgument(f"capacity_bytes must be positive, got {capacity_bytes}")
+        super().__init__(name, capacity_bytes)
         self.path = os.path.abspath(os.path.expanduser(str(path)))
-        self.capacity_bytes = int(capacity_bytes)
-        self.on_evict: Optional[EvictCallback] = None
-        self.counters = TierCounters(name)
         self._table = ObjectTable(self.capacity_bytes, eviction, lease_s, quotas, priorities)
         self._free_loc = self._unlink
         try:
@@ -118,13 +119,13 @@ class DiskMemoryLayer(TableBackedLayer):
         self.recovered, self.dropped_at_start = self._rebuild()
 
     @classmethod
-    def from_config(cls, tier_cfg, cfg) -> "DiskMemoryLayer":
+    def from_config(cls, section, cfg) -> "DiskTier":
         ns = cfg.namespaces
-        return cls(tier_cfg.path, tier_cfg.capacity, eviction=tier_cfg.eviction,
-                   io_threads=tier_cfg.io_threads, lease_s=cfg.lease_s,
+        return cls(section.path, section.capacity, eviction=section.eviction,
+                   io_threads=section.io_threads, lease_s=cfg.lease_s,
                    quotas={k: ns[k].quota for k in ns}, priorities={k: ns[k].priority for k in ns})
 
-    # -- MemoryLayer -------------------------------------------------------------------
+    # -- TableTier ---------------------------------------------------------------------
 
     def _admit(self, key: ArtifactKey, meta: ArtifactMeta) -> Optional[Entry]:
         raw = key.encode()
@@ -143,33 +144,37 @@ class DiskMemoryLayer(TableBackedLayer):
             return True
         except OSError as exc:
             log.warning("disk tier: writing %s failed: %s", entry.loc, exc)
+            self.counters.add("errors")
             return False
 
-    def _read(self, entry: Entry, out: Optional[torch.Tensor]) -> Optional[Artifact]:
+    def _read(self, entry: Entry, out: Optional[torch.Tensor]) -> Artifact:
         try:
             return self._read_file(entry, out)
-        except (OSError, CorruptArtifact) as exc:
-            log.warning("disk tier: dropping unreadable %s (%s)", entry.loc, exc)
-            return None
+        except OSError as exc:   # vanished or unreadable: it cannot be served, so it goes too
+            raise CorruptArtifact(f"cannot read {entry.loc}: {exc}") from None
 
-    def put_many(self, items):
-        items = list(items)
+    def _put_many(self, items) -> list[bool]:
         if len(items) <= 1:
-            return [self.put(*it) for it in items]
-        return list(self._pool.map(lambda it: self.put(*it), items))
+            return [self._put(*it) for it in items]
+        return list(self._pool.map(lambda it: self._put(*it), items))
 
-    def get_many(self, keys, outs=None):
+    def _get_many(self, keys, outs) -> list:
         keys = list(keys)
         outs = list(outs) if outs is not None else [None] * len(keys)
         if len(keys) <= 1:
-            return [self.get(k, o) for k, o in zip(keys, outs)]
-        return list(self._pool.map(self.get, keys, outs))
+            return super()._get_many(keys, outs)
+        return list(self._pool.map(self._get_or_corrupt, keys, outs))
 
-    def stats(self) -> dict:
-        with self._table.lock:
-            out = self.table_stats()
-            out.update(path=self.path, recovered_at_start=self.recovered,
-                       dropped_at_start=self.dropped_at_start)
+    def _get_or_corrupt(self, key: ArtifactKey, out: Optional[torch.Tensor]):
+        try:
+            return self._get(key, out)
+        except CorruptArtifact as exc:
+            return exc
+
+    def _stats(self) -> dict:
+        out = super()._stats()
+        out.update(path=self.path, recovered_at_start=self.recovered,
+                   dropped_at_start=self.dropped_at_start)
         return out
 
     def close(self) -> None:
@@ -188,13 +193,14 @@ class DiskMemoryLayer(TableBackedLayer):
     # -- inspection (read-only, for `stratacache inspect`) ------------------------------
 
     @classmethod
-    def inspect(cls, path: str) -> dict:
-        """Summarise a tier directory written by any process, without changing it."""
-        root = os.path.abspath(os.path.expanduser(str(path)))
+    def inspect(cls, section, cfg) -> dict:
+        """Summarise the tier directory ``section.path``, written by any process, without
+        changing it (no lock taken: a running tier may hold it)."""
+        root = os.path.abspath(os.path.expanduser(str(section.path)))
         try:
             root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
-            raise DiskTierError(f"{root!r} is not a disk tier directory") from None
+            raise DiskTierError(f"tiers.disk.path: {root!r} is not a disk tier directory") from None
         info = {}
         try:
             fd = os.open(INFO_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
@@ -203,32 +209,23 @@ class DiskMemoryLayer(TableBackedLayer):
         except (OSError, ValueError):
             pass
         block = os.fstatvfs(root_fd).f_frsize or 4096
-        items = used = corrupt = partial = 0
-        by_kind: dict = {}
-        by_ns: dict = {}
+        entries, corrupt, partial = [], 0, 0
         try:
             for dir_fd, _sub, name in _walk(root_fd, root):
                 if name.endswith(TMP_MARK):
                     partial += 1
                     continue
                 try:
-                    key, meta, nbytes = _read_head(dir_fd, name)
+                    key, _meta, nbytes = _read_head(dir_fd, name)
                 except (OSError, CorruptArtifact):
                     corrupt += 1
                     continue
-                nbytes = _round_up(nbytes, block)
-                items += 1
-                used += nbytes
-                for table, label in ((by_kind, key.kind), (by_ns, f"{key.kind}/{key.namespace}")):
-                    use = table.setdefault(label, {"items": 0, "bytes": 0})
-                    use["items"] += 1
-                    use["bytes"] += nbytes
+                entries.append((key, _round_up(nbytes, block)))
         finally:
             os.close(root_fd)
-        return {"path": root, "items": items, "used_bytes": used,
-                "capacity_bytes": info.get("capacity_bytes"), "eviction": info.get("eviction"),
-                "by_kind": by_kind, "by_namespace": by_ns, "unreadable_files": corrupt,
-                "partial_writes": partial}
+        return inspect_report("disk", root, capacity_bytes=info.get("capacity_bytes", section.capacity),
+                              entries=entries, unreadable=corrupt, eviction=info.get("eviction"),
+                              partial_writes=partial)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -268,10 +265,7 @@ class DiskMemoryLayer(TableBackedLayer):
 
     def _read_file(self, entry: Entry, out: Optional[torch.Tensor]) -> Artifact:
         meta = entry.meta
-        if out is None:
-            dest = torch.empty(meta.size, dtype=torch.uint8)
-        else:
-            dest = out if out.numel() == meta.size else out.narrow(0, 0, meta.size)
+        dest = torch.empty(meta.size, dtype=torch.uint8) if out is None else fit_out(out, meta.size)
         sub, name = _split_loc(entry.loc)
         status, err, got, nread = read_record(name, _record_head(entry.key, meta), dest,
                                               dir_fd=self._dir_fd(sub, create=False))

@@ -1,9 +1,10 @@
-"""The resident-object table shared by the CPU and disk tiers.
+"""The resident-object table shared by the CPU and disk tiers, and ``TableTier``,
+the part of both tiers that only consults it.
 
 It owns what both tiers must get exactly right: byte accounting against the
 capacity and per-kind quotas, the eviction order, reader reference counts,
-pins as expiring leases, and the rule that an object's space is reused only
-when nobody reads it. The tier supplies where bytes live (an arena offset, a
+leases (each holder's own, expiring), and the rule that an object's space is
+reused only when nobody reads it. The tier supplies where bytes live (an arena offset, a
 file) through three callables; the table never copies payload bytes, and a
 tier copies them with the table's lock released.
 
@@ -16,18 +17,18 @@ under-reports what the tier occupies.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from stratacache.backends.base import BatchDefaults
+from stratacache.backends.base import Tier
 from stratacache.backends.eviction import make_policy
 from stratacache.core.artifact import Artifact, ArtifactMeta
+from stratacache.core.errors import CorruptArtifact
 from stratacache.core.keys import ArtifactKey, key_bytes
-
-
 
 
 class Entry:
@@ -37,7 +38,7 @@ class Entry:
         self.key, self.kb, self.meta, self.loc = key, kb, meta, loc
         self.size = size                  # bytes charged: the payload plus any per-object overhead
         self.refs = 0
-        self.leases: list[float] = []     # monotonic deadlines of pins
+        self.leases: list[float] = []     # monotonic deadlines of the leases held, soonest first
 
     def busy(self, now: float) -> bool:
         if self.leases and self.leases[0] <= now:
@@ -49,7 +50,7 @@ class ObjectTable:
     """Index + accounting + eviction for one tier. All methods take ``self.lock``.
 
     Internally objects are keyed by ``key.encode()`` bytes, so lookups by
-    already-encoded keys (``contains_encoded``) need no key objects at all.
+    already-encoded keys (``TableTier.contains``) need no key objects at all.
     """
 
     def __init__(self, capacity_bytes: int, eviction: str = "lru", lease_s: float = 30.0,
@@ -80,30 +81,38 @@ class ObjectTable:
         ``free_loc`` releases one. With ``on_evict``, victims are handed to it
         with the lock released and their space is reused only afterwards.
         ``overhead`` bytes (e.g. a file header) are charged on top of the payload.
-        An object already stored under ``key`` stays readable until ``publish``.
+        An object already stored under ``key`` stays readable until ``publish``,
+        unless room is needed: then it goes first (it is being replaced), so an
+        overwrite never evicts another object to make room beside its own old version.
         """
         size = meta.size + overhead
         kind = key.kind
-        quota = self.quotas.get(kind)
-        if size > self.capacity or (quota is not None and size > quota):
+        quota = self.quotas.get(kind) if self.quotas else None
+        capacity = self.capacity
+        if size > capacity or (quota is not None and size > quota):
             return None
+        kb = key_bytes(key)
         while True:
             held: list[Entry] = []
             with self.lock:
                 if self._detached:
                     self._reap(free_loc)
                 while True:
-                    if self.used + size <= self.capacity and \
+                    if self.used + size <= capacity and \
                             (quota is None or self.used_by_kind.get(kind, 0) + size <= quota):
                         loc = place(size)
                         if loc is not None:
-                            entry = Entry(key, key_bytes(key), meta, loc, size)
-                            self._account(kind, size)
-                            return entry
+                            self.used += size
+                            self.used_by_kind[kind] = self.used_by_kind.get(kind, 0) + size
+                            return Entry(key, kb, meta, loc, size)
+                    old = self.entries.get(kb)
+                    if old is not None and not held:
+                        self._detach(old, free_loc)   # replaced anyway: not an eviction
+                        continue
                     pending = sum(e.size for e in held)
                     need_quota = quota is not None and \
                         self.used_by_kind.get(kind, 0) - pending + size > quota
-                    if held and not need_quota and self.used - pending + size <= self.capacity:
+                    if held and not need_quota and self.used - pending + size <= capacity:
                         break   # enough is being evicted; place after the write-down
                     victim = self._pick_victim(kind, need_quota)
                     if victim is None:
@@ -159,8 +168,9 @@ class ObjectTable:
 
     def pin(self, key: ArtifactKey, lease_s: Optional[float] = None) -> Optional[tuple[Entry, float]]:
         """Lease the object now stored under ``key``: (entry, deadline), or None on a miss.
+        ``release_lease(entry, deadline)`` ends exactly this lease, whoever else holds one.
 
-        Leases last at most the table's ``lease_s``, so a leaked pin cannot hold space forever.
+        Leases last at most the table's ``lease_s``, so a leaked lease cannot hold space forever.
         """
         lease = self.lease_s if lease_s is None else min(float(lease_s), self.lease_s)
         kb = key_bytes(key)
@@ -169,8 +179,7 @@ class ObjectTable:
             if entry is None:
                 return None
             deadline = time.monotonic() + lease
-            entry.leases.append(deadline)
-            entry.leases.sort()
+            bisect.insort(entry.leases, deadline)
             self.policy.touch(kb)
             return entry, deadline
 
@@ -182,13 +191,6 @@ class ObjectTable:
             except ValueError:
                 pass   # already expired and pruned
             self._free_if_idle(entry, free_loc)
-
-    def unpin(self, key: ArtifactKey, free_loc: Callable[[Entry], None]) -> None:
-        with self.lock:
-            entry = self.entries.get(key_bytes(key))
-            if entry is not None and entry.leases:
-                entry.leases.pop()
-            self._reap(free_loc)
 
     # -- lookups and removal -----------------------------------------------------------
 
@@ -219,10 +221,10 @@ class ObjectTable:
             for entry in list(self.entries.values()):
                 self._detach(entry, free_loc)
 
-    def pinned_count(self) -> int:
+    def leased_count(self) -> int:
+        """Objects held by at least one unexpired lease; call with ``self.lock`` held."""
         now = time.monotonic()
-        with self.lock:
-            return sum(1 for e in self.entries.values() if e.leases and e.busy(now))
+        return sum(1 for e in self.entries.values() if e.leases and e.busy(now))
 
     # -- internals (lock held) -------------------------------------------------------
 
@@ -245,7 +247,7 @@ class ObjectTable:
     def _detach(self, entry: Entry, free_loc) -> None:
         del self.entries[entry.kb]
         self.policy.remove(entry.kb)
-        if entry.busy(time.monotonic()):
+        if entry.refs or (entry.leases and entry.busy(time.monotonic())):
             self._detached.add(entry)
         else:
             self._free(entry, free_loc)
@@ -262,73 +264,71 @@ class ObjectTable:
             self._free(entry, free_loc)
 
     def _free(self, entry: Entry, free_loc) -> None:
-        self._account(entry.key.kind, -entry.size)
+        self.used -= entry.size
+        self.used_by_kind[entry.key.kind] -= entry.size   # charged by admit, so present
         free_loc(entry)
 
-    def _account(self, kind: str, delta: int) -> None:
-        self.used += delta
-        self.used_by_kind[kind] = self.used_by_kind.get(kind, 0) + delta
 
 
-class TableBackedLayer(BatchDefaults):
-    """MemoryLayer methods that only consult the ObjectTable (shared by the CPU and disk tiers).
 
-    A subclass sets ``self._table``, ``self._free_loc``, ``self.counters`` and
-    ``self.capacity_bytes`` and implements put/get/close.
+class TableTier(Tier):
+    """The ``Tier`` methods of a tier whose objects an ``ObjectTable`` indexes (CPU, disk).
+
+    ``_put`` and ``_get`` are templates: the tier supplies ``_admit`` (reserve
+    space, or None), ``_write`` (copy the bytes in, no lock held; False on an
+    I/O failure) and ``_read`` (copy or view the bytes out; ``CorruptArtifact``
+    for a damaged object). A subclass sets ``self._table`` and
+    ``self._free_loc`` and implements ``from_config`` and ``close``.
     """
 
     _table: ObjectTable
+    _free_loc: Callable[[Entry], None]
 
-    # put / get are templates: a tier supplies _admit (reserve space), _write
-    # (copy bytes in, no lock held) and _read (copy or view bytes out, or None
-    # when the stored object turns out to be unreadable).
+    def _admit(self, key: ArtifactKey, meta: ArtifactMeta) -> Optional[Entry]:
+        raise NotImplementedError
 
-    def put(self, key: ArtifactKey, data, meta: ArtifactMeta) -> bool:
-        t0 = time.perf_counter()
-        if data.numel() != meta.size:
-            raise ValueError(f"payload has {data.numel()} bytes but meta.size is {meta.size}")
+    def _write(self, entry: Entry, data: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def _read(self, entry: Entry, out: Optional[torch.Tensor]) -> Artifact:
+        raise NotImplementedError
+
+    def _put(self, key: ArtifactKey, data: torch.Tensor, meta: ArtifactMeta) -> bool:
         entry = self._admit(key, meta)
         if entry is None:
-            self.counters.add("put_failures")
             return False
         if not self._write(entry, data):
             self._table.abort(entry, self._free_loc)
-            self.counters.add_many(put_failures=1, errors=1)
             return False
         self._table.publish(entry, self._free_loc)
-        self.counters.record("put", time.perf_counter() - t0, puts=1, bytes_in=meta.size)
         return True
 
-    def get(self, key: ArtifactKey, out=None) -> Optional[Artifact]:
-        t0 = time.perf_counter()
-        entry = self._table.acquire(key)
+    def _get(self, key: ArtifactKey, out: Optional[torch.Tensor]) -> Optional[Artifact]:
+        table = self._table
+        entry = table.acquire(key)
         if entry is None:
-            self.counters.add("misses")
             return None
-        size = entry.meta.size
         try:
-            if out is not None and (out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < size
-                                    or not out.is_contiguous()):
-                raise ValueError(f"out must be a contiguous 1-D uint8 tensor of at least {size} "
-                                 f"bytes, got {out.dtype} {tuple(out.shape)} stride {out.stride()}")
-            art = self._read(entry, out)
+            return self._read(entry, out)
+        except CorruptArtifact:
+            table.remove_entry(entry, self._free_loc)   # exactly the version read, not a newer one
+            raise
         finally:
-            self._table.release(entry, self._free_loc)
+            table.release(entry, self._free_loc)
+
+    def _drop(self, key: ArtifactKey, art: Optional[Artifact]) -> None:
+        """Remove the version ``art`` was read from. Its meta is the entry's own object,
+        so a version stored since is left alone. Without ``art`` (``_read`` raised),
+        ``_get`` has already removed the bad version."""
         if art is None:
-            self._table.remove_entry(entry, self._free_loc)
-            self.counters.add_many(misses=1, corrupt=1)
-            return None
-        self.counters.record("get", time.perf_counter() - t0, hits=1, bytes_out=size)
-        return art
+            return
+        table = self._table
+        with table.lock:
+            entry = table.entries.get(key_bytes(key))
+            if entry is not None and entry.meta is art.meta:
+                table.remove_entry(entry, self._free_loc)
 
-    def contains(self, key: ArtifactKey) -> bool:
-        return key in self._table
-
-    def contains_many(self, keys) -> list[bool]:
-        entries = self._table.entries
-        return [kb in entries for kb in map(key_bytes, keys)]
-
-    def contains_encoded(self, encoded_keys) -> list[bool]:
+    def contains(self, encoded_keys) -> list[bool]:
         entries = self._table.entries   # lock-free: a dict probe is atomic
         return [kb in entries for kb in encoded_keys]
 
@@ -338,28 +338,13 @@ class TableBackedLayer(BatchDefaults):
             self.counters.add("deletes")
         return removed
 
-    def pin(self, key: ArtifactKey, lease_s: Optional[float] = None) -> bool:
-        return self._table.pin(key, lease_s) is not None
-
-    def unpin(self, key: ArtifactKey) -> None:
-        self._table.unpin(key, self._free_loc)
-
-    def keys(self):
+    def keys(self) -> Iterator[ArtifactKey]:
         with self._table.lock:
             return iter([e.key for e in self._table.entries.values()])
 
-    def meta(self, key: ArtifactKey) -> Optional[ArtifactMeta]:
-        entry = self._table.get(key)
-        return None if entry is None else entry.meta
-
-    def used_bytes(self) -> int:
-        return self._table.used
-
-    def table_stats(self) -> dict:
-        """Counters plus occupancy; call with ``self._table.lock`` held."""
+    def _stats(self) -> dict:
         t = self._table
-        out = self.counters.snapshot()
-        out.update(items=len(t.entries), used_bytes=t.used, capacity_bytes=self.capacity_bytes,
-                   used_by_kind=dict(t.used_by_kind), evictions=t.evictions,
-                   evicted_bytes=t.evicted_bytes, pinned=t.pinned_count(), eviction_policy=t.policy.name)
-        return out
+        with t.lock:
+            return {"items": len(t.entries), "used_bytes": t.used, "evictions": t.evictions,
+                    "evicted_bytes": t.evicted_bytes, "used_by_kind": dict(t.used_by_kind),
+                    "leased": t.leased_count(), "eviction_policy": t.policy.name}

@@ -4,15 +4,16 @@ For each enabled tier: items, bytes used and capacity, hit/miss counters
 where the tier persists them, and which kinds and namespaces (models)
 occupy the space. KV namespaces are listed with the model name, weights
 fingerprint prefix and TP rank read from the namespace; namespaces of the
-scheme before content fingerprints are marked as never matched again. Persistent tiers (shared region, disk, Redis) are read
-through their own read-only ``inspect`` class methods, so inspecting never
-creates, resets, evicts or repairs anything. The CPU tier lives inside each
-process that uses it, so there is nothing to read from outside.
+scheme before content fingerprints are marked as never matched again.
+Persistent tiers (shared region, disk, Redis) are read through their read-only
+``inspect`` class methods (``stratacache.tiering.inspect_tier``; one report
+shape, ``backends.base.INSPECT_KEYS``), so inspecting never creates, resets,
+evicts or repairs anything. The CPU tier lives inside each process that uses
+it, so there is nothing to read from outside.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -23,13 +24,6 @@ from stratacache.cli.config_cmd import load_checked
 from stratacache.cli.errors import CliError
 from stratacache.cli.report import format_table, human_bytes
 
-TIER_CLASSES = {
-    "cpu": "stratacache.backends.cpu:CpuMemoryLayer",
-    "shared": "stratacache.backends.shared:SharedRegionLayer",
-    "disk": "stratacache.backends.disk:DiskMemoryLayer",
-    "redis": "stratacache.backends.redis:RedisMemoryLayer",
-}
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="show what each tier holds (read-only; vLLM need not run)",
@@ -37,16 +31,21 @@ def add_parser(sub) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="StrataCache YAML config (default: $STRATACACHE_CONFIG, else the packaged "
                         "defaults)")
-    p.add_argument("--tier", action="append", choices=list(TIER_CLASSES), metavar="NAME",
-                   help="only this tier (repeatable): " + ", ".join(TIER_CLASSES))
+    p.add_argument("--tier", action="append", metavar="NAME",
+                   help="only this tier (repeatable): cpu, shared, disk or redis")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from stratacache.tiering import TIER_ORDER   # imports torch: only when the command runs
+
+    unknown = [n for n in args.tier or () if n not in TIER_ORDER]
+    if unknown:
+        raise CliError(f"--tier: unknown tier {unknown[0]!r}; tiers are {', '.join(TIER_ORDER)}", 2)
     cfg = load_checked(args.config)[0]
-    names = args.tier or list(TIER_CLASSES)
-    reports = [inspect_tier(name, cfg) for name in names]
+    names = args.tier or list(TIER_ORDER)
+    reports = [tier_report(name, cfg) for name in names]
     if args.json:
         print(json.dumps({"config": list(cfg.source), "tiers": reports}, indent=2))
     else:
@@ -57,47 +56,46 @@ def run(args) -> int:
     return 0
 
 
-def inspect_tier(name: str, cfg) -> dict:
-    """One tier's report in the common shape (see the module docstring)."""
+def tier_report(name: str, cfg) -> dict:
+    """One tier's report for the command: state, items, used_bytes, capacity_bytes,
+    location, kinds, kv_namespaces, counters, details."""
     tier_cfg = cfg.tiers[name]
     base = {"tier": name, "enabled": bool(tier_cfg.enabled),
             "capacity_bytes": tier_cfg.get("capacity")}
     if not tier_cfg.enabled:
         return {**base, "state": "disabled"}
-    if name == "cpu":
-        return {**base, "state": "per-process", "persistent": False,
-                "note": "lives inside each process that uses it; nothing to inspect from outside"}
-    if name in ("shared", "disk") and not os.path.exists(os.path.expanduser(tier_cfg.path)):
-        return {**base, "state": "absent", "persistent": True,
-                "details": {"path": tier_cfg.path}, "note": "nothing stored yet (does not exist)"}
-    module_name, class_name = TIER_CLASSES[name].split(":")
-    layer_cls = getattr(importlib.import_module(module_name), class_name)
+    path = tier_cfg.get("path")
+    if path is not None and not os.path.exists(os.path.expanduser(path)):
+        return {**base, "state": "absent", "persistent": True, "location": path,
+                "details": {}, "note": "nothing stored yet (does not exist)"}
+    from stratacache.tiering import inspect_tier
+
     try:
-        # File tiers are read by path; Redis by its section (URL, credentials, TLS).
-        raw = layer_cls.inspect(tier_cfg if name == "redis" else tier_cfg.path)
+        raw = inspect_tier(name, cfg)
     except Exception as exc:  # noqa: BLE001 - one tier's fault must not hide the others
         return {**base, "state": "error", "persistent": True,
                 "error": f"{type(exc).__name__}: {exc}"}
-    return {**base, "persistent": True, **_normalise(raw, base)}
+    if raw is None:
+        return {**base, "state": "per-process", "persistent": False,
+                "note": "lives inside each process that uses it; nothing to inspect from outside"}
+    return {**base, "persistent": True, **_from_inspect(raw, base)}
 
 
-def _normalise(raw: dict, base: dict) -> dict:
-    """Map a tier's own inspect() dict onto: state, items, used_bytes, capacity, kinds, counters."""
-    out = {"state": "ok" if raw.get("healthy", True) else "error"}
+def _from_inspect(raw: dict, base: dict) -> dict:
+    """The command's fields from an ``inspect()`` report (``base.INSPECT_KEYS`` shape); a
+    tier that reached its store but found it unhealthy says so in ``detail``."""
+    detail = dict(raw.get("detail") or {})
+    out = {"state": "ok" if detail.pop("healthy", True) else "error"}
     if out["state"] == "error":
-        out["error"] = raw.get("error", "unhealthy")
-    out["items"] = raw.get("items")
-    out["used_bytes"] = raw.get("bytes", raw.get("used_bytes"))
-    capacity = raw.get("capacity_bytes", raw.get("capacity", raw.get("maxmemory")))
-    out["capacity_bytes"] = capacity if capacity else base["capacity_bytes"]
-    out["kinds"] = raw.get("kinds") or _nest(raw.get("by_namespace") or {})
+        out["error"] = detail.get("error", "unhealthy")
+    out["location"] = raw["location"]
+    out["items"] = raw["items"]
+    out["used_bytes"] = raw["used_bytes"]
+    out["capacity_bytes"] = raw["capacity_bytes"] or base["capacity_bytes"]
+    out["kinds"] = _nest(raw["by_namespace"])
     out["kv_namespaces"] = kv_namespaces(out["kinds"].get("kv") or {})
-    counters = raw.get("counters") or {k: raw[k] for k in ("hits", "misses") if k in raw}
-    out["counters"] = counters
-    out["details"] = {k: v for k, v in raw.items()
-                      if k not in ("items", "bytes", "used_bytes", "capacity_bytes", "capacity",
-                                   "kinds", "by_namespace", "by_kind", "counters", "hits",
-                                   "misses", "healthy", "tier")}
+    out["counters"] = detail.pop("counters", None) or {}
+    out["details"] = {"unreadable": raw["unreadable"], **detail}
     return out
 
 
@@ -135,8 +133,8 @@ def _print_text(reports: list[dict]) -> None:
                      counters.get("misses")])
     print(format_table(["tier", "state", "items", "used", "capacity", "hits", "misses"], rows))
     for r in reports:
-        where = r.get("details", {}).get("path") or r.get("details", {}).get("url")
-        auth = r.get("details", {}).get("auth")
+        where = r.get("location")
+        auth = (r.get("details") or {}).get("auth")
         auth = f"authentication: {auth}" if auth else None
         if r.get("note") or where or auth:
             print(f"\n{r['tier']}: " + "; ".join(x for x in (where, auth, r.get("note")) if x))

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stratacache.core.errors import CorruptArtifact  # noqa: F401 - re-exported: raised by unpack
+
 FORMAT_VERSION = 2   # 2: the header checksum (records of version 1 read as misses)
 HEADER_MAGIC = b"SCA1"
 
@@ -36,10 +38,6 @@ _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 _FIXED = struct.Struct("<4sHBBQQ")
 _HEADER_SUM = struct.Struct("<Q")   # follows the shape: _header_sum(fields + shape, key)
 MAX_NDIM = 16
-
-
-class CorruptArtifact(ValueError):
-    """A stored header or payload failed validation; callers treat it as a miss."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +144,13 @@ def as_bytes(payload) -> torch.Tensor:
 
 
 def meta_for(payload, checksum: int) -> ArtifactMeta:
-    """Metadata describing ``payload`` (a tensor keeps its dtype and shape)."""
+    """Metadata describing ``payload``: a tensor keeps its dtype and shape (0-dim
+    included); bytes-like come back as the 1-D uint8 tensor they are."""
     if isinstance(payload, torch.Tensor):
-        data = as_bytes(payload)
-        return ArtifactMeta(size=data.numel(), checksum=checksum, dtype=payload.dtype,
-                            shape=tuple(payload.shape))
-    return ArtifactMeta(size=len(memoryview(payload).cast("B")), checksum=checksum)
+        return ArtifactMeta(size=payload.numel() * payload.element_size(), checksum=checksum,
+                            dtype=payload.dtype, shape=tuple(payload.shape))
+    size = memoryview(payload).nbytes
+    return ArtifactMeta(size=size, checksum=checksum, dtype=torch.uint8, shape=(size,))
 
 
 def _numel(shape) -> int:

@@ -1,22 +1,26 @@
 """StorageEngine: the one public API of the storage plane.
 
 The engine turns payloads into (bytes view, ArtifactMeta), computes the
-checksum once, and drives the TierChain. It never raises for tier faults: a
-tier that fails is counted and treated as a miss or a failed store. It does
-raise for caller mistakes (a non-contiguous payload, a bad ``out``, an unknown
-mode or tier name), with a message naming the argument.
+checksum once, checks its arguments, decides which reads are verified, counts,
+and drives the TierChain, which makes every call into the tiers (the engine
+never touches a tier). It never raises for tier faults: a tier that fails is
+counted and treated as a miss or a failed store. It raises ``InvalidArgument``
+(a ``ValueError``) or ``InvalidType`` (a ``TypeError``) for caller mistakes (a
+non-contiguous payload, a bad ``out``, an unknown mode or tier name), with a
+message naming the argument.
 
 The plane has one rule set for what can be stored, checked here once, so no tier
-refuses what another accepted: a key is an ``ArtifactKey`` (``TypeError`` otherwise)
+refuses what another accepted: a key is an ``ArtifactKey`` (``InvalidType`` otherwise)
 whose encoding is at most ``MAX_KEY_BYTES``; a payload is a contiguous CPU tensor of
 a dtype in ``STORABLE_DTYPES`` with at most ``MAX_NDIM`` dims, or bytes-like. A
 0-dim tensor comes back 0-dim.
 
 Integrity: process-private tiers (the CPU arena) are trusted; an object read
 from a persistent tier (shared region, disk, Redis) is verified against its
-checksum unless that tier already verifies on read (``verifies_checksums``)
-or the caller passes ``verify=False``. A mismatch is a counted miss and the
-object is deleted from that tier.
+checksum unless the caller passes ``verify=False`` (a tier that checks on read
+itself, ``verifies_checksums``, does it fused; one with ``verify_reads`` checks
+every read whatever is asked). A mismatch is a counted miss and the object is
+dropped from that tier.
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from stratacache.core.artifact import (_DTYPE_CODES, MAX_NDIM, Artifact, ArtifactMeta,
-                                       CorruptArtifact, as_bytes)
+from stratacache.backends.base import Lease, check_out
+from stratacache.core.artifact import _DTYPE_CODES, MAX_NDIM, Artifact, ArtifactMeta, as_bytes, meta_for
+from stratacache.core.errors import InvalidArgument, InvalidType
 from stratacache.core.keys import ArtifactKey, key_bytes
 from stratacache.tiering.chain import TierChain
 
 MODES = ("chain", "exact", "prefer")
-# The shared region's key slot (SharedRegionLayer max_key_bytes): the smallest key limit
+# The shared region's key slot (SharedRegionTier max_key_bytes): the smallest key limit
 # of any tier, so every tier can store every key the engine lets through.
 MAX_KEY_BYTES = 512
 STORABLE_DTYPES = frozenset(_DTYPE_CODES)   # the dtypes a stored header can name
@@ -48,15 +53,9 @@ def _checksum64(data: torch.Tensor) -> int:
 _U64 = 0xFFFFFFFFFFFFFFFF
 
 
-def _check_out(out) -> None:
-    if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.uint8
-                            or out.dim() != 1 or not out.is_contiguous() or out.is_cuda):
-        raise ValueError("out must be a contiguous 1-D torch.uint8 CPU tensor")
-
-
 def _check_key(key, arg: str = "key") -> None:
     if not isinstance(key, ArtifactKey):
-        raise TypeError(f"{arg} must be an ArtifactKey, got {type(key).__name__} {key!r:.80}")
+        raise InvalidType(f"{arg} must be an ArtifactKey, got {type(key).__name__} {key!r:.80}")
 
 
 def _check_keys(keys, arg: str = "keys") -> None:
@@ -71,20 +70,17 @@ def _prepare(key: ArtifactKey, payload, checksum: Optional[int],
     _check_key(key, f"{arg}key")
     n = len(key_bytes(key))
     if n > MAX_KEY_BYTES:
-        raise ValueError(f"{arg}key {str(key)[:80]!r} encodes to {n} bytes; keys are at most "
-                         f"{MAX_KEY_BYTES} bytes (the longest every tier stores)")
+        raise InvalidArgument(f"{arg}key {str(key)[:80]!r} encodes to {n} bytes; keys are at most "
+                              f"{MAX_KEY_BYTES} bytes (the longest every tier stores)")
     if isinstance(payload, torch.Tensor):
         if payload.dtype not in STORABLE_DTYPES:
-            raise TypeError(f"{arg}payload dtype {payload.dtype} cannot be stored; storable dtypes: "
-                            + ", ".join(sorted(str(d).replace("torch.", "") for d in STORABLE_DTYPES)))
+            raise InvalidType(f"{arg}payload dtype {payload.dtype} cannot be stored; storable dtypes: "
+                              + ", ".join(sorted(str(d).replace("torch.", "") for d in STORABLE_DTYPES)))
         if payload.dim() > MAX_NDIM:
-            raise ValueError(f"{arg}payload has {payload.dim()} dims; at most {MAX_NDIM} are stored")
+            raise InvalidArgument(f"{arg}payload has {payload.dim()} dims; at most {MAX_NDIM} are stored")
     data = _flat_bytes(payload)
     cs = _checksum64(data) if checksum is None else int(checksum) & _U64
-    if isinstance(payload, torch.Tensor):
-        return data, ArtifactMeta(data.numel(), cs, payload.dtype, tuple(payload.shape))
-    # Bytes come back as the 1-D uint8 tensor they are; shape () is a 0-dim tensor's.
-    return data, ArtifactMeta(data.numel(), cs, torch.uint8, (data.numel(),))
+    return data, meta_for(payload, cs)
 
 
 def _flat_bytes(payload) -> torch.Tensor:
@@ -94,24 +90,29 @@ def _flat_bytes(payload) -> torch.Tensor:
         return payload
     with warnings.catch_warnings():   # read-only bytes: tiers only ever read a payload
         warnings.simplefilter("ignore", UserWarning)
-        return as_bytes(payload)
+        try:
+            return as_bytes(payload)
+        except TypeError as exc:
+            raise InvalidType(str(exc)) from None
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
 
 
 def _encoded_keys(keys) -> list[bytes]:
     """``keys`` (all ArtifactKeys, or all their ``encode()`` bytes) as bytes; a mix, or
-    anything else, is a TypeError naming the first offending entry."""
+    anything else, is an ``InvalidType`` naming the first offending entry."""
     if keys and isinstance(keys[0], bytes):
         encoded = list(keys)
         if set(map(type, encoded)) != {bytes}:
             bad = next(i for i, k in enumerate(encoded) if type(k) is not bytes)
-            raise TypeError(f"keys[{bad}] is {type(encoded[bad]).__name__}, but keys[0] is bytes: "
-                            "pass all ArtifactKeys or all their encode() bytes")
+            raise InvalidType(f"keys[{bad}] is {type(encoded[bad]).__name__}, but keys[0] is bytes: "
+                              "pass all ArtifactKeys or all their encode() bytes")
         return encoded
     try:
         return list(map(key_bytes, keys))
     except AttributeError:
         bad = next(i for i, k in enumerate(keys) if not isinstance(k, ArtifactKey))
-        raise TypeError(f"keys[{bad}] must be an ArtifactKey (or every key its encode() bytes), "
+        raise InvalidType(f"keys[{bad}] must be an ArtifactKey (or every key its encode() bytes), "
                         f"got {type(keys[bad]).__name__} {keys[bad]!r:.80}") from None
 
 
@@ -119,10 +120,11 @@ class StorageEngine:
     def __init__(self, cfg, tiers: Optional[Sequence[str]] = None, *, chain: Optional[TierChain] = None):
         self.cfg = cfg
         self.chain = chain if chain is not None else TierChain.from_config(cfg, tiers)
-        self._all = tuple(range(len(self.chain.tiers)))
+        self._all = tuple(range(len(self.chain.names)))
+        # The checksum policy: verify=True checks what the persistent tiers return.
+        self._untrusted = frozenset(i for i, p in enumerate(self.chain.persistent) if p)
         self._lock = threading.Lock()
-        self._counts = dict.fromkeys(("stores", "store_failures", "loads", "hits", "misses",
-                                      "corrupt", "lookups"), 0)
+        self._counts = dict.fromkeys(("stores", "store_failures", "loads", "hits", "misses"), 0)
         self._closed = False
         self._exporter = None
         if cfg is not None and cfg.telemetry.prometheus:
@@ -136,8 +138,9 @@ class StorageEngine:
         return cls(load_config(path, overrides), tiers)
 
     @property
-    def tiers(self) -> list:
-        return self.chain.tiers
+    def tier_names(self) -> tuple[str, ...]:
+        """The names of this engine's tiers, fastest first."""
+        return self.chain.names
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -148,21 +151,24 @@ class StorageEngine:
 
     def _order(self, mode: str, tier: Optional[str]) -> tuple[int, ...]:
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
         if tier is None:
             if mode != "chain":
-                raise ValueError(f"mode={mode!r} needs tier=NAME")
+                raise InvalidArgument(f"mode={mode!r} needs tier=NAME")
             return self._all
         try:
-            t = self.chain.index[tier]
-        except KeyError:
-            raise ValueError(f"tier {tier!r} is not in this engine; tiers are "
-                             f"{', '.join(self.chain.index)}") from None
+            t = self.chain.names.index(tier)
+        except ValueError:
+            raise InvalidArgument(f"tier {tier!r} is not in this engine; tiers are "
+                                  f"{', '.join(self.chain.names)}") from None
         if mode == "exact":
             return (t,)
         if mode == "prefer":
             return (t,) + tuple(i for i in self._all if i != t)
         return self._all[t:]
+
+    def _verify(self, verify: bool) -> frozenset:
+        return self._untrusted if verify else frozenset()
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -181,7 +187,7 @@ class StorageEngine:
         """Batched ``store``: one ``put_many`` per tier (pipelined by remote tiers)."""
         items = list(items)
         if checksums is not None and len(checksums) != len(items):
-            raise ValueError(f"checksums has {len(checksums)} entries for {len(items)} items")
+            raise InvalidArgument(f"checksums has {len(checksums)} entries for {len(items)} items")
         start = 0 if tier is None and mode == "chain" else self._order(mode, tier)[0]
         cs = checksums if checksums is not None else [None] * len(items)
         prepared = [(k, *_prepare(k, p, c, f"items[{i}].")) for i, ((k, p), c) in enumerate(zip(items, cs))]
@@ -198,47 +204,15 @@ class StorageEngine:
 
     def load(self, key: ArtifactKey, *, out: Optional[torch.Tensor] = None, mode: str = "chain",
              tier: Optional[str] = None, verify: bool = True) -> Optional[Artifact]:
+        """The object (copied into ``out`` when given) from the first tier in the mode's order
+        that holds a trusted copy, promoted into the tiers above it; None on a miss."""
         _check_key(key)
         order = self._order(mode, tier)
-        _check_out(out)
-        art, found = self._read(key, out, order, verify)
-        if art is not None and mode != "exact":
-            self.chain.promote(key, art, found, order)
+        if out is not None:
+            check_out(out)
+        art = self.chain.load(key, out, order=order, verify=self._verify(verify))
         self._count(loads=1, hits=art is not None, misses=art is None)
         return art
-
-    def _read(self, key, out, order, verify) -> tuple[Optional[Artifact], int]:
-        chain = self.chain
-        for i in order:
-            tier = chain.tiers[i]
-            try:
-                art = tier.get(key, out)
-            except CorruptArtifact:
-                self._count(corrupt=1)
-                continue
-            except ValueError as exc:
-                if out is not None:
-                    raise   # the caller's buffer does not fit the object
-                chain.record_error(i, exc)
-                continue
-            except Exception as exc:
-                chain.record_error(i, exc)
-                continue
-            art = self._verified(i, key, art, verify)
-            if art is not None:
-                return art, i
-        return None, -1
-
-    def _verified(self, i: int, key: ArtifactKey, art: Optional[Artifact], verify: bool) -> Optional[Artifact]:
-        """``art`` unless it came from an untrusted tier and fails its checksum (then deleted there)."""
-        tier = self.chain.tiers[i]
-        if art is None or not verify or not tier.persistent or getattr(tier, "verifies_checksums", False):
-            return art
-        if _checksum64(art.data) == art.meta.checksum:
-            return art
-        self._count(corrupt=1)
-        self.chain._call(i, tier.delete, key)
-        return None
 
     def load_many(self, keys: Sequence[ArtifactKey], *, outs=None, mode: str = "chain",
                   tier: Optional[str] = None, verify: bool = True) -> list[Optional[Artifact]]:
@@ -249,77 +223,52 @@ class StorageEngine:
         if outs is not None:
             outs = list(outs)
             if len(outs) != len(keys):
-                raise ValueError(f"outs has {len(outs)} entries for {len(keys)} keys")
-            for o in outs:
-                _check_out(o)
-        chain = self.chain
-        results: list[Optional[Artifact]] = [None] * len(keys)
-        todo = list(range(len(keys)))
-        for i in order:
-            if not todo:
-                break
-            sub_outs = None if outs is None else [outs[j] for j in todo]
-            try:
-                arts = chain.tiers[i].get_many([keys[j] for j in todo], sub_outs)
-            except ValueError as exc:
-                if outs is not None and not isinstance(exc, CorruptArtifact):
-                    raise   # a caller buffer does not fit its object
-                chain.record_error(i, exc)
-                continue
-            except Exception as exc:
-                chain.record_error(i, exc)
-                continue
-            missing = []
-            for j, art in zip(todo, arts):
-                art = self._verified(i, keys[j], art, verify)
-                if art is None:
-                    missing.append(j)
-                else:
-                    results[j] = art
-                    if mode != "exact":
-                        chain.promote(keys[j], art, i, order)
-            todo = missing
-        self._count(loads=len(keys), hits=len(keys) - len(todo), misses=len(todo))
+                raise InvalidArgument(f"outs has {len(outs)} entries for {len(keys)} keys")
+            for i, o in enumerate(outs):
+                if o is not None:
+                    check_out(o, f"outs[{i}]")
+        results = self.chain.load_many(keys, outs, order=order, verify=self._verify(verify))
+        misses = results.count(None)
+        self._count(loads=len(keys), hits=len(keys) - misses, misses=misses)
         return results
+
+    def lease(self, key: ArtifactKey, *, lease_s: Optional[float] = None, mode: str = "chain",
+              tier: Optional[str] = None, verify: bool = True) -> Optional[Lease]:
+        """A ``Lease`` on ``key`` from the first tier in the mode's order that holds it (None on
+        a miss): on a zero_copy tier (CPU arena, shared region) ``lease.artifact`` views tier
+        memory, kept from eviction and overwrite until this holder releases it (``release()``
+        or a with-block) or ``lease_s`` (default ``cfg.lease_s``) passes; elsewhere it is an
+        owned copy. A hit in a lower tier is promoted as ``load`` does."""
+        _check_key(key)
+        order = self._order(mode, tier)
+        lease = self.chain.lease(key, lease_s, order=order, verify=self._verify(verify))
+        self._count(loads=1, hits=lease is not None, misses=lease is None)
+        return lease
 
     @contextmanager
     def pinned(self, key: ArtifactKey, *, mode: str = "chain",
                tier: Optional[str] = None, verify: bool = True) -> Iterator[Optional[Artifact]]:
-        """A zero-copy view of ``key`` held under a lease for the with-block (None on a miss).
+        """``lease`` as a with-block: yields the leased artifact (None on a miss) and releases
+        the lease when the block ends."""
+        lease = self.lease(key, mode=mode, tier=tier, verify=verify)
+        if lease is None:
+            yield None
+            return
+        with lease as art:
+            yield art
 
-        Tiers with ``pinned_get`` lease and view the same object atomically; for
-        others the view comes from ``pin`` + ``get``; where nothing can be pinned
-        (a remote tier) the artifact is an owned copy.
-        """
-        _check_key(key)
-        order = self._order(mode, tier)
-        chain = self.chain
-        for i in order:
-            t = chain.tiers[i]
-            leased = getattr(t, "pinned_get", None)
-            if leased is not None:
-                got = chain._call(i, leased, key)
-                if got is None:
-                    continue
-                art, release = got
-                art = self._verified(i, key, art, verify)
-            elif chain._call(i, t.pin, key, default=False):
-                release = lambda i=i, t=t: chain._call(i, t.unpin, key)  # noqa: E731
-                art, _ = self._read(key, None, (i,), verify)
-            else:
-                continue
-            try:
-                if art is not None:
-                    self._count(loads=1, hits=1)
-                    yield art
-                    return
-            finally:
-                release()
-        yield self.load(key, mode=mode, tier=tier, verify=verify)   # a miss, or found only where pins do not apply
+    def hold(self, keys: Sequence[ArtifactKey], *, lease_s: Optional[float] = None) -> list[Lease]:
+        """Leases on every in-memory (zero_copy tier) copy of ``keys``: nothing evicts them
+        until each is released or ``lease_s`` passes. For objects that must stay resident
+        while in use (an offloaded model's weights); renew by holding again before
+        releasing. Unverified, not counted as loads (the tiers count the hits)."""
+        keys = list(keys)
+        _check_keys(keys)
+        return self.chain.hold(keys, lease_s)
 
     def contains(self, key: ArtifactKey, *, mode: str = "chain", tier: Optional[str] = None) -> bool:
         _check_key(key)
-        return self.chain.find(key, self._order(mode, tier)) is not None
+        return self.chain.contains([key_bytes(key)], order=self._order(mode, tier))[0]
 
     def contains_many(self, keys: Union[Sequence[ArtifactKey], Sequence[bytes]]) -> list[bool]:
         """Whether each key is present in some tier; no data moves, nothing is promoted.
@@ -328,19 +277,7 @@ class StorageEngine:
         every tier looks keys up by their bytes, so a caller on a hot path (the
         vLLM scheduler) can skip building key objects.
         """
-        encoded = _encoded_keys(keys)
-        present = [False] * len(encoded)
-        todo = range(len(encoded))
-        for i, tier in enumerate(self.chain.tiers):
-            batch = encoded if i == 0 else [encoded[j] for j in todo]
-            hits = self.chain._call(i, tier.contains_encoded, batch, default=[False] * len(batch))
-            for j, hit in zip(todo, hits):
-                if hit:
-                    present[j] = True
-            todo = [j for j in todo if not present[j]]
-            if not todo:
-                break
-        return present
+        return self.chain.contains(_encoded_keys(keys))
 
     def prefix_lookup(self, keys: Union[Sequence[ArtifactKey], Sequence[bytes]]) -> int:
         """How many leading keys are present in some tier (keys as for ``contains_many``)."""
@@ -357,10 +294,7 @@ class StorageEngine:
         """Start mapping persisted objects into this process on the tiers that
         support it (the shared region), in the background; see the tier's
         ``start_prefault``."""
-        for t in self.chain.tiers:
-            start = getattr(t, "start_prefault", None)
-            if start is not None:
-                start()
+        self.chain.start_prefault()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until every write_back link has written its dirty objects down."""
@@ -382,15 +316,12 @@ class StorageEngine:
         self.close()
 
     def stats(self) -> dict:
-        chain = self.chain
-        tiers = {}
-        errors = chain.errors()
-        for i, t in enumerate(chain.tiers):
-            s = chain._call(i, t.stats, default={}) or {}
-            s = dict(s)
-            s["errors"] = s.get("errors", 0) + errors.get(t.name, 0)
-            tiers[t.name] = s
+        """``engine``: this engine's counters, ``corrupt`` summed over its tiers (each
+        dropped object once); ``tiers``: each tier's ``stats()`` with the faults the chain
+        counted added to its ``errors``; ``writeback``: the flusher's."""
+        tiers = self.chain.stats()
         with self._lock:
             engine = dict(self._counts)
-        return {"engine": engine, "tiers": tiers, "writeback": chain.flusher.stats(),
+        engine["corrupt"] = sum(s.get("corrupt", 0) for s in tiers.values())
+        return {"engine": engine, "tiers": tiers, "writeback": self.chain.flusher.stats(),
                 "prometheus_port": self._exporter.port if self._exporter else None}

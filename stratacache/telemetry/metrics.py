@@ -63,12 +63,14 @@ class TierCounters:
             for name, n in counts.items():
                 self._c[name] += n
 
-    def record(self, op: str, seconds: float, **counts: int) -> None:
-        """One finished operation: its latency and counter increments, under one lock."""
+    def record_transfer(self, op: str, seconds: float, count: str, bytes_counter: str, nbytes: int) -> None:
+        """One finished put or get: its latency, ``count`` + 1 and ``bytes_counter`` + ``nbytes``,
+        under one lock (on every tier call, so no kwargs dict and no loop)."""
         with self._lock:
             self._lat[op].observe(seconds)
-            for name, n in counts.items():
-                self._c[name] += n
+            c = self._c
+            c[count] += 1
+            c[bytes_counter] += nbytes
 
     def observe(self, op: str, seconds: float) -> None:
         with self._lock:

@@ -1,22 +1,29 @@
-"""TierChain: ordered memory layers with read-through, promotion and per-link write policies.
+"""TierChain: the one owner of every call into the tiers, for reads and writes.
 
-Tiers are ordered fastest first. Link ``i`` joins tier ``i`` to tier ``i + 1``
-and follows tier ``i``'s ``write_policy``:
+Tiers are ``stratacache.backends.base.Tier`` objects, ordered fastest first.
+Link ``i`` joins tier ``i`` to tier ``i + 1`` and follows tier ``i``'s
+``write_policy``:
 
 * ``write_through``: a store reaches tier ``i + 1`` before it is acknowledged;
   one that tier ``i + 1`` refuses is reported as not stored (False).
 * ``write_back``: the store is acknowledged by tier ``i``; the object is marked
   dirty and the flusher writes it down (then continues down the chain).
 
-A chain read looks top-down; a hit in tier ``j`` is copied into every tier
-above it whose ``promote`` is set. When tier ``i`` evicts an object, it is
-written down if it is still dirty on a write_back link, or if tier ``i`` has
+Reads (``load``, ``load_many``, ``lease``) walk an order of tier positions
+(the engine's mode: the whole chain, one tier, or one tier first) and ask each
+tier at most once; a hit in a later tier is copied into every tier before it
+in the order whose ``promote`` is set. Which tiers' reads are checksum-verified
+is the caller's policy (``verify``: a set of positions); the tiers do the
+verify-and-drop themselves. When tier ``i`` evicts an object, it is written
+down if it is still dirty on a write_back link, or if tier ``i`` has
 ``demote_on_evict``; otherwise it is simply dropped (a copy exists below).
 
-Every call into a tier goes through ``_call``: a tier that raises (a dead
-server, an I/O error) is counted as an error and treated as a miss or a
-failed store, so callers never see tier faults. No chain-wide lock exists;
-each tier protects itself and bytes are copied without any lock held.
+Fault isolation: every call into a tier goes through ``_call``. An exception
+from a tier (a dead server, an I/O error) is counted as that tier's error and
+treated as a miss or a refused store, so callers never see tier faults; only
+``InvalidArgument`` (the caller's mistake, e.g. an ``out`` buffer smaller than
+the object) is re-raised. No chain-wide lock exists: each tier protects itself
+and bytes are copied without any lock held.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 import torch
 
+from stratacache.backends.base import Lease, Tier
 from stratacache.core.artifact import Artifact, ArtifactMeta
+from stratacache.core.errors import ConfigError, InvalidArgument, InvalidType
 from stratacache.core.keys import ArtifactKey
 from stratacache.tiering.flusher import GONE, WriteBackFlusher
 
@@ -41,20 +50,30 @@ log = logging.getLogger(__name__)
 
 # config name -> "module:Class"; imported only when the tier is enabled.
 TIER_CLASSES = {
-    "cpu": "stratacache.backends.cpu:CpuMemoryLayer",
-    "shared": "stratacache.backends.shared:SharedRegionLayer",
-    "disk": "stratacache.backends.disk:DiskMemoryLayer",
-    "redis": "stratacache.backends.redis:RedisMemoryLayer",
+    "cpu": "stratacache.backends.cpu:CpuTier",
+    "shared": "stratacache.backends.shared:SharedRegionTier",
+    "disk": "stratacache.backends.disk:DiskTier",
+    "redis": "stratacache.backends.redis:RedisTier",
 }
 TIER_ORDER = ("cpu", "shared", "disk", "redis")
 
 
-def tier_class(name: str):
+def tier_class(name: str) -> type:
     try:
         module, cls = TIER_CLASSES[name].split(":")
     except KeyError:
-        raise ValueError(f"unknown tier {name!r}; tiers are {', '.join(TIER_ORDER)}") from None
+        raise InvalidArgument(f"unknown tier {name!r}; tiers are {', '.join(TIER_ORDER)}") from None
     return getattr(importlib.import_module(module), cls)
+
+
+def inspect_tier(name: str, cfg) -> Optional[dict]:
+    """The read-only ``inspect()`` report (``base.INSPECT_KEYS`` shape) on what the configured
+    tier ``name`` holds, from outside any process using it; None for a tier private to the
+    process that uses it (not ``inspectable``). Errors of the tier propagate."""
+    cls = tier_class(name)
+    if not cls.inspectable:
+        return None
+    return cls.inspect(cfg.tiers[name], cfg)
 
 
 @dataclass
@@ -73,17 +92,22 @@ class TierSettings:
 
 
 class TierChain:
-    def __init__(self, tiers: Sequence, settings: Optional[Sequence[TierSettings]] = None, *,
+    def __init__(self, tiers: Sequence[Tier], settings: Optional[Sequence[TierSettings]] = None, *,
                  retry_backoff_s: float = 0.1, retry_backoff_max_s: float = 10.0,
                  max_dirty_bytes: int = 1 << 30):
         self.tiers = list(tiers)
+        for i, tier in enumerate(self.tiers):
+            if not isinstance(tier, Tier):
+                raise InvalidType(f"tiers[{i}] must be a stratacache.backends.base.Tier, "
+                                  f"got {type(tier).__name__}")
         self.settings = list(settings) if settings is not None else [TierSettings() for _ in self.tiers]
         if len(self.settings) != len(self.tiers):
-            raise ValueError("one TierSettings per tier is required")
-        names = [t.name for t in self.tiers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"tier names must be unique, got {names}")
-        self.index = {t.name: i for i, t in enumerate(self.tiers)}
+            raise InvalidArgument(f"settings has {len(self.settings)} entries for {len(self.tiers)} tiers")
+        self.names = tuple(t.name for t in self.tiers)
+        if len(set(self.names)) != len(self.names):
+            raise InvalidArgument(f"tier names must be unique, got {list(self.names)}")
+        self.persistent = tuple(bool(t.persistent) for t in self.tiers)
+        self._all = tuple(range(len(self.tiers)))
         self.flusher = WriteBackFlusher(self._flush_one, retry_backoff_s=retry_backoff_s,
                                         retry_backoff_max_s=retry_backoff_max_s,
                                         max_dirty_bytes=max_dirty_bytes)
@@ -91,7 +115,7 @@ class TierChain:
         self._close_lock = threading.Lock()
         self._owner_pid = os.getpid()
         _OPEN_CHAINS.add(self)
-        self._errors = {t.name: 0 for t in self.tiers}
+        self._errors = dict.fromkeys(self.names, 0)
         self._err_lock = threading.Lock()
         self._last_log = 0.0
         for i, tier in enumerate(self.tiers):
@@ -110,11 +134,11 @@ class TierChain:
             names = list(names)
             for n in names:
                 if n not in TIER_CLASSES:
-                    raise ValueError(f"tiers: unknown tier {n!r}; tiers are {', '.join(TIER_ORDER)}")
+                    raise InvalidArgument(f"tiers: unknown tier {n!r}; tiers are {', '.join(TIER_ORDER)}")
                 if n not in enabled:
-                    raise ValueError(f"tiers: tier {n!r} is not enabled (set tiers.{n}.enabled: true)")
+                    raise InvalidArgument(f"tiers: tier {n!r} is not enabled (set tiers.{n}.enabled: true)")
         if not names:
-            raise ValueError("tiers: no tier is enabled; enable at least one of " + ", ".join(TIER_ORDER))
+            raise ConfigError("tiers: no tier is enabled; enable at least one of " + ", ".join(TIER_ORDER))
         tiers = []
         try:
             for n in names:
@@ -130,15 +154,19 @@ class TierChain:
 
     # -- fault isolation ---------------------------------------------------------------
 
-    def _call(self, i: int, fn: Callable, *args, default=None):
+    def _call(self, i: int, fn: Callable, *args, default=None, **kwargs):
+        """``fn(*args, **kwargs)`` on tier ``i``: a fault is counted and gives ``default``;
+        ``InvalidArgument`` (the caller's mistake) is re-raised."""
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
+        except InvalidArgument:
+            raise
         except Exception as exc:
-            self.record_error(i, exc)
+            self._record_error(i, exc)
             return default
 
-    def record_error(self, i: int, exc: BaseException) -> None:
-        name = self.tiers[i].name
+    def _record_error(self, i: int, exc: BaseException) -> None:
+        name = self.names[i]
         with self._err_lock:
             self._errors[name] += 1
             now = time.monotonic()
@@ -148,10 +176,6 @@ class TierChain:
         if not quiet:
             log.warning("stratacache tier %s failed (%s: %s); treated as a miss / failed store",
                         name, type(exc).__name__, exc)
-
-    def errors(self) -> dict:
-        with self._err_lock:
-            return dict(self._errors)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -218,26 +242,19 @@ class TierChain:
 
     def _flush_one(self, link: int, key: ArtifactKey, spilled: Optional[Artifact]):
         """Flusher callback: write ``key`` from tier ``link`` (or its spilled copy) down."""
-        upper, lower = self.tiers[link], self.tiers[link + 1]
         if spilled is not None:
-            art, pinned = spilled, False
+            lease = Lease(spilled, "spilled")
         else:
-            pinned = bool(self._call(link, upper.pin, key, default=False))
-            art = self._call(link, upper.get, key) if pinned else None
-            if art is None:
-                if pinned:
-                    self._call(link, upper.unpin, key)
+            lease = self._call(link, self.tiers[link].acquire, key)
+            if lease is None:
                 # Gone from the upper tier: deleted (nothing to do) or evicted (its
                 # eviction handler writes it down or spills it, perhaps right now).
                 return GONE
-        try:
-            if self._call(link + 1, lower.put, key, art.data, art.meta, default=False):
+        with lease as art:
+            if self._call(link + 1, self.tiers[link + 1].put, key, art.data, art.meta, default=False):
                 self._write_down_from(link + 1, key, art.data, art.meta)
                 return True
             return False
-        finally:
-            if pinned:
-                self._call(link, upper.unpin, key)
 
     def _evict_handler(self, i: int):
         def on_evict(key: ArtifactKey, art: Artifact) -> None:
@@ -245,7 +262,7 @@ class TierChain:
             if not (dirty or self.settings[i].demote_on_evict):
                 return
             lower = self.tiers[i + 1]
-            if not dirty and self._call(i + 1, lower.contains, key, default=False):
+            if not dirty and self._call(i + 1, lower.contains, [key.encode()], default=[False])[0]:
                 return
             if self._call(i + 1, lower.put, key, art.data, art.meta, default=False):
                 self._write_down_from(i + 1, key, art.data, art.meta)
@@ -254,20 +271,114 @@ class TierChain:
         return on_evict
 
     # -- reads -------------------------------------------------------------------------------
+    # ``order``: tier positions to ask, in turn (default: the whole chain, top-down).
+    # ``verify``: positions whose reads are checksum-verified (the engine's policy).
 
-    def find(self, key: ArtifactKey, order: Sequence[int]) -> Optional[int]:
+    def load(self, key: ArtifactKey, out: Optional[torch.Tensor] = None, *,
+             order: Optional[Sequence[int]] = None, verify: Collection[int] = ()) -> Optional[Artifact]:
+        """The first tier's copy in ``order`` (into ``out`` when given), promoted; None on a miss."""
+        order = self._all if order is None else order
         for i in order:
-            if self._call(i, self.tiers[i].contains, key, default=False):
-                return i
+            art = self._call(i, self.tiers[i].get, key, out, verify=i in verify)
+            if art is not None:
+                self._promote([(key, art)], i, order)
+                return art
         return None
 
-    def promote(self, key: ArtifactKey, art: Artifact, found: int, order: Sequence[int]) -> None:
-        """Copy a hit from tier ``found`` into the tiers before it in ``order`` that promote."""
+    def load_many(self, keys: Sequence[ArtifactKey], outs: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                  *, order: Optional[Sequence[int]] = None,
+                  verify: Collection[int] = ()) -> list[Optional[Artifact]]:
+        """Batched ``load``: one ``get_many`` per tier for the keys still missing."""
+        order = self._all if order is None else order
+        results: list[Optional[Artifact]] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for i in order:
+            if not todo:
+                break
+            sub_outs = None if outs is None else [outs[j] for j in todo]
+            arts = self._call(i, self.tiers[i].get_many, [keys[j] for j in todo], sub_outs,
+                              verify=i in verify)
+            if arts is None:
+                continue
+            found = []
+            for j, art in zip(todo, arts):
+                if art is not None:
+                    results[j] = art
+                    found.append(j)
+            if found:
+                self._promote([(keys[j], results[j]) for j in found], i, order)
+                todo = [j for j in todo if results[j] is None]
+        return results
+
+    def lease(self, key: ArtifactKey, lease_s: Optional[float] = None, *,
+              order: Optional[Sequence[int]] = None, verify: Collection[int] = ()) -> Optional[Lease]:
+        """A ``Lease`` from the first tier in ``order`` holding ``key`` (a view of its memory
+        on zero_copy tiers, an owned copy elsewhere), promoted; None on a miss."""
+        order = self._all if order is None else order
+        for i in order:
+            got = self._call(i, self.tiers[i].acquire, key, lease_s, verify=i in verify)
+            lease = self._leased(i, got)
+            if lease is not None:
+                try:
+                    self._promote([(key, lease.artifact)], i, order)
+                except BaseException:
+                    lease.release()
+                    raise
+                return lease
+        return None
+
+    def hold(self, keys: Sequence[ArtifactKey], lease_s: Optional[float] = None) -> list[Lease]:
+        """Leases on every in-memory copy (the zero_copy tiers') of ``keys``, so nothing
+        evicts them until released or ``lease_s`` passes; for objects that must stay
+        resident (an offloaded model's weights). Unverified, nothing promoted."""
+        encoded = [key.encode() for key in keys]
+        leases = []
+        for i, tier in enumerate(self.tiers):
+            if not tier.zero_copy:
+                continue
+            present = self._call(i, tier.contains, encoded, default=[False] * len(keys))
+            for key, here in zip(keys, present):
+                lease = self._leased(i, self._call(i, tier.acquire, key, lease_s)) if here else None
+                if lease is not None:
+                    leases.append(lease)
+        return leases
+
+    def _leased(self, i: int, lease: Optional[Lease]) -> Optional[Lease]:
+        """``lease`` with its release fault-isolated like every other call into tier ``i``."""
+        if lease is None or not lease.held:
+            return lease
+        return Lease(lease.artifact, lease.tier, lambda: self._call(i, lease.release))
+
+    def contains(self, encoded_keys: Sequence[bytes], *,
+                 order: Optional[Sequence[int]] = None) -> list[bool]:
+        """Whether each key (``ArtifactKey.encode()`` bytes) is in some tier of ``order``;
+        each tier is asked once, for the keys not yet found; no data moves."""
+        order = self._all if order is None else order
+        present = [False] * len(encoded_keys)
+        todo = list(range(len(encoded_keys)))
+        for i in order:
+            if not todo:
+                break
+            batch = encoded_keys if len(todo) == len(encoded_keys) else [encoded_keys[j] for j in todo]
+            hits = self._call(i, self.tiers[i].contains, batch, default=[False] * len(todo))
+            for j, hit in zip(todo, hits):
+                present[j] = bool(hit)
+            todo = [j for j in todo if not present[j]]
+        return present
+
+    def _promote(self, hits: list[tuple[ArtifactKey, Artifact]], found: int, order: Sequence[int]) -> None:
+        """Copy hits of tier ``found`` into the tiers before it in ``order`` that promote."""
         for i in order:
             if i == found:
                 return
             if self.settings[i].promote:
-                self._call(i, self.tiers[i].put, key, art.data, art.meta, default=False)
+                if len(hits) == 1:
+                    key, art = hits[0]
+                    self._call(i, self.tiers[i].put, key, art.data, art.meta)
+                else:
+                    self._call(i, self.tiers[i].put_many, [(k, a.data, a.meta) for k, a in hits])
+
+    # -- the rest ------------------------------------------------------------------------------
 
     def delete(self, key: ArtifactKey) -> bool:
         self.flusher.forget(key)
@@ -275,6 +386,22 @@ class TierChain:
         for i, tier in enumerate(self.tiers):
             removed = bool(self._call(i, tier.delete, key, default=False)) or removed
         return removed
+
+    def start_prefault(self) -> None:
+        """Ask every tier to start mapping its stored objects in the background (a hint)."""
+        for i, tier in enumerate(self.tiers):
+            self._call(i, tier.start_prefault)
+
+    def stats(self) -> dict:
+        """Per tier name: the tier's ``stats()``, its ``errors`` including the faults counted here."""
+        with self._err_lock:
+            errors = dict(self._errors)
+        out = {}
+        for i, tier in enumerate(self.tiers):
+            s = dict(self._call(i, tier.stats, default=None) or {"tier": tier.name})
+            s["errors"] = s.get("errors", 0) + errors[tier.name]
+            out[tier.name] = s
+        return out
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         return self.flusher.flush(timeout)

@@ -72,12 +72,14 @@ class _Loaded:
 
 
 class _LeaseKeeper:
-    """Leases on every offloaded object in every tier that can lease one, renewed before they
-    expire: while a model is in use nothing (KV traffic, other models) can evict its weights.
-    The plane's namespace priorities protect them too; leases also cover tiers without them."""
+    """Leases on every in-memory copy of every offloaded object (``engine.hold``), renewed
+    before they expire: while a model is in use nothing (KV traffic, other models) can evict
+    its weights. The plane's namespace priorities protect them too; leases also cover tiers
+    without them."""
 
     def __init__(self, engine, keys: list, lease_s: float):
-        self._targets = [(t, k) for t in engine.tiers if hasattr(t, "pinned_get") for k in keys]
+        self._engine = engine
+        self._keys = keys
         self._lease_s = lease_s
         self._held: list = []
         self._stop = threading.Event()
@@ -86,16 +88,10 @@ class _LeaseKeeper:
         self._thread.start()
 
     def _renew(self) -> None:
-        fresh = []
-        for tier, key in self._targets:
-            try:
-                got = tier.pinned_get(key, self._lease_s)
-            except Exception:                   # a faulty tier: the other tiers still hold the weights
-                got = None
-            if got is not None:
-                fresh.append(got[1])
+        fresh = self._engine.hold(self._keys, lease_s=self._lease_s)   # new leases before the old go
         old, self._held = self._held, fresh
-        _release_all(old)
+        for lease in old:
+            lease.release()
 
     def _run(self) -> None:
         while not self._stop.wait(self._lease_s / 3):
@@ -104,16 +100,9 @@ class _LeaseKeeper:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-        _release_all(self._held)
+        for lease in self._held:
+            lease.release()
         self._held = []
-
-
-def _release_all(releases) -> None:
-    for release in releases:
-        try:
-            release()
-        except Exception:
-            pass
 
 
 def resolve_units(model: nn.Module, submodules=None) -> list[tuple[str, nn.Module]]:
