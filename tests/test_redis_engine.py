@@ -43,7 +43,7 @@ def test_engine_survives_server_kill_and_restart():
         assert eng.store(pairs[0][0], pairs[0][1]) is False
         assert time.monotonic() - t0 < 2.0                # fast: one timeout, then backing off
         st = eng.stats()["tiers"]["redis"]
-        assert st["errors"] >= 1 and st["misses"] >= 12 and st["healthy"] is False
+        assert st["errors"] >= 1 and st["misses"] >= 12 and st["detail"]["healthy"] is False
         srv.start()                                       # empty: the data died with it
         deadline = time.monotonic() + 5
         while not eng.store(pairs[0][0], pairs[0][1]) and time.monotonic() < deadline:
@@ -57,7 +57,7 @@ def test_engine_survives_server_kill_and_restart():
                          dtype=torch.uint8)
         art = eng.load(pairs[3][0], out=out)
         assert art.data.data_ptr() == out.data_ptr() and torch.equal(art.tensor(), pairs[3][1])
-        assert eng.stats()["tiers"]["redis"]["recoveries"] >= 1
+        assert eng.stats()["tiers"]["redis"]["detail"]["recoveries"] >= 1
         eng.close()
 
 
