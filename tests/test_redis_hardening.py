@@ -90,9 +90,12 @@ class FakeRedis:
                 if not data:
                     return
                 buf += data
-                for args in list(self._commands(buf)):
-                    if not self._answer(conn, args[0].upper()):
-                        return
+                try:
+                    for args in list(self._commands(buf)):
+                        if not self._answer(conn, args[0].upper()):
+                            return
+                except OSError:        # the client gave up on a reply and closed
+                    return
 
     def _answer(self, conn, cmd: bytes) -> bool:
         if cmd == b"PING":

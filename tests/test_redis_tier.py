@@ -11,7 +11,6 @@ import random
 import tempfile
 import time
 import uuid
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -23,8 +22,8 @@ from stratacache.config import load_config
 from stratacache.core.artifact import ArtifactMeta, as_bytes, meta_for
 from stratacache.core.errors import ConfigError, TierFault
 from stratacache.core.keys import ArtifactKey
-from tests.redis_server import (RedisServer, RedisServerError, free_port, make_tls_files,
-                                tier_items)
+from tests.redis_server import (RedisServer, RedisServerError, commands_run_by, free_port,
+                                make_tls_files, tier_items)
 
 DTYPES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.int64]
 
@@ -141,21 +140,6 @@ def test_batched_operations(layer):
     assert layer.put_many([]) == [] and layer.get_many([]) == [] and layer.contains([]) == []
 
 
-def _server_calls(admin) -> Counter:
-    """Calls per command the server has answered (INFO commandstats), without INFO itself."""
-    stats = admin.info("commandstats")
-    return Counter({name[len("cmdstat_"):]: v["calls"] for name, v in stats.items()
-                    if name != "cmdstat_info"})
-
-
-def _commands_run_by(admin, op):
-    """(op(), the commands the server ran for it)."""
-    before = _server_calls(admin)
-    result = op()
-    after = _server_calls(admin)
-    return result, {c: n for c, n in (after - before).items() if n}
-
-
 def test_a_hit_or_a_lease_is_one_get_and_a_miss_one_get(layer, server):
     """Counted by the server: one GET per key read (get, get with out, get_many, acquire),
     never an EXISTS first; contains is EXISTS only."""
@@ -166,25 +150,25 @@ def test_a_hit_or_a_lease_is_one_get_and_a_miss_one_get(layer, server):
     assert layer.put_many([(k, *item(t)) for k, t in zip(keys, tensors)]) == [True] * 5
     missing = unique_key()
 
-    art, ran = _commands_run_by(admin, lambda: layer.get(keys[0]))
+    art, ran = commands_run_by(admin, lambda: layer.get(keys[0]))
     assert torch.equal(art.data, tensors[0]) and ran == {"get": 1}
     out = torch.empty(tensors[1].numel(), dtype=torch.uint8)
-    art, ran = _commands_run_by(admin, lambda: layer.get(keys[1], out=out, verify=True))
+    art, ran = commands_run_by(admin, lambda: layer.get(keys[1], out=out, verify=True))
     assert art.data.data_ptr() == out.data_ptr() and torch.equal(out, tensors[1])
     assert ran == {"get": 1}
-    lease, ran = _commands_run_by(admin, lambda: layer.acquire(keys[2]))
+    lease, ran = commands_run_by(admin, lambda: layer.acquire(keys[2]))
     assert ran == {"get": 1}
     assert isinstance(lease, Lease) and lease.tier == "redis" and not lease.held
     with lease as leased:                      # an owned copy: nothing to hold on the server
         assert torch.equal(leased.data, tensors[2])
     assert torch.equal(lease.artifact.data, tensors[2])
-    got, ran = _commands_run_by(admin, lambda: layer.get_many(keys + [missing]))
+    got, ran = commands_run_by(admin, lambda: layer.get_many(keys + [missing]))
     assert ran == {"get": 6} and got[-1] is None
     assert all(torch.equal(a.data, t) for a, t in zip(got, tensors))
     for miss in (lambda: layer.get(missing), lambda: layer.acquire(missing)):
-        res, ran = _commands_run_by(admin, miss)
+        res, ran = commands_run_by(admin, miss)
         assert res is None and ran == {"get": 1}
-    present, ran = _commands_run_by(admin, lambda: has(layer, keys[3], missing))
+    present, ran = commands_run_by(admin, lambda: has(layer, keys[3], missing))
     assert present == [True, False] and ran == {"exists": 2}
     st = layer.stats()
     assert (st["hits"], st["misses"]) == (8, 3)
