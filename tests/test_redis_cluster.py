@@ -10,7 +10,7 @@ import pytest
 import redis
 import torch
 
-from stratacache.backends.redis import RedisTier
+from stratacache.backends.redis import RedisTier, resp
 from stratacache.config import load_config
 from stratacache.core.keys import ArtifactKey
 from tests.redis_server import RedisCluster, free_port, random_chunks, tier_items
@@ -22,14 +22,19 @@ def cluster():
         yield cl
 
 
-def test_cluster_round_trip_spreads_over_all_primaries(cluster):
+def test_cluster_round_trip_spreads_over_all_primaries(cluster, monkeypatch):
     lay = RedisTier(cluster.url, cluster=True, key_prefix=f"cl{uuid.uuid4().hex[:6]}:")
     pairs = random_chunks(11, 48)
     assert lay.put_many(tier_items(pairs)) == [True] * 48
     per_node = [s.admin_client().dbsize() for s in cluster.nodes]
     assert all(n > 0 for n in per_node) and sum(per_node) >= 48
     absent = ArtifactKey("kv", "llama-11", "absent")
+    exchanges = []
+    real = resp.exchange
+    monkeypatch.setattr(resp, "exchange", lambda pool, *a: exchanges.append(pool) or real(pool, *a))
     got = lay.get_many([k for k, _ in pairs] + [absent])
+    assert len(exchanges) == len(set(map(id, exchanges))) == 3   # one pipeline per primary
+    monkeypatch.undo()
     assert got[-1] is None
     for (k, t), art in zip(pairs, got):
         assert art.meta.dtype == t.dtype and torch.equal(art.tensor(), t)

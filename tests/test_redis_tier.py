@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from stratacache.backends.base import INSPECT_KEYS, Lease, Tier
-from stratacache.backends.redis import RedisTier, RedisTierConfigError
+from stratacache.backends.redis import RedisTier, RedisTierConfigError, resp
 from stratacache.config import load_config
 from stratacache.core.artifact import ArtifactMeta, as_bytes, meta_for
 from stratacache.core.errors import ConfigError, TierFault
@@ -172,6 +172,19 @@ def test_a_hit_or_a_lease_is_one_get_and_a_miss_one_get(layer, server):
     assert present == [True, False] and ran == {"exists": 2}
     st = layer.stats()
     assert (st["hits"], st["misses"]) == (8, 3)
+
+
+def test_batches_are_one_pipelined_exchange_per_server(layer, monkeypatch):
+    exchanges = []
+    real = resp.exchange
+    monkeypatch.setattr(resp, "exchange", lambda *a, **kw: exchanges.append(1) or real(*a, **kw))
+    keys = [unique_key() for _ in range(12)]
+    tensors = [torch.randint(0, 256, (1000 + i,), dtype=torch.uint8) for i in range(12)]
+    assert layer.put_many([(k, *item(t)) for k, t in zip(keys, tensors)]) == [True] * 12
+    assert len(exchanges) == 1
+    got = layer.get_many(keys, [torch.empty(2000, dtype=torch.uint8) for _ in keys])
+    assert all(torch.equal(a.data, t) for a, t in zip(got, tensors)) and len(exchanges) == 2
+    assert has(layer, *keys) == [True] * 12 and len(exchanges) == 3
 
 
 def test_bad_arguments_are_clear_errors(layer):
