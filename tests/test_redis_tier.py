@@ -266,6 +266,13 @@ def test_maxmemory_allkeys_lru_evicts_to_misses():
         st = lay.stats()
         assert st["misses"] == len(keys) - len(present) and st["errors"] == 0
         assert st["detail"]["healthy"]
+        assert 0 < st["used_bytes"] <= st["capacity_bytes"] and 0 < st["items"] <= len(keys)
+        # An object larger than the whole server is refused without being sent.
+        big = torch.zeros(lay.capacity_bytes + 1, dtype=torch.uint8)
+        small = torch.ones(10, dtype=torch.uint8)
+        oks, ran = commands_run_by(srv.admin_client(), lambda: lay.put_many(
+            [(unique_key(), *item(small)), (unique_key(), *item(big)), (unique_key(), *item(small))]))
+        assert oks == [True, False, True] and ran == {"set": 2}
         lay.close()
 
 

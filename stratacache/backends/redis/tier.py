@@ -332,7 +332,13 @@ class RedisTier(Tier):
 
     def _put_many(self, items) -> list[bool]:
         """SET (PX with ttl_s) every item in one pipeline; payloads go from tensor memory
-        to the socket without a copy (header and payload are framed as one RESP value)."""
+        to the socket without a copy (header and payload are framed as one RESP value).
+        A payload larger than the whole capacity (maxmemory) is refused without sending it."""
+        cap = self.capacity_bytes
+        fits = [not cap or meta.size < cap for _, _, meta in items]
+        if not all(fits):
+            stored = iter(self._put_many([it for it, ok in zip(items, fits) if ok]))
+            return [ok and next(stored) for ok in fits]
         if not items:
             return []
         rkeys = [self._rkey(k) for k, _, _ in items]
@@ -465,24 +471,29 @@ class RedisTier(Tier):
             self._fault(self._health, exc)
 
     def _stats(self) -> dict:
-        """``items`` and ``used_bytes`` are the server's (DBSIZE and INFO used_memory,
-        summed over cluster primaries: every key prefix, and Redis' own overhead); 0 while
-        the server is down. ``inspect`` counts exactly what is under key_prefix."""
+        """``items`` and ``used_bytes`` are the server's (DBSIZE and INFO
+        used_memory_dataset, summed over cluster primaries: every key prefix); 0 while the
+        server is down. ``inspect`` counts exactly what is under key_prefix."""
         usage = self._remote(self._server_usage)
-        items, used = (0, 0) if usage is _DOWN else usage
+        items, used, used_memory = (0, 0, 0) if usage is _DOWN else usage
         with self._extra_lock:
             extra = {k: self._extra[k] for k in _EXTRA}
-        return dict(extra, items=items, used_bytes=used, healthy=self.healthy,
+        return dict(extra, items=items, used_bytes=used, used_memory=used_memory,
+                    healthy=self.healthy,
                     auth_error=self.auth_error, last_error=self.last_error,
                     url=resp.redact(self.url), cluster=self.cluster)
 
-    def _server_usage(self) -> tuple[int, int]:
-        """(DBSIZE, INFO used_memory), summed over cluster primaries."""
+    def _server_usage(self) -> tuple[int, int, int]:
+        """(DBSIZE, INFO used_memory_dataset, used_memory), summed over cluster primaries.
+        The dataset is what the keys take, so it stays within maxmemory (used_memory also
+        counts Redis' own overhead and client buffers, and can pass it while a reply is made)."""
         items = self._client.dbsize()
-        used = sum(i.get("used_memory", 0) for i in self._infos("memory"))
-        if not isinstance(items, int) or not isinstance(used, int):
-            raise redis.ConnectionError(f"malformed reply to DBSIZE / INFO: {items!r:.80} {used!r:.80}")
-        return items, used
+        infos = self._infos("memory")
+        dataset = sum(i.get("used_memory_dataset", 0) for i in infos)
+        used = sum(i.get("used_memory", 0) for i in infos)
+        if not all(isinstance(n, int) for n in (items, dataset, used)):
+            raise redis.ConnectionError(f"malformed reply to DBSIZE / INFO memory: {items!r:.80}")
+        return items, dataset, used
 
     def _usage(self) -> tuple[list, int]:
         """([(key, value bytes)] under key_prefix, number of keys there that are not ours)."""
@@ -526,7 +537,7 @@ class RedisTier(Tier):
                                 f"({tier.last_error})")
             try:
                 entries, foreign = tier._usage()
-                used_memory = tier._server_usage()[1]
+                used_memory = tier._server_usage()[2]
             except resp.FAULTS as exc:
                 raise TierFault(f"tiers.redis: {resp.redact(tier.url)}: "
                                 f"{type(exc).__name__}: {exc}") from None
