@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 import yaml
 
+from stratacache.backends.redis import RedisTier
 from stratacache.config import load_config
 from stratacache.core.keys import ArtifactKey
 from stratacache.engine import StorageEngine
@@ -202,6 +204,25 @@ def _wait_for(pred, timeout: float = 8.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_one_refusal_is_logged_once_whichever_path_read_it(caplog):
+    """The tier's own RESP reader keeps a reply's NOAUTH word, redis-py's parser drops it
+    (INFO, SCAN, DBSIZE go through redis-py): the same refusal is still one ERROR line."""
+    srv = FakeRedis(b"$-1\r\n")
+    tier = RedisTier(srv.url, retry_backoff_s=0.0, retry_backoff_max_s=0.0)
+    caplog.set_level(logging.INFO, logger="stratacache.backends.redis")
+    try:
+        for text in ("NOAUTH Authentication required.", "Authentication required.",
+                     "NOAUTH Authentication required."):
+            tier._fault(tier._health, redis.AuthenticationError(text))
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "(Authentication required.)" in errors[0], errors
+        detail = tier.stats()["detail"]
+        assert detail["auth_failures"] >= 3 and "tiers.redis.password" in detail["auth_error"]
+    finally:
+        tier.close()
+        srv.close()
 
 
 @pytest.mark.parametrize("client_password", [None, "wrong-password"])

@@ -283,6 +283,14 @@ def is_auth_failure(exc: BaseException) -> bool:
         any(w in str(exc) for w in _AUTH_WORDS)
 
 
+def auth_reason(exc: BaseException) -> str:
+    """The server's reason for refusing credentials, the same whichever path read the reply
+    (redis-py drops the leading NOAUTH / WRONGPASS / NOPERM; a raw reply keeps it)."""
+    text = str(exc)
+    word, _, rest = text.partition(" ")
+    return rest if word.encode() in _AUTH_REPLIES and rest else text
+
+
 def redact(url: str) -> str:
     """The URL without its password, for messages and stats."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

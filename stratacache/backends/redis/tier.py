@@ -202,8 +202,8 @@ class RedisTier(Tier):
         """The server (up, perhaps only since start-up) refuses our credentials: a
         configuration problem, logged as such once per distinct refusal, and kept in
         ``stats()["detail"]["auth_error"]`` until a call succeeds."""
-        message = (f"authentication to {resp.redact(self.url)}{where} failed ({exc}); check "
-                   "tiers.redis.username and tiers.redis.password")
+        message = (f"authentication to {resp.redact(self.url)}{where} failed "
+                   f"({resp.auth_reason(exc)}); check tiers.redis.username and tiers.redis.password")
         with self._extra_lock:
             first = self.auth_error != message
             self.auth_error = message
