@@ -55,7 +55,7 @@ setup(
     package_data={"stratacache": ["config/default.yaml"]},
     python_requires=">=3.10",
     install_requires=["pyyaml", "numpy", "pydantic>=2,<3"],
-    extras_require={"redis": ["redis>=5", "hiredis"], "metrics": ["prometheus_client"]},
+    extras_require={"redis": ["redis>=7,<9", "hiredis"], "metrics": ["prometheus_client"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["stratacache = stratacache.cli.main:main"]},

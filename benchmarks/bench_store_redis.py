@@ -1,7 +1,7 @@
 """Redis tier vs raw redis-py: batched 1-8 MiB chunks, same server, same bytes, same run.
 
 Baseline: a redis-py pipeline of plain SET / GET of the payload bytes (what a
-hand-written client would do). Measured: ``RedisMemoryLayer.put_many`` /
+hand-written client would do). Measured: ``RedisTier.put_many`` /
 ``get_many`` of the same payloads, which add the versioned header, the
 checksum check on every load and the copy into a preallocated destination
 (``outs``). Each figure is tier throughput over raw throughput (>= 1.0 means
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import stratacache.ops as ops  # noqa: E402
-from stratacache.backends.redis import RedisMemoryLayer  # noqa: E402
+from stratacache.backends.redis import RedisTier  # noqa: E402
 from stratacache.core.artifact import meta_for  # noqa: E402
 from stratacache.core.keys import ArtifactKey  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -58,7 +58,7 @@ def _measure_size(srv: RedisServer, size: int, batch: int, repeats: int) -> dict
     raw_keys = [b"raw:" + k.encode() for k in keys]
 
     raw = srv.admin_client(socket_timeout=30)
-    tier = RedisMemoryLayer(srv.url, op_timeout_s=30, key_prefix="tier:")
+    tier = RedisTier(srv.url, op_timeout_s=30, key_prefix="tier:")
 
     def raw_put():
         pipe = raw.pipeline(transaction=False)

@@ -12,7 +12,8 @@ raises ``RedisServerError``: tests that need Redis fail, they never skip.
     with RedisCluster(3) as cl:          # cluster mode, all 16384 slots covered
         cl.url                           # a seed node
 
-plus ``random_chunks`` / ``tier_items``: test payloads shared by the Redis tests.
+plus ``random_chunks`` / ``tier_items``: test payloads shared by the Redis tests, and
+``commands_run_by``: which commands the server ran for one call (INFO commandstats).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 from typing import Optional, Sequence
 
 import random
+from collections import Counter
 
 import redis
 import torch
@@ -332,3 +334,17 @@ def tier_items(pairs) -> list:
         data = as_bytes(t)
         out.append((key, data, meta_for(t, checksum64(data))))
     return out
+
+
+def _server_calls(admin: redis.Redis) -> Counter:
+    """Calls per command the server has answered (INFO commandstats), without INFO itself."""
+    stats = admin.info("commandstats")
+    return Counter({name[len("cmdstat_"):]: v["calls"] for name, v in stats.items()
+                    if name != "cmdstat_info"})
+
+
+def commands_run_by(admin: redis.Redis, op):
+    """(op(), {command: calls} the server ran meanwhile); nothing else may use the server."""
+    before = _server_calls(admin)
+    result = op()
+    return result, dict(_server_calls(admin) - before)

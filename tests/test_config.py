@@ -263,13 +263,13 @@ def test_fractional_sizes_with_a_unit_are_exact(text, expected):
 
 
 def test_direct_tier_constructors_name_the_key_for_what_the_schema_refuses():
-    from stratacache.backends.cpu import CpuMemoryLayer
-    from stratacache.backends.redis import RedisMemoryLayer, RedisTierConfigError
+    from stratacache.backends.cpu import CpuTier
+    from stratacache.backends.redis import RedisTier, RedisTierConfigError
     with pytest.raises(ValueError, match="tiers.cpu.capacity: an arena of"):
-        CpuMemoryLayer(1 << 62, pin_memory=False)
+        CpuTier(1 << 62, pin_memory=False)
     for url in ("redis://localhost:99999", "redis://localhost/notanumber", "redis://:::@@/x"):
         with pytest.raises(RedisTierConfigError, match="tiers.redis.url"):
-            RedisMemoryLayer(url)
+            RedisTier(url)
 
 
 # -- issue 18: the models (pydantic v2) that replaced the hand-written validator.

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from stratacache.backends.disk import DiskTier
-from stratacache.backends.redis import RedisMemoryLayer
+from stratacache.backends.redis import RedisTier
 from stratacache.backends.shared import SharedRegionTier
 from stratacache.core.artifact import HEADER_MAGIC, ArtifactMeta, meta_for
 from stratacache.core.keys import ArtifactKey
@@ -111,7 +111,7 @@ def test_disk_tier_every_header_bit_across_a_restart(tmp_path):
 
 
 def test_redis_tier_every_header_bit(redis_server):
-    layer = RedisMemoryLayer(redis_server.url, key_prefix=f"meta{uuid.uuid4().hex[:6]}:")
+    layer = RedisTier(redis_server.url, key_prefix=f"meta{uuid.uuid4().hex[:6]}:")
     admin = redis_server.admin_client()
     try:
         for dtype in (torch.float32, torch.bfloat16, torch.uint8):
@@ -144,7 +144,7 @@ def _old_format(t: torch.Tensor) -> bytes:
 def test_records_of_the_previous_format_are_misses(tmp_path, redis_server):
     t = tensor(5)
     key = ArtifactKey("kv", "meta", "old")
-    layer = RedisMemoryLayer(redis_server.url, key_prefix=f"old{uuid.uuid4().hex[:6]}:")
+    layer = RedisTier(redis_server.url, key_prefix=f"old{uuid.uuid4().hex[:6]}:")
     try:
         redis_server.admin_client().set(layer.key_prefix + key.encode(), _old_format(t))
         assert layer.get(key) is None and layer.stats()["corrupt"] == 1

@@ -1,4 +1,4 @@
-"""RedisMemoryLayer on a real 3-primary Redis Cluster on loopback (the two-"host"
+"""RedisTier on a real 3-primary Redis Cluster on loopback (the two-"host"
 engine test is in test_redis_engine.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import redis
 import torch
 
-from stratacache.backends.redis import RedisMemoryLayer
+from stratacache.backends.redis import RedisTier, resp
+from stratacache.config import load_config
 from stratacache.core.keys import ArtifactKey
 from tests.redis_server import RedisCluster, free_port, random_chunks, tier_items
 
@@ -21,29 +22,37 @@ def cluster():
         yield cl
 
 
-def test_cluster_round_trip_spreads_over_all_primaries(cluster):
-    lay = RedisMemoryLayer(cluster.url, cluster=True, key_prefix=f"cl{uuid.uuid4().hex[:6]}:")
+def test_cluster_round_trip_spreads_over_all_primaries(cluster, monkeypatch):
+    lay = RedisTier(cluster.url, cluster=True, key_prefix=f"cl{uuid.uuid4().hex[:6]}:")
     pairs = random_chunks(11, 48)
     assert lay.put_many(tier_items(pairs)) == [True] * 48
     per_node = [s.admin_client().dbsize() for s in cluster.nodes]
     assert all(n > 0 for n in per_node) and sum(per_node) >= 48
     absent = ArtifactKey("kv", "llama-11", "absent")
+    exchanges = []
+    real = resp.exchange
+    monkeypatch.setattr(resp, "exchange", lambda pool, *a: exchanges.append(pool) or real(pool, *a))
     got = lay.get_many([k for k, _ in pairs] + [absent])
+    assert len(exchanges) == len(set(map(id, exchanges))) == 3   # one pipeline per primary
+    monkeypatch.undo()
     assert got[-1] is None
     for (k, t), art in zip(pairs, got):
         assert art.meta.dtype == t.dtype and torch.equal(art.tensor(), t)
-    assert lay.contains_many([pairs[0][0], absent]) == [True, False]
+    assert lay.contains([pairs[0][0].encode(), absent.encode()]) == [True, False]
     assert set(lay.keys()) == {k for k, _ in pairs}
-    rep = RedisMemoryLayer.inspect(url=cluster.url, cluster=True,
-                                   key_prefix=lay.key_prefix.decode())
-    assert rep["items"] == 48 and rep["kinds"]["kv"]["llama-11"]["items"] == 48
+    cfg = load_config(overrides={"tiers": {"redis": {
+        "enabled": True, "url": cluster.url, "cluster": True,
+        "key_prefix": lay.key_prefix.decode()}}})
+    rep = RedisTier.inspect(cfg.tiers.redis, cfg)
+    assert rep["items"] == 48 and rep["by_namespace"]["kv/llama-11"]["items"] == 48
+    assert rep["detail"]["cluster"] is True
     assert lay.delete(pairs[0][0]) and lay.get(pairs[0][0]) is None
     lay.close()
 
 
 def test_moved_slot_is_a_miss_then_the_slot_map_is_refreshed(cluster):
     """Resharding: a stale slot map gives MOVED; that key is a miss once, then found."""
-    lay = RedisMemoryLayer(cluster.url, cluster=True, key_prefix=f"mv{uuid.uuid4().hex[:6]}:")
+    lay = RedisTier(cluster.url, cluster=True, key_prefix=f"mv{uuid.uuid4().hex[:6]}:")
     (key, t), = random_chunks(21, 1)
     rk = lay.key_prefix + key.encode()
     admin = cluster.nodes[0].admin_client()
@@ -75,7 +84,7 @@ def _owner_port(node, slot: int) -> int:
 def test_cluster_node_killed_then_restarted(cluster):
     """Runs last in this module: one primary dies; its keys are misses, the other
     primaries keep serving, and the tier recovers when it returns."""
-    lay = RedisMemoryLayer(cluster.url, cluster=True, op_timeout_s=0.5, connect_timeout_s=0.2,
+    lay = RedisTier(cluster.url, cluster=True, op_timeout_s=0.5, connect_timeout_s=0.2,
                            retry_backoff_s=0.05, retry_backoff_max_s=0.2,
                            key_prefix=f"kill{uuid.uuid4().hex[:6]}:")
     pairs = random_chunks(3, 30)
@@ -92,7 +101,7 @@ def test_cluster_node_killed_then_restarted(cluster):
         assert (art is None) if dead else torch.equal(art.tensor(), t)
     assert not lay.healthy and lay.stats()["errors"] >= 1
     assert lay.put_many(tier_items(pairs)) == [not dead for dead in on_victim]
-    assert lay.contains_many(keys) == [not dead for dead in on_victim]
+    assert lay.contains([k.encode() for k in keys]) == [not dead for dead in on_victim]
     victim.start()                                        # rejoins with its slots (nodes.conf)
     deadline = time.monotonic() + 20
     ok = [False]
@@ -102,7 +111,7 @@ def test_cluster_node_killed_then_restarted(cluster):
     assert all(ok) and lay.healthy
     got = lay.get_many(keys)
     assert all(a is not None and torch.equal(a.tensor(), t) for a, (_, t) in zip(got, pairs))
-    assert lay.stats()["recoveries"] >= 1
+    assert lay.stats()["detail"]["recoveries"] >= 1
     lay.close()
 
 
@@ -114,7 +123,7 @@ def _held_by(node, rkey: bytes) -> bool:
 
 
 def test_cluster_unreachable_at_startup_is_a_miss_not_an_error():
-    lay = RedisMemoryLayer(f"redis://127.0.0.1:{free_port()}/0", cluster=True,
+    lay = RedisTier(f"redis://127.0.0.1:{free_port()}/0", cluster=True,
                            connect_timeout_s=0.2, retry_backoff_s=0.05, retry_backoff_max_s=0.1)
     assert not lay.healthy
     pairs = random_chunks(4, 2)

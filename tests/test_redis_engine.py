@@ -14,7 +14,7 @@ import torch
 
 from stratacache.config import load_config
 from stratacache.engine import StorageEngine
-from tests.redis_server import RedisCluster, RedisServer, random_chunks
+from tests.redis_server import RedisCluster, RedisServer, commands_run_by, random_chunks
 
 
 def redis_only_config(url: str, *, cluster: bool = False, cpu: bool = False, **redis_kw):
@@ -43,7 +43,7 @@ def test_engine_survives_server_kill_and_restart():
         assert eng.store(pairs[0][0], pairs[0][1]) is False
         assert time.monotonic() - t0 < 2.0                # fast: one timeout, then backing off
         st = eng.stats()["tiers"]["redis"]
-        assert st["errors"] >= 1 and st["misses"] >= 12 and st["healthy"] is False
+        assert st["errors"] >= 1 and st["misses"] >= 12 and st["detail"]["healthy"] is False
         srv.start()                                       # empty: the data died with it
         deadline = time.monotonic() + 5
         while not eng.store(pairs[0][0], pairs[0][1]) and time.monotonic() < deadline:
@@ -57,7 +57,7 @@ def test_engine_survives_server_kill_and_restart():
                          dtype=torch.uint8)
         art = eng.load(pairs[3][0], out=out)
         assert art.data.data_ptr() == out.data_ptr() and torch.equal(art.tensor(), pairs[3][1])
-        assert eng.stats()["tiers"]["redis"]["recoveries"] >= 1
+        assert eng.stats()["tiers"]["redis"]["detail"]["recoveries"] >= 1
         eng.close()
 
 
@@ -81,6 +81,33 @@ def test_engine_batched_forms_through_redis():
         st = eng.stats()["tiers"]["redis"]
         assert st["hits"] == 16 and st["puts"] == 16 and st["errors"] == 0
         eng.close()
+
+
+def test_engine_hit_lease_and_miss_are_one_get_each_on_the_server():
+    """Issue #18: a Redis hit is one round trip. Counted by the server (INFO commandstats):
+    a load or a pinned view of a present chunk is exactly one GET and no EXISTS; a miss is
+    one GET, counted once. (The old pin was EXISTS, then GET; a miss was probed twice.)"""
+    with RedisServer() as srv:
+        eng = StorageEngine(redis_only_config(srv.url))
+        admin = srv.admin_client()
+        try:
+            (k, t), (missing, _) = random_chunks(9, 2)
+            assert eng.store(k, t)
+            art, ran = commands_run_by(admin, lambda: eng.load(k))
+            assert torch.equal(art.tensor(), t) and ran == {"get": 1}
+
+            def pinned_view():
+                with eng.pinned(k) as view:
+                    return view is not None and torch.equal(view.tensor(), t)
+
+            ok, ran = commands_run_by(admin, pinned_view)
+            assert ok and ran == {"get": 1}
+            before = eng.stats()["tiers"]["redis"]["misses"]
+            art, ran = commands_run_by(admin, lambda: eng.load(missing))
+            assert art is None and ran == {"get": 1}
+            assert eng.stats()["tiers"]["redis"]["misses"] == before + 1
+        finally:
+            eng.close()
 
 
 def test_engine_counts_a_corrupt_redis_chunk_as_a_miss():

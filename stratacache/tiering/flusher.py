@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import Callable, Optional
 
 from stratacache.core.artifact import Artifact
+from stratacache.core.backoff import Backoff
 from stratacache.core.keys import ArtifactKey
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class WriteBackFlusher:
         self.retry_backoff_max_s = max(retry_backoff_max_s, retry_backoff_s)
         self.max_dirty_bytes = max_dirty_bytes
         self.stall_s = max(10.0, 3 * self.retry_backoff_max_s)
+        self._backoff = Backoff(self.retry_backoff_s, self.retry_backoff_max_s)  # of the tiers below
         self._dirty: "OrderedDict[tuple[int, ArtifactKey], _Dirty]" = OrderedDict()
         self._dirty_bytes = 0
         self._busy: Optional[tuple[int, ArtifactKey]] = None
@@ -123,10 +125,6 @@ class WriteBackFlusher:
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._busy is None or self._busy[1] != key, timeout=timeout)
 
-    def is_dirty(self, link: int, key: ArtifactKey) -> bool:
-        with self._cond:
-            return (link, key) in self._dirty or self._busy == (link, key)
-
     # -- draining ------------------------------------------------------------------------
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -186,13 +184,13 @@ class WriteBackFlusher:
             self._thread.start()
 
     def _run(self) -> None:
-        backoff = 0.0
+        backoff = self._backoff
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._dirty or self._stop)
                 if not self._dirty:
                     return   # stopped and drained
-                if self._stop and backoff:
+                if self._stop and not backoff.healthy:
                     return   # closing and the lower tier still fails: leave the rest counted
                 (link, key), item = self._dirty.popitem(last=False)
                 self._dirty_bytes -= item.size
@@ -211,12 +209,13 @@ class WriteBackFlusher:
                     ok = True
                 if ok:
                     self.flushed += 1
-                    backoff = 0.0
+                    backoff.ok()
                 elif (link, key) not in self._dirty:   # not re-stored meanwhile: retry later
                     self.flush_failures += 1
                     self._dirty[(link, key)] = item
                     self._dirty_bytes += item.size
-                    backoff = min(self.retry_backoff_max_s, max(self.retry_backoff_s, backoff * 2))
                 self._cond.notify_all()
-                if not ok and not self._stop:
-                    self._cond.wait_for(lambda: self._stop, timeout=backoff)
+                if not ok:
+                    retry_in = backoff.fault()[1]
+                    if not self._stop:
+                        self._cond.wait_for(lambda: self._stop, timeout=retry_in)
