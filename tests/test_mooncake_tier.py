@@ -200,6 +200,30 @@ def test_overwrite_replaces_the_value(tier):
     assert art is not None and art.meta.size == 50_001 and torch.equal(out[:50_001], new)
 
 
+def test_put_many_mixes_new_and_existing_keys(tier):
+    """New keys take the zero-copy batch put, stored ones the upsert: both end up current."""
+    rng = random.Random(23)
+    names = [fresh_name(f"mix{i}") for i in range(6)]
+    first = [item(n, random_payload(rng, 20_000 + i)) for i, n in enumerate(names[:3])]
+    assert tier.put_many(first) == [True] * 3
+    second = [item(n, random_payload(rng, 30_000 + i)) for i, n in enumerate(names)]
+    assert tier.put_many(second) == [True] * 6
+    for key, data, meta in second:
+        art = tier.get(key)
+        assert art is not None and art.meta == meta and torch.equal(art.data, data)
+
+
+def test_empty_payload_round_trips(tier):
+    key, data, meta = item(fresh_name("empty"), torch.empty(0, dtype=torch.uint8))
+    assert tier.put(key, data, meta)
+    art = tier.get(key)
+    assert art is not None and art.meta.size == 0
+    assert tier.get(key, torch.empty(0, dtype=torch.uint8)) is not None
+    _, data2, meta2 = item(key.name, torch.arange(5, dtype=torch.uint8))
+    assert tier.put(key, data2, meta2) and torch.equal(tier.get(key).data, data2)
+    assert tier.put(key, data, meta) and tier.get(key).meta.size == 0
+
+
 def test_delete(tier, master):
     key, data, meta = item(fresh_name("del"), random_payload(random.Random(4), 1234))
     assert tier.put(key, data, meta)

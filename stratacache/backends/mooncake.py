@@ -59,6 +59,7 @@ HEADER_SLOT = ArtifactMeta.header_size(MAX_NDIM)   # every value's header, zero-
 # Mooncake error codes (negative return values) the tier tells apart.
 OBJECT_NOT_FOUND = -704
 LEASE_HELD = -706          # remove refused: a reader holds the object's lease
+LEASE_EXPIRED = -707       # a read outlasted its lease (--default_kv_lease_ttl): not trusted
 INVALID_PARAMS = -600
 NO_SPACE = -200            # no segment has room (full, or none mounted yet)
 TRANSFER_FAIL = -800       # the segment holding the value is gone, or the split was wrong
@@ -265,24 +266,52 @@ class MooncakeTier(Tier):
         return self._put_many([(key, data, meta)])[0]
 
     def _put_many(self, items) -> list[bool]:
-        """One ``upsert_parts`` per item (header and payload, from the payload's memory);
-        after a master fault the rest are not tried (each would cost a timeout)."""
+        """New keys: one zero-copy ``batch_put_from_multi_buffers`` (header slot + the payload's
+        own memory). Keys already stored: ``upsert_parts`` each, since Mooncake's put would keep
+        the old value. A key another writer creates between the two calls keeps that writer's
+        (complete) value, as if its put had come second."""
         store = self._client()
         if store is None:
             return [False] * len(items)
-        codes = []
-        for key, data, meta in items:
+        mkeys = [self._mkey(k) for k, _, _ in items]
+        found = list(store.batch_is_exist(mkeys))
+        if any(f in _MASTER_FAULTS for f in found):
+            self._settle(found, "exist")
+            return [False] * len(items)
+        codes = [0] * len(items)
+        new = [i for i, f in enumerate(found) if f != 1]
+        heads = torch.zeros(len(items) * HEADER_SLOT, dtype=torch.uint8)
+        for i in new:
+            key, _, meta = items[i]
+            heads[i * HEADER_SLOT:(i + 1) * HEADER_SLOT] = torch.frombuffer(
+                bytearray(_header(key, meta)), dtype=torch.uint8)
+        if new:
+            base = heads.data_ptr()
+            ptrs = [[base + i * HEADER_SLOT] + ([items[i][1].data_ptr()] if items[i][2].size else [])
+                    for i in new]
+            lens = [[HEADER_SLOT] + ([items[i][2].size] if items[i][2].size else []) for i in new]
+            regions = [(base, heads.numel())] + [(items[i][1].data_ptr(), items[i][2].size)
+                                                 for i in new]
+            with self._pinned(store, regions):
+                got = store.batch_put_from_multi_buffers([mkeys[i] for i in new], ptrs, lens,
+                                                         self._config)
+            for i, rc in zip(new, got):
+                codes[i] = rc
+        for i, f in enumerate(found):
+            if f != 1:
+                continue
+            key, data, meta = items[i]
+            if any(c in _MASTER_FAULTS for c in codes):
+                codes[i] = _MASTER_FAULTS[0]    # not tried: it would cost another timeout
+                continue
             with self._pinned(store, [(data.data_ptr(), meta.size)]):
-                rc = store.upsert_parts(self._mkey(key), _header(key, meta),
-                                        memoryview(data.numpy()), config=self._config)
-            codes.append(rc)
-            if rc in _MASTER_FAULTS:
-                break
+                codes[i] = store.upsert_parts(mkeys[i], _header(key, meta),
+                                              memoryview(data.numpy()), config=self._config)
         self._settle(codes, "put")
         refused = sum(1 for c in codes if c != 0 and c not in _MASTER_FAULTS)
         if refused:
             self._count("refused", refused)
-        return [c == 0 for c in codes] + [False] * (len(items) - len(codes))
+        return [c == 0 for c in codes]
 
     def delete(self, key: ArtifactKey) -> bool:
         """Remove ``key``. Mooncake refuses while a reader holds the object's read lease: then
@@ -344,6 +373,8 @@ class MooncakeTier(Tier):
                 resize[i] = outs[i]                 # the value may be of another size
             elif rc == TRANSFER_FAIL:
                 self._count("transfer_failures")    # its segment is gone
+            elif rc == LEASE_EXPIRED:
+                self._count("lease_expired")
         self._settle(list(codes.values()), "get")
         if resize and self._health.healthy:
             self._read_resized(store, keys, mkeys, heads, resize, results)
@@ -460,7 +491,8 @@ class MooncakeTier(Tier):
             extra = dict(self._extra)
         out = {"items": 0, "used_bytes": 0, "healthy": self.healthy,
                "master_address": self.master_address, "protocol": self.protocol}
-        for k in ("fast_misses", "faults", "recoveries", "transfer_failures", "refused",
+        for k in ("fast_misses", "faults", "recoveries", "transfer_failures", "lease_expired",
+                  "refused",
                   "delete_leased", "listing_failures"):
             out[k] = extra.get(k, 0)
         return out
