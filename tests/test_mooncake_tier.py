@@ -246,6 +246,21 @@ def test_keys_lists_what_the_tier_stored(tier):
     assert listed == {k for k, _, _ in mine}
 
 
+def test_stats_report_the_store_occupancy_from_the_master(netns):
+    with MooncakeMaster() as m, SegmentHolder(m, 32 << 20):
+        tier = make_tier(m)
+        try:
+            rng = random.Random(41)
+            for i in range(3):
+                assert tier.put(*item(f"o{i}", random_payload(rng, 100_000)))
+            s = tier.stats()
+            assert s["capacity_bytes"] == tier.capacity_bytes == 32 << 20
+            assert s["items"] == 3 and s["used_bytes"] == 3 * (HEADER_SLOT + 100_000)
+            assert s["puts"] == 3 and s["detail"]["healthy"] is True
+        finally:
+            tier.close()
+
+
 # -- untrusted values ---------------------------------------------------------------------
 
 def _stored_value(key: ArtifactKey, data: torch.Tensor, meta: ArtifactMeta) -> bytes:

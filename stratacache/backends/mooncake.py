@@ -65,6 +65,10 @@ NO_SPACE = -200            # no segment has room (full, or none mounted yet)
 TRANSFER_FAIL = -800       # the segment holding the value is gone, or the split was wrong
 _MASTER_FAULTS = range(-999, -899)   # -900 RPC_FAIL, -901 RPC_TIMEOUT, ...: the master is away
 _DOWN = object()           # a size lookup's answer when the master is away
+# The master's Prometheus metrics (whole store) that stats() reports, by our names.
+_OCCUPANCY = {"master_key_count": "items", "master_allocated_bytes": "used_bytes",
+              "master_total_capacity_bytes": "capacity_bytes",
+              "master_evicted_key_count": "evictions", "master_evicted_size_bytes": "evicted_bytes"}
 
 PROTOCOLS = ("tcp", "rdma")
 
@@ -158,6 +162,8 @@ class MooncakeTier(Tier):
         self._store_lock = threading.Lock()
         self._registered: list[tuple[int, int]] = []   # (address, bytes) given to register_memory
         self._config = None
+        self._occupancy_at = -1.0
+        self._last_occupancy: dict = {"items": 0, "used_bytes": 0}
         with self._store_lock:
             self._open()
 
@@ -487,15 +493,43 @@ class MooncakeTier(Tier):
                 continue
 
     def _stats(self) -> dict:
+        """Occupancy is the whole store's (every client's keys: Mooncake accounts per cluster,
+        not per prefix), from the master's Prometheus metrics, read at most once a second."""
         with self._extra_lock:
             extra = dict(self._extra)
-        out = {"items": 0, "used_bytes": 0, "healthy": self.healthy,
-               "master_address": self.master_address, "protocol": self.protocol}
+        out = dict(self._occupancy())
+        out.update(healthy=self.healthy, master_address=self.master_address,
+                   protocol=self.protocol)
         for k in ("fast_misses", "faults", "recoveries", "transfer_failures", "lease_expired",
-                  "refused",
-                  "delete_leased", "listing_failures"):
+                  "refused", "delete_leased", "listing_failures"):
             out[k] = extra.get(k, 0)
         return out
+
+    def _occupancy(self) -> dict:
+        now = time.monotonic()
+        if now - self._occupancy_at < 1.0 or not self._health.healthy:
+            return self._last_occupancy
+        self._occupancy_at = now
+        url = f"http://{self.options['metrics_address']}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=self.op_timeout_s) as reply:
+                text = reply.read().decode("utf-8", "replace")
+        except OSError as exc:
+            self._count("listing_failures")
+            log.debug("mooncake tier: cannot read %s: %s", url, exc)
+            return self._last_occupancy
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in _OCCUPANCY:
+                try:
+                    values[_OCCUPANCY[name]] = int(float(value))
+                except ValueError:
+                    continue
+        if "capacity_bytes" in values:
+            self.capacity_bytes = values["capacity_bytes"]
+        self._last_occupancy = values
+        return values
 
     def close(self) -> None:
         """Close the client. Objects in segments of other processes (a segment holder) stay;
