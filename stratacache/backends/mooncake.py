@@ -473,15 +473,8 @@ class MooncakeTier(Tier):
     def keys(self) -> Iterator[ArtifactKey]:
         """Every well-formed key under ``key_prefix``, from the master's HTTP listing at
         ``metrics_address`` (read-only); nothing while the tier is backing off."""
-        if not self._health.healthy:
-            return
-        url = f"http://{self.options['metrics_address']}/get_all_keys"
-        try:
-            with urllib.request.urlopen(url, timeout=self.op_timeout_s) as reply:
-                listing = reply.read().decode("utf-8", "replace")
-        except OSError as exc:
-            self._count("listing_failures")
-            log.warning("mooncake tier: cannot list keys at %s: %s", url, exc)
+        listing = self._master_http("/get_all_keys") if self._health.healthy else None
+        if listing is None:
             return
         n = len(self.key_prefix)
         for line in listing.splitlines():
@@ -505,18 +498,24 @@ class MooncakeTier(Tier):
             out[k] = extra.get(k, 0)
         return out
 
+    def _master_http(self, path: str) -> Optional[str]:
+        """GET ``path`` from the master's HTTP server (``metrics_address``), or None (counted)."""
+        url = f"http://{self.options['metrics_address']}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=self.op_timeout_s) as reply:
+                return reply.read().decode("utf-8", "replace")
+        except OSError as exc:
+            self._count("listing_failures")
+            log.warning("mooncake tier: cannot read %s: %s", url, exc)
+            return None
+
     def _occupancy(self) -> dict:
         now = time.monotonic()
         if now - self._occupancy_at < 1.0 or not self._health.healthy:
             return self._last_occupancy
         self._occupancy_at = now
-        url = f"http://{self.options['metrics_address']}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=self.op_timeout_s) as reply:
-                text = reply.read().decode("utf-8", "replace")
-        except OSError as exc:
-            self._count("listing_failures")
-            log.debug("mooncake tier: cannot read %s: %s", url, exc)
+        text = self._master_http("/metrics")
+        if text is None:
             return self._last_occupancy
         values = {}
         for line in text.splitlines():
