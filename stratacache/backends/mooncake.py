@@ -10,9 +10,10 @@ followed by the payload. Nothing is pickled.
 Why the padded header: a read scatters the value in one call
 (``batch_get_into_multi_buffers``) into a small header buffer and the
 destination itself (the caller's ``out``), so no payload byte is copied by us;
-Mooncake needs the exact split, which a fixed header slot gives. Writes go
-through ``upsert_parts`` (header and payload as one object, from the payload's
-own memory): Mooncake's ``put`` keeps an existing value, ``upsert`` replaces it.
+Mooncake needs the exact split, which a fixed header slot gives. Writes of new
+keys gather the header slot and the payload's own memory into one object in one
+batch call (``batch_put_from_multi_buffers``); Mooncake's ``put`` keeps an
+existing value, so keys already stored are replaced with ``upsert_parts``.
 
 Trust: the header (its own checksum and the key it was written under), the
 padding and the value's size are checked on every read, so a corrupt, partial,
@@ -29,7 +30,8 @@ one caller probes with its real request. Mooncake's own RPC timeouts
 made) are set from ``op_timeout_s`` / ``connect_timeout_s`` unless the
 environment already sets them, so a hung master costs one timeout, not
 Mooncake's default 30 s. A value whose segment died (``TRANSFER_FAIL``), a full
-store (``NO_AVAILABLE_HANDLE``) or an absent key are plain misses / refusals.
+store or an absent key are plain misses / refusals. docs/mooncake.md has the
+topology, the config keys and the failure table.
 """
 
 from __future__ import annotations
@@ -56,12 +58,11 @@ log = logging.getLogger(__name__)
 
 HEADER_SLOT = ArtifactMeta.header_size(MAX_NDIM)   # every value's header, zero-padded to this
 
-# Mooncake error codes (negative return values) the tier tells apart.
-OBJECT_NOT_FOUND = -704
+# Mooncake error codes (negative return values) the tier tells apart; others (-704 absent,
+# -200 no space, ...) are plain misses / refusals.
 LEASE_HELD = -706          # remove refused: a reader holds the object's lease
 LEASE_EXPIRED = -707       # a read outlasted its lease (--default_kv_lease_ttl): not trusted
 INVALID_PARAMS = -600
-NO_SPACE = -200            # no segment has room (full, or none mounted yet)
 TRANSFER_FAIL = -800       # the segment holding the value is gone, or the split was wrong
 _MASTER_FAULTS = range(-999, -899)   # -900 RPC_FAIL, -901 RPC_TIMEOUT, ...: the master is away
 _DOWN = object()           # a size lookup's answer when the master is away
