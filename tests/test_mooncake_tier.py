@@ -211,6 +211,10 @@ def test_put_many_mixes_new_and_existing_keys(tier):
     for key, data, meta in second:
         art = tier.get(key)
         assert art is not None and art.meta == meta and torch.equal(art.data, data)
+    twice = fresh_name("twice")                     # one key twice in a batch: the last wins
+    batch = [item(twice, random_payload(rng, 1000)), item(twice, random_payload(rng, 1500))]
+    assert tier.put_many(batch) == [True, True]
+    assert torch.equal(tier.get(batch[1][0]).data, batch[1][1])
 
 
 def test_empty_payload_round_trips(tier):

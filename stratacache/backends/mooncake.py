@@ -286,7 +286,11 @@ class MooncakeTier(Tier):
             self._settle(found, "exist")
             return [False] * len(items)
         codes = [0] * len(items)
-        new = [i for i, f in enumerate(found) if f != 1]
+        new, first = [], set()           # a key twice in one batch: the later one upserts
+        for i, f in enumerate(found):
+            if f != 1 and mkeys[i] not in first:
+                new.append(i)
+                first.add(mkeys[i])
         heads = torch.zeros(len(items) * HEADER_SLOT, dtype=torch.uint8)
         for i in new:
             key, _, meta = items[i]
@@ -304,9 +308,7 @@ class MooncakeTier(Tier):
                                                          self._config)
             for i, rc in zip(new, got):
                 codes[i] = rc
-        for i, f in enumerate(found):
-            if f != 1:
-                continue
+        for i in sorted(set(range(len(items))) - set(new)):
             key, data, meta = items[i]
             if any(c in _MASTER_FAULTS for c in codes):
                 codes[i] = _MASTER_FAULTS[0]    # not tried: it would cost another timeout
