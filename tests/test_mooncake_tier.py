@@ -16,7 +16,7 @@ import torch
 
 from stratacache.backends.mooncake import HEADER_SLOT, MooncakeTier
 from stratacache.core.artifact import ArtifactMeta, as_bytes, meta_for
-from stratacache.core.errors import ConfigError, InvalidArgument
+from stratacache.core.errors import ConfigError, InvalidArgument, TierFault
 from stratacache.core.keys import ArtifactKey
 from stratacache.ops import checksum64
 from tests.mooncake_server import (MooncakeMaster, SegmentHolder, in_loopback_namespace,
@@ -263,6 +263,40 @@ def test_stats_report_the_store_occupancy_from_the_master(netns):
             assert s["puts"] == 3 and s["detail"]["healthy"] is True
         finally:
             tier.close()
+
+
+def test_inspect_reports_the_prefix_from_the_master_alone(tier, master):
+    ns = fresh_name("insp")
+    prefix = fresh_name("ip") + ":"
+    writer = make_tier(master, key_prefix=prefix)
+    try:
+        assert writer.put(*item("a", torch.arange(200, dtype=torch.uint8), ns))
+        assert writer.put(*item("b", torch.arange(50, dtype=torch.uint8), ns))
+        params = ArtifactKey("params", ns, "w")
+        data = torch.arange(70, dtype=torch.uint8)
+        assert writer.put(params, data, meta_for(data, checksum64(data)))
+    finally:
+        writer.close()
+
+    class Section:
+        key_prefix = prefix
+        master_address = master.address
+        metrics_address = master.metrics_address
+
+    report = MooncakeTier.inspect(Section, None)
+    assert report["items"] == 3 and report["unreadable"] == 0
+    assert report["used_bytes"] == 3 * HEADER_SLOT + 320
+    assert report["by_kind"]["kv"] == {"items": 2, "bytes": 2 * HEADER_SLOT + 250}
+    assert report["by_namespace"][f"params/{ns}"] == {"items": 1, "bytes": HEADER_SLOT + 70}
+    assert report["capacity_bytes"] > 0 and master.address in report["location"]
+
+
+def test_inspect_of_an_unreachable_master_names_the_address(netns):
+    class Section:
+        metrics_address = "127.0.0.1:1"
+
+    with pytest.raises(TierFault, match="127.0.0.1:1"):
+        MooncakeTier.inspect(Section, None)
 
 
 # -- untrusted values ---------------------------------------------------------------------

@@ -37,21 +37,23 @@ topology, the config keys and the failure table.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import socket
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from typing import Iterator, Optional, Sequence
 
 import torch
 
-from stratacache.backends.base import Tier, fit_out
+from stratacache.backends.base import Tier, fit_out, inspect_report
 from stratacache.core.artifact import Artifact, ArtifactMeta, MAX_NDIM
-from stratacache.core.errors import ConfigError, CorruptArtifact
+from stratacache.core.errors import ConfigError, CorruptArtifact, TierFault
 from stratacache.core.keys import ArtifactKey
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ _DOWN = object()           # a size lookup's answer when the master is away
 _OCCUPANCY = {"master_key_count": "items", "master_allocated_bytes": "used_bytes",
               "master_total_capacity_bytes": "capacity_bytes",
               "master_evicted_key_count": "evictions", "master_evicted_size_bytes": "evicted_bytes"}
+_QUERY_BATCH = 100         # keys per /batch_query_keys request of inspect()
 
 PROTOCOLS = ("tcp", "rdma")
 
@@ -140,7 +143,7 @@ class MooncakeTier(Tier):
     name = "mooncake"
     persistent = True
     zero_copy = False
-    inspectable = False
+    inspectable = True
 
     def __init__(self, name: str = "mooncake", **options):
         unknown = sorted(set(options) - set(DEFAULTS))
@@ -503,13 +506,12 @@ class MooncakeTier(Tier):
 
     def _master_http(self, path: str) -> Optional[str]:
         """GET ``path`` from the master's HTTP server (``metrics_address``), or None (counted)."""
-        url = f"http://{self.options['metrics_address']}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=self.op_timeout_s) as reply:
-                return reply.read().decode("utf-8", "replace")
+            return _http_get(self.options["metrics_address"], path, self.op_timeout_s)
         except OSError as exc:
             self._count("listing_failures")
-            log.warning("mooncake tier: cannot read %s: %s", url, exc)
+            log.warning("mooncake tier: cannot read %s from %s: %s", path,
+                        self.options["metrics_address"], exc)
             return None
 
     def _occupancy(self) -> dict:
@@ -520,18 +522,49 @@ class MooncakeTier(Tier):
         text = self._master_http("/metrics")
         if text is None:
             return self._last_occupancy
-        values = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in _OCCUPANCY:
-                try:
-                    values[_OCCUPANCY[name]] = int(float(value))
-                except ValueError:
-                    continue
+        values = _occupancy_metrics(text)
         if "capacity_bytes" in values:
             self.capacity_bytes = values["capacity_bytes"]
         self._last_occupancy = values
         return values
+
+    @classmethod
+    def inspect(cls, section, cfg) -> dict:
+        """What a configured store holds under ``key_prefix``, from the master's HTTP server
+        alone (no Mooncake client is made, so nothing is set up or opened to listen). Stored
+        bytes include each value's header slot; ``capacity_bytes`` is the whole store's."""
+        opt = dict(DEFAULTS, **{k: getattr(section, k) for k in DEFAULTS if hasattr(section, k)})
+        _validate(getattr(section, "name", None) or "mooncake", opt)
+        address, timeout, prefix = opt["metrics_address"], float(opt["op_timeout_s"]), opt["key_prefix"]
+        try:
+            listing = _http_get(address, "/get_all_keys", timeout)
+            capacity = _occupancy_metrics(_http_get(address, "/metrics", timeout))
+        except OSError as exc:
+            raise TierFault(f"tiers.mooncake: the master's HTTP server at metrics_address "
+                            f"{address} cannot be read: {exc}") from None
+        mine = [line for line in listing.splitlines() if line.startswith(prefix)]
+        entries, unreadable = [], 0
+        for lo in range(0, len(mine), _QUERY_BATCH):
+            chunk = mine[lo:lo + _QUERY_BATCH]
+            batch = [k for k in chunk if "," not in k]   # the query separates keys by commas
+            unreadable += len(chunk) - len(batch)
+            if not batch:
+                continue
+            query = ",".join(urllib.parse.quote(k, safe="") for k in batch)
+            try:
+                found = json.loads(_http_get(address, f"/batch_query_keys?keys={query}", timeout))
+            except (OSError, ValueError) as exc:
+                raise TierFault(f"tiers.mooncake: querying keys at {address} failed: {exc}") from None
+            for mkey in batch:
+                info = (found.get("data") or {}).get(mkey) or {}
+                try:
+                    key = ArtifactKey.decode(mkey[len(prefix):].encode("utf-8"))
+                    entries.append((key, int(info["values"][0]["size_"])))
+                except (ValueError, KeyError, IndexError, TypeError):
+                    unreadable += 1
+        return inspect_report("mooncake", f"mooncake://{opt['master_address']}/{prefix}",
+                              capacity_bytes=capacity.get("capacity_bytes", 0), entries=entries,
+                              unreadable=unreadable, master_address=opt["master_address"])
 
     def close(self) -> None:
         """Close the client. Objects in segments of other processes (a segment holder) stay;
@@ -540,6 +573,24 @@ class MooncakeTier(Tier):
             store, self._store = self._store, None
         if store is not None:
             store.close()
+
+
+def _http_get(address: str, path: str, timeout: float) -> str:
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as reply:
+        return reply.read().decode("utf-8", "replace")
+
+
+def _occupancy_metrics(text: str) -> dict:
+    """The ``_OCCUPANCY`` values out of the master's Prometheus text."""
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in _OCCUPANCY:
+            try:
+                values[_OCCUPANCY[name]] = int(float(value))
+            except ValueError:
+                continue
+    return values
 
 
 def _checked(key: ArtifactKey, heads: torch.Tensor, i: int, nread: int, dest: torch.Tensor):
