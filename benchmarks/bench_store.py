@@ -10,6 +10,10 @@
   the same bytes to files in the same directory. Target >= 0.8.
 * ``lookups_per_s``: ``prefix_lookup`` over 32-key lists of freshly built
   (equal, not identical) keys, all resident. Target >= 1,000,000 keys/s.
+* ``mooncake_put_vs_raw`` / ``mooncake_get_vs_raw``: the Mooncake tier's
+  ``put_many`` / ``get_many(outs)`` of 1-16 MiB objects over raw
+  ``MooncakeDistributedStore.batch_put_from`` / ``batch_get_into`` of the same
+  bytes, into a segment held by another process. Target >= 0.9.
 
 Baseline and measured functions are timed in interleaved rounds (the machine
 is shared, so load drifts); each ratio is the median over rounds, and each
@@ -19,7 +23,7 @@ It also runs ``benchmarks/bench_store_shared.py`` and
 ``benchmarks/bench_store_redis.py`` (their ``run(quick) -> (summary, rows)``)
 and merges their summaries; a missing or failing one is recorded, not fatal.
 
-    python benchmarks/bench_store.py [--quick] [--json PATH]
+    python benchmarks/bench_store.py [--quick] [--json PATH] [--mooncake yes|no|only]
 """
 
 from __future__ import annotations
@@ -209,6 +213,90 @@ def bench_lookups(n_keys: int, rounds: int) -> tuple[dict, list[dict]]:
                                           "lists": len(lists), "keys_per_s": int(best)}]
 
 
+def bench_mooncake(sizes, total_bytes: int, repeats: int) -> tuple[dict, list[dict]]:
+    """The Mooncake tier's put_many / get_many(outs) against raw ``batch_put_from`` /
+    ``batch_get_into`` of the same bytes, both from clients with no segment of their own into
+    a ``mooncake_client`` segment holder (so every byte crosses processes, as between hosts).
+    Everything runs in a loopback-only network namespace (Mooncake binds every address).
+    A third variant, raw calls through a staging buffer plus a copy, is measured beside them
+    (the tier moves payloads directly: TCP needs no registered memory)."""
+    from stratacache.backends.mooncake import MooncakeTier
+    from stratacache.core.artifact import meta_for
+    from tests.mooncake_server import MooncakeMaster, SegmentHolder, loopback_namespace, raw_store
+
+    rows, put_ratios, get_ratios = [], [], []
+    with loopback_namespace(), MooncakeMaster(lease_ttl_ms=5000) as master, \
+            SegmentHolder(master, 4 * total_bytes + 64 * MIB):
+        tier = MooncakeTier(master_address=master.address, metrics_address=master.metrics_address)
+        raw = raw_store(master, buffer_bytes=max(sizes) + MIB)
+        try:
+            for size in sizes:
+                count = max(1, total_bytes // size)
+                src = payloads(size, count)
+                items = [(ArtifactKey("kv", "bench", f"t{size}-{i}"), p, meta_for(p, checksum64(p)))
+                         for i, p in enumerate(src)]
+                raw_keys = [f"raw{size}-{i}" for i in range(count)]
+                dst = [torch.empty(size, dtype=torch.uint8) for _ in range(count)]
+                stage = torch.empty(size, dtype=torch.uint8)
+                for t in (*src, *dst, stage):
+                    raw.register_buffer(t.data_ptr(), size)
+                src_ptrs, dst_ptrs = [t.data_ptr() for t in src], [t.data_ptr() for t in dst]
+                sizes_n = [size] * count
+
+                def raw_put():
+                    assert raw.batch_put_from(raw_keys, src_ptrs, sizes_n) == [0] * count
+
+                def tier_put():
+                    assert tier.put_many(items) == [True] * count
+
+                def raw_get():
+                    assert list(raw.batch_get_into(raw_keys, dst_ptrs, sizes_n)) == sizes_n
+
+                def tier_get():
+                    assert all(a is not None for a in tier.get_many([k for k, _, _ in items], dst))
+
+                def staged_put():
+                    for k, t in zip(raw_keys, src):
+                        stage.copy_(t)
+                        assert raw.batch_upsert_from([k], [stage.data_ptr()], [size]) == [0]
+
+                def staged_get():
+                    for k, t in zip(raw_keys, dst):
+                        assert list(raw.batch_get_into([k], [stage.data_ptr()], [size])) == [size]
+                        t.copy_(stage)
+
+                tier_keys = [tier.key_prefix + k.encode().decode() for k, _, _ in items]
+                # Mooncake's put keeps an existing value: each put starts from absent keys
+                forget = {"raw_put": raw_keys, "staged_put": raw_keys, "tier_put": tier_keys}
+
+                times: dict[str, list[float]] = {}
+                for _ in range(repeats + 1):     # the first round warms up and is dropped
+                    for name, fn in (("raw_put", raw_put), ("tier_put", tier_put),
+                                     ("raw_get", raw_get), ("tier_get", tier_get),
+                                     ("staged_get", staged_get), ("staged_put", staged_put)):
+                        if name in forget:
+                            raw.batch_remove(forget[name], True)
+                        t0 = time.perf_counter()
+                        fn()
+                        times.setdefault(name, []).append(time.perf_counter() - t0)
+                times = {name: ts[1:] for name, ts in times.items()}
+                gbps = {name: count * size / statistics.median(ts) / 1e9 for name, ts in times.items()}
+                put_r = statistics.median(r / t for r, t in zip(times["raw_put"], times["tier_put"]))
+                get_r = statistics.median(r / t for r, t in zip(times["raw_get"], times["tier_get"]))
+                put_ratios.append(put_r)
+                get_ratios.append(get_r)
+                for t in (*src, *dst, stage):
+                    raw.unregister_buffer(t.data_ptr())
+                raw.batch_remove(raw_keys + tier_keys, True)
+                rows.append({"bench": "mooncake", "size_mib": size / MIB, "objects": count,
+                             **{f"{k}_gbps": round(v, 2) for k, v in gbps.items()},
+                             "put_vs_raw": round(put_r, 3), "get_vs_raw": round(get_r, 3)})
+        finally:
+            raw.close()
+            tier.close()
+    return summarise("mooncake_put_vs_raw", put_ratios) | summarise("mooncake_get_vs_raw", get_ratios), rows
+
+
 def run_external(name: str, quick: bool) -> tuple[dict, list[dict]]:
     """Run benchmarks/<name>.py's run(quick); errors are recorded as a row and a summary field."""
     path = ROOT / "benchmarks" / f"{name}.py"
@@ -237,20 +325,27 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write {device, summary, rows} JSON here")
     ap.add_argument("--disk-dir", default=tempfile.gettempdir(), help="directory for the disk benchmarks")
     ap.add_argument("--skip-external", action="store_true", help="do not run the shared/redis benchmarks")
+    ap.add_argument("--mooncake", choices=("yes", "no", "only"), default="yes",
+                    help="the Mooncake section (needs CAP_SYS_ADMIN for its network namespace); "
+                         "only: nothing else")
     args = ap.parse_args(argv)
 
     sizes = [1 * MIB, 32 * MIB] if args.quick else [1 * MIB, 4 * MIB, 16 * MIB, 32 * MIB]
     total = (64 if args.quick else 256) * MIB
     repeats = 3 if args.quick else 5
     summary, rows = {}, []
-    for part in (lambda: bench_cpu(sizes, total, repeats),
-                 lambda: bench_disk(sizes, total, repeats, args.disk_dir),
-                 lambda: bench_lookups(4096 if args.quick else 32768, 3 if args.quick else 7)):
+    mooncake_sizes = [1 * MIB, 16 * MIB] if args.quick else [1 * MIB, 4 * MIB, 16 * MIB]
+    mooncake = [lambda: bench_mooncake(mooncake_sizes, total // 2, repeats)]
+    parts = [lambda: bench_cpu(sizes, total, repeats),
+             lambda: bench_disk(sizes, total, repeats, args.disk_dir),
+             lambda: bench_lookups(4096 if args.quick else 32768, 3 if args.quick else 7)]
+    parts = mooncake if args.mooncake == "only" else parts + mooncake * (args.mooncake == "yes")
+    for part in parts:
         s, r = part()
         summary.update(s)
         rows.extend(r)
         print_rows(r)
-    if not args.skip_external:
+    if not args.skip_external and args.mooncake != "only":
         for name in ("bench_store_shared", "bench_store_redis"):
             s, r = run_external(name, args.quick)
             summary.update(s)
