@@ -53,6 +53,7 @@ import torch
 
 from stratacache.backends.base import Tier, fit_out, inspect_report
 from stratacache.core.artifact import Artifact, ArtifactMeta, MAX_NDIM
+from stratacache.core.backoff import Backoff
 from stratacache.core.errors import ConfigError, CorruptArtifact, TierFault
 from stratacache.core.keys import ArtifactKey
 
@@ -98,45 +99,6 @@ DEFAULTS = {
 _HOSTPORT = re.compile(r"^[A-Za-z0-9._:\[\]-]+:\d{1,5}$")
 
 
-class _Backoff:
-    """The master's health, with the API of the plane's shared back-off (stratacache/core/
-    backoff.py on the redis branch; this copy goes when that lands): after a fault callers
-    are turned away until a back-off doubling from ``lo`` to ``hi`` passes, then one probes."""
-
-    def __init__(self, lo: float, hi: float):
-        self.lo, self.hi, self.delay = lo, hi, lo
-        self.retry_at = 0.0
-        self.healthy = True
-        self.probing = False
-        self._lock = threading.Lock()
-
-    def admit(self) -> bool:
-        if self.healthy:
-            return True
-        with self._lock:
-            if self.healthy or (not self.probing and time.monotonic() >= self.retry_at):
-                self.probing = not self.healthy
-                return True
-            return False
-
-    def ok(self) -> bool:
-        """Record a success; True when this ends an outage."""
-        if self.healthy:
-            return False
-        with self._lock:
-            recovered, self.healthy, self.probing, self.delay = not self.healthy, True, False, self.lo
-            return recovered
-
-    def fault(self) -> tuple[bool, float]:
-        """Record a fault; (was it healthy until now, seconds until the next probe)."""
-        with self._lock:
-            was_healthy, retry_in = self.healthy, (self.lo if self.healthy else self.delay)
-            self.healthy, self.probing = False, False
-            self.retry_at = time.monotonic() + retry_in
-            self.delay = min(retry_in * 2, self.hi)
-            return was_healthy, retry_in
-
-
 class MooncakeTier(Tier):
     """A tier on a Mooncake Store cluster, shared by every host attached to its master."""
 
@@ -159,7 +121,7 @@ class MooncakeTier(Tier):
         self.key_prefix = opt["key_prefix"]
         self.verify_reads = bool(opt["verify_reads"])
         self.op_timeout_s = float(opt["op_timeout_s"])
-        self._health = _Backoff(float(opt["retry_backoff_s"]), float(opt["retry_backoff_max_s"]))
+        self._health = Backoff(float(opt["retry_backoff_s"]), float(opt["retry_backoff_max_s"]))
         self._extra = Counter()           # fast_misses, faults, recoveries, transfer_failures, ...
         self._extra_lock = threading.Lock()
         self._store = None

@@ -195,7 +195,8 @@ def _write_demo_config(path: Path, region: Path) -> None:
     config = {"tiers": {"cpu": {"enabled": True, "capacity": "256MiB"},
                         "shared": {"enabled": True, "path": str(region), "capacity": "512MiB",
                                    "reset": False},
-                        "disk": {"enabled": False}, "redis": {"enabled": False}}}
+                        "disk": {"enabled": False}, "redis": {"enabled": False},
+                        "mooncake": {"enabled": False}}}
     path.write_text("# Written by 'stratacache demo': the CPU tier plus a private shared region.\n"
                     + yaml.safe_dump(config, sort_keys=False))
 

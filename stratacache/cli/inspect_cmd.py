@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
                    help="StrataCache YAML config (default: $STRATACACHE_CONFIG, else the packaged "
                         "defaults)")
     p.add_argument("--tier", action="append", metavar="NAME",
-                   help="only this tier (repeatable): cpu, shared, disk or redis")
+                   help="only this tier (repeatable): cpu, shared, disk, redis or mooncake")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 

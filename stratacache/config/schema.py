@@ -402,6 +402,47 @@ class RedisTierConfig(Section):
         return self
 
 
+_HostPort = Annotated[Text, _refuse(lambda v: None if _HOST_PORT.match(v) else
+                                     f"expected host:port (port 1-65535), got {v!r}")]
+_HOST_PORT = re.compile(r"^(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|"
+                        r"6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$")
+
+
+class MooncakeTierConfig(Section):
+    """``tiers.mooncake``: a Mooncake Store cluster shared by many hosts (docs/mooncake.md)."""
+
+    enabled: bool = Field(description="use the Mooncake Store tier")
+    master_address: _HostPort = Field(description="the mooncake_master's RPC address, host:port")
+    metadata_server: Text = Field(description="transfer-engine metadata: P2PHANDSHAKE (no server), or an "
+                                  "http:// / etcd:// address")
+    local_hostname: Text = Field(description="address this client's transfer engine uses (and binds; "
+                                 "Mooncake also listens on every address, see docs/mooncake.md)")
+    protocol: choice("tcp", "rdma") = Field(description="transport between segments: tcp, or rdma")
+    device_names: str = Field(description="RDMA devices to use, comma-separated (\"\" for tcp or "
+                              "auto-detection)")
+    global_segment_size: Size = Field(ge=0, description="memory this process contributes to the store; "
+                                      "0 when a long-lived mooncake_client holds the host's segment, so "
+                                      "KV outlives engine restarts")
+    local_buffer_size: Size = Field(ge=0, description="this client's transfer buffer")
+    replica_num: int = Field(ge=1, le=64, description="copies of each object the master places")
+    connect_timeout_s: Timeout = Field(description="seconds to wait for the master's port")
+    op_timeout_s: Timeout = Field(description="seconds Mooncake may take for one call (its RPC timeout)")
+    retry_backoff_s: Seconds = Field(description="first back-off after the master failed; doubles up to "
+                                     "the max")
+    retry_backoff_max_s: Seconds = Field(description="longest back-off after repeated failures")
+    key_prefix: Text = Field(description="prefix of every Mooncake key this plane writes")
+    verify_reads: bool = Field(description="check every payload's checksum on read, whatever the caller "
+                               "asks")
+    metrics_address: _HostPort = Field(description="the master's HTTP metrics address, host:port (stats "
+                                       "and inspect read it)")
+    promote: _Promote
+
+    @model_validator(mode="after")
+    def _rules_between_keys(self) -> "MooncakeTierConfig":
+        _backoff_in_order(self)
+        return self
+
+
 class TiersConfig(Section):
     """``tiers``, fastest first; disabled tiers are skipped."""
 
@@ -409,6 +450,7 @@ class TiersConfig(Section):
     shared: SharedTierConfig
     disk: DiskTierConfig
     redis: RedisTierConfig
+    mooncake: MooncakeTierConfig
 
 
 class WritebackConfig(Section):

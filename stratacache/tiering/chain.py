@@ -54,8 +54,9 @@ TIER_CLASSES = {
     "shared": "stratacache.backends.shared:SharedRegionTier",
     "disk": "stratacache.backends.disk:DiskTier",
     "redis": "stratacache.backends.redis:RedisTier",
+    "mooncake": "stratacache.backends.mooncake:MooncakeTier",
 }
-TIER_ORDER = ("cpu", "shared", "disk", "redis")
+TIER_ORDER = ("cpu", "shared", "disk", "redis", "mooncake")
 
 
 def tier_class(name: str) -> type:

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.stratacache")
 
 # Tiers another process can see: the scheduler looks only there.
-CROSS_PROCESS_TIERS = ("shared", "disk", "redis")
+CROSS_PROCESS_TIERS = ("shared", "disk", "redis", "mooncake")
 MEDIUM = "stratacache"
 
 
@@ -113,7 +113,7 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
             lookup_cfg = lookup_config(settings)
             engine = StorageEngine(lookup_cfg, tiers=tiers) if tiers else None
             if engine is None:
-                logger.warning("StrataCache: no cross-process tier (shared, disk, redis) is "
+                logger.warning("StrataCache: no cross-process tier (shared, disk, redis, mooncake) is "
                                "enabled, so the scheduler can never find stored KV")
             events = vllm_config.kv_events_config
             self._scheduler = SchedulerSide(
