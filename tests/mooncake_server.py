@@ -75,31 +75,64 @@ def require_loopback_namespace(what: str) -> None:
             "loopback_namespace()")
 
 
+class LoopbackNamespace:
+    """A network namespace that has only ``lo`` (up), made once and entered by any thread as
+    often as needed (``with ns.entered():``). Its processes (master, holders) and the threads
+    Mooncake starts stay in it between visits, so a test module can share one cluster while its
+    other tests (a Redis server on the host's loopback) run outside."""
+
+    def __init__(self):
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            if self._libc.unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise MooncakeHarnessError(
+                    f"cannot make a loopback-only network namespace: unshare(CLONE_NEWNET) failed "
+                    f"({os.strerror(err)}); the Mooncake tests need CAP_SYS_ADMIN (run them as "
+                    "root, or in a container allowed to create network namespaces)")
+            try:
+                _bring_up_loopback()
+                if not in_loopback_namespace():
+                    raise MooncakeHarnessError("the new network namespace has interfaces "
+                                               f"other than lo: {socket.if_nameindex()}")
+                self._fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            finally:
+                self._setns(home, "the host network namespace")
+        finally:
+            os.close(home)
+
+    def _setns(self, fd: int, what: str) -> None:
+        if self._libc.setns(fd, CLONE_NEWNET) != 0:
+            raise MooncakeHarnessError(f"cannot enter {what}: {os.strerror(ctypes.get_errno())}")
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """The calling thread inside the namespace for the block, then back where it was."""
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            self._setns(self._fd, "the loopback-only network namespace")
+            try:
+                yield
+            finally:
+                self._setns(home, "the network namespace this thread came from")
+        finally:
+            os.close(home)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 @contextlib.contextmanager
 def loopback_namespace() -> Iterator[None]:
     """Run the calling thread in a new network namespace with only ``lo`` (up), then return it
     to the namespace it was in. Mooncake processes started meanwhile stay in the new one."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    ns = LoopbackNamespace()
     try:
-        if libc.unshare(CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise MooncakeHarnessError(
-                f"cannot make a loopback-only network namespace: unshare(CLONE_NEWNET) failed "
-                f"({os.strerror(err)}); the Mooncake tests need CAP_SYS_ADMIN (run them as "
-                "root, or in a container allowed to create network namespaces)")
-        try:
-            _bring_up_loopback()
-            if not in_loopback_namespace():
-                raise MooncakeHarnessError("the new network namespace has interfaces "
-                                           f"other than lo: {socket.if_nameindex()}")
+        with ns.entered():
             yield
-        finally:
-            if libc.setns(home, CLONE_NEWNET) != 0:
-                raise MooncakeHarnessError("cannot return to the host network namespace: "
-                                           f"{os.strerror(ctypes.get_errno())}")
     finally:
-        os.close(home)
+        ns.close()
 
 
 def _bring_up_loopback() -> None:

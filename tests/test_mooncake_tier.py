@@ -235,11 +235,28 @@ def test_delete(tier, master):
     assert tier.get(key) is None and tier.contains([key.encode()]) == [False]
     assert not tier.delete(key)
     assert tier.put(key, data, meta)
-    assert tier.get(key) is not None       # grants the read lease: remove is refused
-    assert not tier.delete(key)
-    assert tier.stats()["detail"]["delete_leased"] >= 1
-    time.sleep(master.lease_ttl_ms / 1000 + 0.3)
-    assert tier.delete(key) and tier.get(key) is None
+    assert tier.get(key) is not None       # grants a read lease (200 ms): remove is refused meanwhile
+    t0 = time.monotonic()
+    assert tier.delete(key)                # retried until the reader's lease passed
+    assert master.lease_ttl_ms / 1000 * 0.5 <= time.monotonic() - t0 < tier.op_timeout_s + 0.5
+    assert tier.get(key) is None
+
+
+def test_delete_under_a_lease_longer_than_the_timeout_is_refused_in_bounded_time(master, holder):
+    """A reader's lease outlasting op_timeout_s: delete gives up at the timeout (False, counted),
+    and the object is still there, intact, for the reader."""
+    short = make_tier(master, op_timeout_s=0.1)
+    try:
+        key, data, meta = item(fresh_name("del-long"), random_payload(random.Random(5), 999))
+        assert short.put(key, data, meta)
+        assert short.get(key) is not None
+        t0 = time.monotonic()
+        assert not short.delete(key)
+        assert time.monotonic() - t0 < 0.1 + 0.15
+        assert short.stats()["detail"]["delete_leased"] == 1
+        assert torch.equal(short.get(key).data, data)
+    finally:
+        short.close()
 
 
 def test_keys_lists_what_the_tier_stored(tier):

@@ -144,7 +144,42 @@ class RedisBacking:
         pass
 
 
-BACKINGS = [CpuBacking, SharedBacking, DiskBacking, RedisBacking]
+class MooncakeBacking:
+    """A real mooncake_master plus a segment-holding mooncake_client (one pair for the module,
+    ``mooncake_cluster``), reached from inside their loopback-only network namespace, which
+    this test's thread enters for the test (tests/mooncake_server.py); its storage is the
+    value, rewritten through a raw MooncakeDistributedStore."""
+
+    name = "mooncake"
+    evicts_by_priority = False   # the master evicts by its own policy; it knows no priorities
+
+    def __init__(self, request, tmp_path):
+        self.ns, self.master, self.raw = request.getfixturevalue("mooncake_cluster")
+        self.inside = self.ns.entered()
+        self.inside.__enter__()
+        self.prefix = f"conf{uuid.uuid4().hex[:8]}:"
+
+    def make(self, capacity: int, priorities=None):
+        from stratacache.backends.mooncake import MooncakeTier
+        return MooncakeTier(master_address=self.master.address, key_prefix=self.prefix,
+                            metrics_address=self.master.metrics_address)
+
+    def flip_payload_byte(self, tier, key: ArtifactKey, size: int) -> None:
+        mk = self.prefix + key.encode().decode("utf-8")   # as MooncakeTier._mkey
+        value = bytearray(self.raw.get(mk))      # the value: header slot, then the payload
+        value[len(value) - 1 - size // 2] ^= 0x5A
+        assert self.raw.upsert(mk, bytes(value)) == 0
+
+    def section(self, cfg):
+        return load_config(overrides={"tiers": {"mooncake": {
+            "master_address": self.master.address, "metrics_address": self.master.metrics_address,
+            "key_prefix": self.prefix}}}).tiers.mooncake
+
+    def close(self) -> None:
+        self.inside.__exit__(None, None, None)
+
+
+BACKINGS = [CpuBacking, SharedBacking, DiskBacking, RedisBacking, MooncakeBacking]
 PRIORITY_BACKINGS = [b for b in BACKINGS if b.evicts_by_priority]
 
 
@@ -153,6 +188,24 @@ def redis_server():
     from tests.redis_server import RedisServer
     with RedisServer(maxmemory="8mb") as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def mooncake_cluster():
+    from tests.mooncake_server import LoopbackNamespace, MooncakeMaster, SegmentHolder, raw_store
+    ns = LoopbackNamespace()
+    try:
+        with ns.entered():
+            master = MooncakeMaster(client_ttl_s=2, lease_ttl_ms=200)
+            holder = SegmentHolder(master, 64 << 20)
+            raw = raw_store(master)
+        yield ns, master, raw
+        with ns.entered():
+            raw.close()
+            holder.close()
+            master.close()
+    finally:
+        ns.close()
 
 
 @pytest.fixture(params=BACKINGS, ids=[b.name for b in BACKINGS])

@@ -288,12 +288,18 @@ class MooncakeTier(Tier):
         return [c == 0 for c in codes]
 
     def delete(self, key: ArtifactKey) -> bool:
-        """Remove ``key``. Mooncake refuses while a reader holds the object's read lease: then
-        False (counted as ``delete_leased``); the object stays until a later delete."""
+        """Remove ``key``. Mooncake refuses while a reader holds the object's read lease (every
+        get grants one, ``--default_kv_lease_ttl``): the remove is retried until that lease has
+        passed, within ``op_timeout_s``; past it, False (counted as ``delete_leased``) and the
+        object stays until a later delete. Readers in flight are never cut off."""
         store = self._client()
         if store is None:
             return False
+        deadline = time.monotonic() + self.op_timeout_s
         rc = store.remove(self._mkey(key))
+        while rc == LEASE_HELD and time.monotonic() < deadline:
+            time.sleep(0.01)
+            rc = store.remove(self._mkey(key))
         self._settle([rc], "remove")
         if rc == LEASE_HELD:
             self._count("delete_leased")
