@@ -416,13 +416,14 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _wait_prefault(layer, timeout: float = 60.0) -> dict:
+def _wait_prefault(stats, timeout: float = 60.0) -> dict:
+    """The prefault state in ``stats()`` (a shared tier's), once its thread has finished."""
     import time
     deadline = time.monotonic() + timeout
-    while not layer.stats()["detail"].get("prefault", {}).get("done"):
+    while not stats()["detail"].get("prefault", {}).get("done"):
         assert time.monotonic() < deadline, "prefault did not finish"
         time.sleep(0.01)
-    return layer.stats()["detail"]["prefault"]
+    return stats()["detail"]["prefault"]
 
 
 def test_prefault_maps_stored_objects_so_first_reads_take_no_page_faults(region_path):
@@ -452,7 +453,7 @@ def test_prefault_maps_stored_objects_so_first_reads_take_no_page_faults(region_
     cold_faults = read_all(cold)
     warm = attach(prefault_bytes=1 << 40)
     warm.start_prefault()
-    state = _wait_prefault(warm)
+    state = _wait_prefault(warm.stats)
     assert state["bytes"] == total and state["seconds"] >= 0
     warm_faults = read_all(warm)
     assert cold_faults >= 256, cold_faults   # 16384 pages; 1040 faults here with 64 KiB fault-around
@@ -461,7 +462,7 @@ def test_prefault_maps_stored_objects_so_first_reads_take_no_page_faults(region_
     capped = attach(prefault_bytes=5 * MiB)
     capped.start_prefault()
     capped.start_prefault()   # a second call starts nothing new
-    assert _wait_prefault(capped)["bytes"] == 5 * MiB
+    assert _wait_prefault(capped.stats)["bytes"] == 5 * MiB
     off = attach()
     off.start_prefault()
     assert "prefault" not in off.stats()["detail"]
@@ -480,9 +481,7 @@ def test_engine_start_prefault_reaches_the_shared_tier(region_path):
     payload = torch.randint(0, 255, (3 * MiB,), dtype=torch.uint8)
     assert engine.store(key("e"), payload)
     engine.start_prefault()
-    shared = next(t for t in engine.tiers if t.name == "shared")
-    assert _wait_prefault(shared)["bytes"] == MiB
-    assert engine.stats()["tiers"]["shared"]["detail"]["prefault"]["bytes"] == MiB
+    assert _wait_prefault(lambda: engine.stats()["tiers"]["shared"])["bytes"] == MiB
     engine.close()
 
 

@@ -395,6 +395,50 @@ def test_two_leases_on_one_key_are_released_independently(request, backing, make
     assert torch.equal(tier.get(K("newcomer")).data, big)
 
 
+def test_each_holder_releases_its_own_version(request, backing, make_tier):
+    """A leases v1, the key is overwritten with v2, B leases v2, A releases: B's v2 stays held
+    (releasing "whichever lease came last" ended B's lease and kept A's old version)."""
+    tier = make_tier(1 * MiB)
+    rng = rng_for(request, backing)
+    size = tier.capacity_bytes // 3
+    v1, v2 = random_bytes(rng, size), random_bytes(rng, size)
+    assert store(tier, K("k"), v1)
+    a = tier.acquire(K("k"))
+    assert store(tier, K("k"), v2)
+    b = tier.acquire(K("k"))
+    assert torch.equal(a.artifact.data, v1) and torch.equal(b.artifact.data, v2)
+    a.release()
+    for i in range(12):                               # 4x capacity of pressure
+        store(tier, K(i), random_bytes(rng, size))
+    assert torch.equal(b.artifact.data, v2), "B's version changed after A released"
+    if tier.zero_copy:
+        assert present(tier, [K("k")]) == [True], "B's leased version was evicted"
+    b.release()
+    if tier.zero_copy:
+        for i in range(12, 24):
+            store(tier, K(i), random_bytes(rng, size))
+        assert present(tier, [K("k")]) == [False]     # released, it is evictable again
+
+
+def test_a_failed_check_drops_only_the_version_that_failed(request, backing, make_tier):
+    """A read whose delayed check fails (v1 was damaged) must not drop v2, stored meanwhile."""
+    tier = make_tier()
+    rng = rng_for(request, backing)
+    v1, v2 = random_bytes(rng, 20_000), random_bytes(rng, 20_000)
+    assert store(tier, K("v"), v1)
+    backing.flip_payload_byte(tier, K("v"), v1.numel())
+    if tier.verifies_checksums or tier.verify_reads:   # every read is checked as it is made,
+        assert tier.get(K("v")) is None and present(tier, [K("v")]) == [False]   # dropping what it read
+        return
+    damaged = tier.get(K("v"), out=torch.empty(20_000, dtype=torch.uint8))   # not verified
+    assert damaged is not None and not torch.equal(damaged.data, v1)
+    assert store(tier, K("v"), v2)                    # a good version lands before the check
+    assert tier._trusted(K("v"), damaged, True) is None   # the base's verify-and-drop of v1
+    assert tier.stats()["corrupt"] == 1
+    art = tier.get(K("v"), verify=True)
+    assert art is not None and torch.equal(art.data, v2), "the good version was dropped"
+
+
 def test_a_corrupt_payload_is_a_counted_miss_and_dropped(request, backing, make_tier):
     tier = make_tier()
     rng = rng_for(request, backing)

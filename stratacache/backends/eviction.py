@@ -62,7 +62,8 @@ class S3FifoPolicy:
         self._small_bytes = 0
 
     def insert(self, key, size: int) -> None:
-        self.remove(key)
+        if key in self._freq:   # already queued (the tiers remove a key before re-inserting it)
+            self.remove(key)
         self._freq[key] = 0
         if self._ghost.pop(key, None) is not None:
             self._main[key] = size
