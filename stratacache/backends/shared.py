@@ -111,27 +111,19 @@ class SharedRegionTier(Tier):
     def _put(self, key: ArtifactKey, data: torch.Tensor, meta: ArtifactMeta) -> bool:
         raw = key.encode()
         aux = meta.pack(raw)
-        priority = self._priorities.get(key.kind, 0) if self._priorities else None
+        priority = self._priorities.get(key.kind, 0)
         # One native call reserves, copies (no lock held) and commits. With
         # on_evict set, this process's evictions go through it first.
-        ok = self._put_native(raw, aux, data, self.on_evict is None, priority)
+        ok = self._region.put_tensor(raw, aux, data, evict=self.on_evict is None, priority=priority)
         while ok is None and self.on_evict is not None and self._hand_off_victim(priority):
-            ok = self._put_native(raw, aux, data, False, priority)
+            ok = self._region.put_tensor(raw, aux, data, evict=False, priority=priority)
         return bool(ok)
 
-    def _put_native(self, raw: bytes, aux: bytes, data: torch.Tensor, evict: bool,
-                    priority: Optional[int]):
-        if priority is None:
-            return self._region.put_tensor(raw, aux, data, evict=evict)
-        return self._region.put_tensor(raw, aux, data, evict=evict, priority=priority)
-
-    def _hand_off_victim(self, priority: Optional[int]) -> bool:
-        """Lease the next CLOCK victim the incoming object may evict, give it to
-        on_evict, then drop it. Evictions that other processes cause are theirs to hand down."""
-        if priority is None:
-            victim = self._region.pick_victim(self.lease_s)
-        else:
-            victim = self._region.pick_victim(self.lease_s, priority=priority)
+    def _hand_off_victim(self, priority: int) -> bool:
+        """Lease the next CLOCK victim the incoming object may evict (one of priority at most
+        ``priority``), give it to on_evict, then drop it. Evictions that other processes cause
+        are theirs to hand down."""
+        victim = self._region.pick_victim(self.lease_s, priority=priority)
         if victim is None:
             return False
         raw, (slot, gen, offset, size, aux) = victim
