@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stratacache.backends.eviction import LruPolicy, S3FifoPolicy
+from stratacache.backends.eviction import LruPolicy
 from stratacache.backends.residency import ObjectTable
 from stratacache.core.artifact import ArtifactMeta
 from stratacache.core.keys import ArtifactKey

@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import uuid
 import warnings
 from types import SimpleNamespace
 
@@ -23,14 +22,6 @@ from stratacache.core.keys import ArtifactKey
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
-
-
-@pytest.fixture
-def region_path():
-    path = f"/dev/shm/sc-shared-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.region"
-    yield path
-    if os.path.exists(path):
-        os.unlink(path)
 
 
 def key(name: str, kind: str = "kv", ns: str = "model-a") -> ArtifactKey:
