@@ -23,7 +23,7 @@ import torch
 from stratacache.backends.shared import SharedRegionError, SharedRegionTier
 from stratacache.core.artifact import meta_for
 from stratacache.core.keys import ArtifactKey
-from tests.test_shared_region import inspect_region, region_path  # noqa: F401 - region_path: a fixture
+from tests.test_shared_region import inspect_region
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20

@@ -27,7 +27,6 @@ import torch
 from stratacache.backends.shared import SharedRegionTier
 from stratacache.core.artifact import ArtifactMeta
 from stratacache.core.keys import ArtifactKey
-from tests.test_shared_region import region_path  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
 
