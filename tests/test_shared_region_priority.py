@@ -14,7 +14,6 @@ import random
 import subprocess
 import sys
 import textwrap
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ from stratacache import _C
 ROOT = Path(__file__).resolve().parents[1]
 KiB, MiB = 1024, 1024 * 1024
 CAPACITY = 4 * MiB
-
-
-@pytest.fixture
-def region_path():
-    path = f"/dev/shm/sc-priority-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.region"
-    yield path
-    if os.path.exists(path):
-        os.unlink(path)
 
 
 def open_region(path, **kw):

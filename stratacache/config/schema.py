@@ -306,6 +306,9 @@ _DemoteOnEvict = Annotated[bool, Field(description="write objects evicted from t
 _Eviction = Annotated[choice("lru", "s3fifo"), Field(description="eviction policy: lru, or s3fifo "
                                                                   "(scan-resistant)")]
 _AutoOrBool = choice("auto", True, False)
+_FirstBackoff = Annotated[Seconds, Field(description="first back-off after a failure of the server; "
+                                                    "doubles up to the max")]
+_LongestBackoff = Annotated[Seconds, Field(description="longest back-off after repeated failures")]
 
 
 class CpuTierConfig(Section):
@@ -389,8 +392,8 @@ class RedisTierConfig(Section):
     op_timeout_s: Timeout = Field(description="seconds to wait for one command")
     ttl_s: Optional[Timeout] = Field(description="expire stored chunks after this many seconds (null: never)")
     max_connections: int = Field(ge=1, le=4096, description="connection pool size")
-    retry_backoff_s: Seconds = Field(description="first back-off after a failure; doubles up to the max")
-    retry_backoff_max_s: Seconds = Field(description="longest back-off after repeated failures")
+    retry_backoff_s: _FirstBackoff
+    retry_backoff_max_s: _LongestBackoff
     key_prefix: Text = Field(description="prefix of every Redis key this plane writes")
     promote: _Promote
 
@@ -427,9 +430,8 @@ class MooncakeTierConfig(Section):
     replica_num: int = Field(ge=1, le=64, description="copies of each object the master places")
     connect_timeout_s: Timeout = Field(description="seconds to wait for the master's port")
     op_timeout_s: Timeout = Field(description="seconds Mooncake may take for one call (its RPC timeout)")
-    retry_backoff_s: Seconds = Field(description="first back-off after the master failed; doubles up to "
-                                     "the max")
-    retry_backoff_max_s: Seconds = Field(description="longest back-off after repeated failures")
+    retry_backoff_s: _FirstBackoff
+    retry_backoff_max_s: _LongestBackoff
     key_prefix: Text = Field(description="prefix of every Mooncake key this plane writes")
     verify_reads: bool = Field(description="check every payload's checksum on read, whatever the caller "
                                "asks")
