@@ -123,16 +123,27 @@ class LoopbackNamespace:
         os.close(self._fd)
 
 
+_SHARED: Optional[LoopbackNamespace] = None
+
+
+def shared_namespace() -> LoopbackNamespace:
+    """The process's one loopback-only namespace, made on first use. One per process: a
+    Mooncake client keeps process-wide state bound in the namespace where the first client
+    was set up, and a client set up later from another namespace fails (setup returns -1,
+    seen when two test modules each made their own)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = LoopbackNamespace()
+    return _SHARED
+
+
 @contextlib.contextmanager
 def loopback_namespace() -> Iterator[None]:
-    """Run the calling thread in a new network namespace with only ``lo`` (up), then return it
-    to the namespace it was in. Mooncake processes started meanwhile stay in the new one."""
-    ns = LoopbackNamespace()
-    try:
-        with ns.entered():
-            yield
-    finally:
-        ns.close()
+    """Run the calling thread in the process's loopback-only network namespace (only ``lo``,
+    up), then return it to the namespace it was in. Mooncake processes started meanwhile stay
+    in there."""
+    with shared_namespace().entered():
+        yield
 
 
 def _bring_up_loopback() -> None:

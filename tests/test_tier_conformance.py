@@ -192,20 +192,17 @@ def redis_server():
 
 @pytest.fixture(scope="module")
 def mooncake_cluster():
-    from tests.mooncake_server import LoopbackNamespace, MooncakeMaster, SegmentHolder, raw_store
-    ns = LoopbackNamespace()
-    try:
-        with ns.entered():
-            master = MooncakeMaster(client_ttl_s=2, lease_ttl_ms=200)
-            holder = SegmentHolder(master, 64 << 20)
-            raw = raw_store(master)
-        yield ns, master, raw
-        with ns.entered():
-            raw.close()
-            holder.close()
-            master.close()
-    finally:
-        ns.close()
+    from tests.mooncake_server import MooncakeMaster, SegmentHolder, raw_store, shared_namespace
+    ns = shared_namespace()
+    with ns.entered():
+        master = MooncakeMaster(client_ttl_s=2, lease_ttl_ms=200)
+        holder = SegmentHolder(master, 64 << 20)
+        raw = raw_store(master)
+    yield ns, master, raw
+    with ns.entered():
+        raw.close()
+        holder.close()
+        master.close()
 
 
 @pytest.fixture(params=BACKINGS, ids=[b.name for b in BACKINGS])
@@ -400,7 +397,8 @@ def test_each_holder_releases_its_own_version(request, backing, make_tier):
     (releasing "whichever lease came last" ended B's lease and kept A's old version)."""
     tier = make_tier(1 * MiB)
     rng = rng_for(request, backing)
-    size = tier.capacity_bytes // 3
+    # A third of the tier (at most of 8 MiB: a remote store's capacity is the whole cluster's).
+    size = min(tier.capacity_bytes, 8 * MiB) // 3
     v1, v2 = random_bytes(rng, size), random_bytes(rng, size)
     assert store(tier, K("k"), v1)
     a = tier.acquire(K("k"))

@@ -131,7 +131,9 @@ class MooncakeTier(Tier):
         self._occupancy_at = -1.0
         self._last_occupancy: dict = {"items": 0, "used_bytes": 0}
         with self._store_lock:
-            self._open()
+            if self._open():
+                self._occupancy()   # capacity_bytes: the store's, from the master's metrics
+                self._occupancy_at = -1.0   # and stats() reads the occupancy afresh
 
     @classmethod
     def from_config(cls, section, cfg) -> "MooncakeTier":
@@ -308,10 +310,21 @@ class MooncakeTier(Tier):
         return rc == 0
 
     def _drop(self, key: ArtifactKey, art: Optional[Artifact]) -> None:
-        """A value that failed a check goes at once, lease or not (no reader can trust it)."""
+        """A value that failed a check goes at once, lease or not (no reader can trust it);
+        but only that version: after a delayed check (``art`` given) the value now stored is
+        read again and kept if it is another version (a good one written since). Mooncake
+        has no version numbers, so this costs one read, on the corrupt path only."""
         store = self._client()
-        if store is not None:
-            self._settle([store.remove(self._mkey(key), True)], "remove")
+        if store is None:
+            return
+        if art is not None:
+            try:
+                now = self._get(key, None)
+            except CorruptArtifact:
+                now = art          # the stored value is damaged itself: drop it
+            if now is None or now.meta != art.meta:
+                return             # gone, or replaced by another version: nothing to drop
+        self._settle([store.remove(self._mkey(key), True)], "remove")
 
     # -- reads ----------------------------------------------------------------------------
 
