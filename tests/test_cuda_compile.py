@@ -25,7 +25,7 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
         assert obj.exists() and obj.stat().st_size > 0, f"{obj} was not produced"
     symbols = subprocess.run(["nm", "-C", str(tmp_path / "kv_transfer_cuda.o")], capture_output=True,
                              text=True, check=True).stdout
-    for kernel in ("block_copy_kernel", "token_copy_kernel", "chunk_sum_kernel", "finalize_kernel"):
+    for kernel in ("block_copy_kernel", "chunk_sum_kernel", "finalize_kernel"):
         assert kernel in symbols, f"{kernel} missing from the compiled object"
     for op in ("gather_blocks_cuda", "scatter_blocks_cuda", "checksum64_cuda"):
         assert op in symbols, f"{op} missing from the compiled object"
