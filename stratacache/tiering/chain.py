@@ -314,17 +314,14 @@ class TierChain:
     def lease(self, key: ArtifactKey, lease_s: Optional[float] = None, *,
               order: Optional[Sequence[int]] = None, verify: Collection[int] = ()) -> Optional[Lease]:
         """A ``Lease`` from the first tier in ``order`` holding ``key`` (a view of its memory
-        on zero_copy tiers, an owned copy elsewhere), promoted; None on a miss."""
+        on zero_copy tiers, an owned copy elsewhere); None on a miss. Not promoted: the holder
+        reads the bytes where they are, and a copy into a tier above would be a second copy on
+        the path that needs a lease most (the vLLM worker's KV loads from the shared region)."""
         order = self._all if order is None else order
         for i in order:
-            got = self._call(i, self.tiers[i].acquire, key, lease_s, verify=i in verify)
-            lease = self._leased(i, got)
+            lease = self._leased(i, self._call(i, self.tiers[i].acquire, key, lease_s,
+                                               verify=i in verify))
             if lease is not None:
-                try:
-                    self._promote([(key, lease.artifact)], i, order)
-                except BaseException:
-                    lease.release()
-                    raise
                 return lease
         return None
 
