@@ -35,10 +35,11 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Iterator, Optional
+
+from stratacache.cli.mooncake_cmd import holder_command, master_command
 
 CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
@@ -48,17 +49,6 @@ START_TIMEOUT_S = 20.0
 
 class MooncakeHarnessError(RuntimeError):
     """A Mooncake process or the loopback-only namespace could not be made."""
-
-
-def _bin(name: str) -> str:
-    """The console script installed next to this Python (the venv), else on PATH."""
-    here = os.path.join(os.path.dirname(sys.executable), name)
-    found = here if os.access(here, os.X_OK) else shutil.which(name)
-    if not found:
-        raise MooncakeHarnessError(
-            f"{name} not found next to {sys.executable} or on PATH: install the pip package "
-            "mooncake-transfer-engine-non-cuda==0.3.13.post1 (and Debian's libibverbs1)")
-    return found
 
 
 def in_loopback_namespace() -> bool:
@@ -160,7 +150,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, what: str, log_path: str) -> None:
+def wait_listening(port: int, proc: subprocess.Popen, what: str, log_path: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -173,6 +163,28 @@ def _wait_listening(port: int, proc: subprocess.Popen, what: str, log_path: str)
         time.sleep(0.02)
     raise MooncakeHarnessError(f"{what} did not listen on 127.0.0.1:{port} within "
                                f"{START_TIMEOUT_S}s: {_tail(log_path)}")
+
+
+def wait_holder_ready(port: int, metrics_address: str, proc: subprocess.Popen,
+                      log_path: str) -> None:
+    """A segment holder listens on ``port`` and its segment is mounted at the master (the
+    daemon listens before its segment is registered with the master)."""
+    import urllib.request
+    wait_listening(port, proc, "mooncake_client", log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{metrics_address}/get_all_segments",
+                                        timeout=1) as r:
+                if r.read().strip():
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise MooncakeHarnessError(f"mooncake_client's segment never appeared at the master: "
+                               f"{_tail(log_path)}")
 
 
 def _tail(path: str, n: int = 5) -> str:
@@ -204,7 +216,6 @@ class MooncakeMaster:
 
     def __init__(self, *, client_ttl_s: int = 2, lease_ttl_ms: int = 200, start: bool = True):
         require_loopback_namespace("mooncake_master")
-        self.binary = _bin("mooncake_master")
         self.port = free_port()
         self.metrics_port = free_port()
         self.client_ttl_s = client_ttl_s
@@ -225,14 +236,12 @@ class MooncakeMaster:
 
     def start(self) -> "MooncakeMaster":
         require_loopback_namespace("mooncake_master")
-        cmd = [self.binary, "--rpc_address=127.0.0.1", f"--rpc_port={self.port}",
-               "--metrics_host=127.0.0.1", f"--metrics_port={self.metrics_port}",
-               f"--client_ttl={self.client_ttl_s}",
-               f"--default_kv_lease_ttl={self.lease_ttl_ms}"]
+        cmd = master_command(port=self.port, metrics_port=self.metrics_port,
+                             client_ttl_s=self.client_ttl_s, lease_ttl_ms=self.lease_ttl_ms)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
-        _wait_listening(self.port, self.proc, "mooncake_master", self.log_path)
+        wait_listening(self.port, self.proc, "mooncake_master", self.log_path)
         return self
 
     def kill(self) -> None:
@@ -267,33 +276,12 @@ class SegmentHolder:
         require_loopback_namespace("mooncake_client")
         self.port = free_port()
         self.log_path = os.path.join(master.dir, f"holder-{self.port}.log")
-        cmd = [_bin("mooncake_client"), "--host=127.0.0.1", f"--port={self.port}",
-               f"--master_server_address={master.address}", "--metadata_server=P2PHANDSHAKE",
-               f"--global_segment_size={segment_bytes}", "--protocol=tcp"]
-        env = dict(os.environ, MC_TCP_BIND_ADDRESS="127.0.0.1")
+        cmd, env = holder_command(master.address, segment_bytes=segment_bytes, port=self.port)
+        env["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env)
-        _wait_listening(self.port, self.proc, "mooncake_client", self.log_path)
-        self._wait_mounted(master)
-
-    def _wait_mounted(self, master: MooncakeMaster) -> None:
-        """The daemon listens before its segment is registered with the master: wait for it."""
-        import urllib.request
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://{master.metrics_address}/get_all_segments",
-                                            timeout=1) as r:
-                    if r.read().strip():
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise MooncakeHarnessError(f"mooncake_client's segment never appeared at the master: "
-                                   f"{_tail(self.log_path)}")
+        wait_holder_ready(self.port, master.metrics_address, self.proc, self.log_path)
 
     def kill(self) -> None:
         """SIGKILL: its segment (and every object in it) goes with it."""

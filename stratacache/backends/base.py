@@ -144,6 +144,7 @@ class Tier(ABC):
     inspectable: ClassVar[bool] = False    # inspect() reports on stored data from outside the process
     verifies_checksums: bool = False       # _get/_acquire check payload checksums themselves (fused)
     verify_reads: bool = False             # policy: verify every read, whatever the caller asks
+    registers_memory: ClassVar[bool] = False   # wants the other tiers' host_memory() once (RDMA)
     capacity_bytes: int = 0
     on_evict: Optional[EvictCallback] = None
 
@@ -260,6 +261,17 @@ class Tier(ABC):
 
     def start_prefault(self) -> None:
         """Start mapping stored objects into this process in the background (a hint; default none)."""
+
+    def host_memory(self) -> list[torch.Tensor]:
+        """The host memory this tier's payloads live in (an arena, a mapped region), each a
+        1-D uint8 tensor fixed for the tier's life: what a ``registers_memory`` tier registers
+        once so that moves from and into it need no per-call registration. Default: none."""
+        return []
+
+    def register_memory(self, memory: torch.Tensor) -> None:
+        """Only for ``registers_memory`` tiers: ``memory`` (another tier's ``host_memory()``)
+        will be the source and destination of this tier's moves; register it once, for the
+        life of the process. Called by the chain when it is built. Default: nothing to do."""
 
     @abstractmethod
     def close(self) -> None:

@@ -104,6 +104,10 @@ class CpuTier(TableTier):
             out.update(self._pinning.stats(), allocator=self._alloc.stats())
         return out
 
+    def host_memory(self) -> list[torch.Tensor]:
+        """The arena: reserved once in the constructor and never replaced."""
+        return [self._arena]
+
     def close(self) -> None:
         self._table.clear(self._free_loc)
         with self._table.lock:

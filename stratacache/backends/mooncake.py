@@ -99,6 +99,38 @@ DEFAULTS = {
 _HOSTPORT = re.compile(r"^[A-Za-z0-9._:\[\]-]+:\d{1,5}$")
 
 
+class HeaderSlots:
+    """Header slots for the batches: blocks of one buffer that the tier registers once like
+    the CPU arena, so that on RDMA a batch from or into registered memory registers nothing
+    per call. A batch larger than a block, or one that finds every block taken (many threads
+    at once), gets a buffer of its own (registered for that call)."""
+
+    def __init__(self, blocks: int = 8, slots: int = 256):
+        self.block_bytes = slots * HEADER_SLOT
+        self.memory = torch.zeros(blocks * self.block_bytes, dtype=torch.uint8)
+        self._free = list(range(blocks))
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self, n: int) -> Iterator[torch.Tensor]:
+        """``n`` zeroed header slots, for the block."""
+        nbytes = n * HEADER_SLOT
+        block = None
+        if nbytes <= self.block_bytes:
+            with self._lock:
+                block = self._free.pop() if self._free else None
+        if block is None:
+            yield torch.zeros(nbytes, dtype=torch.uint8)
+            return
+        heads = self.memory.narrow(0, block * self.block_bytes, nbytes)
+        heads.zero_()
+        try:
+            yield heads
+        finally:
+            with self._lock:
+                self._free.append(block)
+
+
 class MooncakeTier(Tier):
     """A tier on a Mooncake Store cluster, shared by every host attached to its master."""
 
@@ -106,6 +138,8 @@ class MooncakeTier(Tier):
     persistent = True
     zero_copy = False
     inspectable = True
+    registers_memory = True      # RDMA moves only registered memory: the chain hands us the
+                                 # CPU arena and the shared region once (register_memory)
 
     def __init__(self, name: str = "mooncake", **options):
         unknown = sorted(set(options) - set(DEFAULTS))
@@ -126,7 +160,11 @@ class MooncakeTier(Tier):
         self._extra_lock = threading.Lock()
         self._store = None
         self._store_lock = threading.Lock()
-        self._registered: list[tuple[int, int]] = []   # (address, bytes) given to register_memory
+        # (address, bytes) given to register_memory; replaced whole (never mutated) so the
+        # data path reads it without a lock.
+        self._registered: tuple[tuple[int, int], ...] = ()
+        self._headers = HeaderSlots()
+        self.register_memory(self._headers.memory)
         self._config = None
         self._occupancy_at = -1.0
         self._last_occupancy: dict = {"items": 0, "used_bytes": 0}
@@ -172,12 +210,12 @@ class MooncakeTier(Tier):
         store = MooncakeDistributedStore()
         rc = store.setup(opt["local_hostname"], opt["metadata_server"],
                          int(opt["global_segment_size"]), int(opt["local_buffer_size"]),
-                         self.protocol, opt["device_names"], self.master_address)
+                         opt["protocol"], opt["device_names"], self.master_address)
         if rc != 0:
             self._fault(f"client set-up against master {self.master_address} returned {rc}")
             return False
-        for addr, nbytes in self._registered:
-            store.register_buffer(addr, nbytes)
+        if self.protocol == "rdma":
+            self._reregister(store)
         config = ReplicateConfig()
         config.replica_num = int(opt["replica_num"])
         self._config, self._store = config, store
@@ -194,16 +232,44 @@ class MooncakeTier(Tier):
                     return None
         return self._store
 
-    def register_memory(self, tensor: torch.Tensor) -> None:
+    def register_memory(self, memory: torch.Tensor) -> None:
         """Register memory that payloads are put from and read into (the CPU arena, the shared
-        region) once, so RDMA moves them without staging. TCP needs no registration."""
-        addr, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        region; the chain hands them over when it is built) once for the process, so RDMA
+        moves them without a registration per call. The range is kept and registered again
+        with every new client (``_open``, after a reconnect). TCP moves any memory, so there
+        only the range is kept (``_pinned`` never registers on TCP). A refused registration
+        is a ``TierFault`` and the range stays unregistered: moves of it register per call."""
+        addr, nbytes = memory.data_ptr(), memory.numel() * memory.element_size()
         with self._store_lock:
-            self._registered.append((addr, nbytes))
-            rc = 0 if self._store is None else self._store.register_buffer(addr, nbytes)
-            if rc != 0:
-                raise ConfigError(f"tiers.{self.name}: register_buffer of {nbytes} bytes "
-                                  f"returned {rc}")
+            if nbytes <= 0 or _covered(self._registered, addr, nbytes):
+                return
+            if self.protocol == "rdma" and self._store is not None:
+                rc = self._store.register_buffer(addr, nbytes)
+                if rc != 0:
+                    self._count("registration_failures")
+                    raise TierFault(f"tiers.{self.name}: register_buffer of {nbytes} bytes at "
+                                    f"{addr:#x} returned {rc}; that memory is registered per "
+                                    "call instead")
+            self._registered += ((addr, nbytes),)
+
+    @property
+    def registered_memory(self) -> tuple[tuple[int, int], ...]:
+        """The (address, bytes) ranges registered once (see ``register_memory``)."""
+        return self._registered
+
+    def _reregister(self, store) -> None:
+        """Register the kept ranges with a new client; one it refuses is dropped from the
+        kept ranges (and so registered per call), logged and counted."""
+        kept = []
+        for addr, nbytes in self._registered:
+            rc = store.register_buffer(addr, nbytes)
+            if rc == 0:
+                kept.append((addr, nbytes))
+            else:
+                self._count("registration_failures")
+                log.warning("mooncake tier: register_buffer of %d bytes at %#x returned %d; "
+                            "that memory is registered per call instead", nbytes, addr, rc)
+        self._registered = tuple(kept)
 
     # -- health ---------------------------------------------------------------------------
 
@@ -258,23 +324,23 @@ class MooncakeTier(Tier):
             if f != 1 and mkeys[i] not in first:
                 new.append(i)
                 first.add(mkeys[i])
-        heads = torch.zeros(len(items) * HEADER_SLOT, dtype=torch.uint8)
-        for i in new:
-            key, _, meta = items[i]
-            heads[i * HEADER_SLOT:(i + 1) * HEADER_SLOT] = torch.frombuffer(
-                bytearray(_header(key, meta)), dtype=torch.uint8)
-        if new:
-            base = heads.data_ptr()
-            ptrs = [[base + i * HEADER_SLOT] + ([items[i][1].data_ptr()] if items[i][2].size else [])
-                    for i in new]
-            lens = [[HEADER_SLOT] + ([items[i][2].size] if items[i][2].size else []) for i in new]
-            regions = [(base, heads.numel())] + [(items[i][1].data_ptr(), items[i][2].size)
-                                                 for i in new]
-            with self._pinned(store, regions):
-                got = store.batch_put_from_multi_buffers([mkeys[i] for i in new], ptrs, lens,
-                                                         self._config)
-            for i, rc in zip(new, got):
-                codes[i] = rc
+        with self._headers.take(len(items)) as heads:
+            for i in new:
+                key, _, meta = items[i]
+                heads[i * HEADER_SLOT:(i + 1) * HEADER_SLOT] = torch.frombuffer(
+                    bytearray(_header(key, meta)), dtype=torch.uint8)
+            if new:
+                base = heads.data_ptr()
+                ptrs = [[base + i * HEADER_SLOT]
+                        + ([items[i][1].data_ptr()] if items[i][2].size else []) for i in new]
+                lens = [[HEADER_SLOT] + ([items[i][2].size] if items[i][2].size else []) for i in new]
+                regions = [(base, heads.numel())] + [(items[i][1].data_ptr(), items[i][2].size)
+                                                     for i in new]
+                with self._pinned(store, regions):
+                    got = store.batch_put_from_multi_buffers([mkeys[i] for i in new], ptrs, lens,
+                                                             self._config)
+                for i, rc in zip(new, got):
+                    codes[i] = rc
         for i in sorted(set(range(len(items))) - set(new)):
             key, data, meta = items[i]
             if any(c in _MASTER_FAULTS for c in codes):
@@ -346,31 +412,31 @@ class MooncakeTier(Tier):
         outs = list(outs) if outs is not None else [None] * len(keys)
         mkeys = [self._mkey(k) for k in keys]
         results: list = [None] * len(keys)
-        heads = torch.zeros(len(keys) * HEADER_SLOT, dtype=torch.uint8)
-        plan = {}                                   # index -> (destination, payload bytes)
-        for i, out in enumerate(outs):
-            if out is not None:
-                plan[i] = (out, out.numel())
-                continue
-            n = self._value_size(store, mkeys[i], results, i)
-            if n is _DOWN:
-                return [None] * len(keys)
-            if n is not None:
-                plan[i] = (torch.empty(n, dtype=torch.uint8), n)
-        codes = self._read(store, mkeys, heads, plan)
-        resize = {}
-        for i, rc in codes.items():
-            if rc >= 0:
-                results[i] = _checked(keys[i], heads, i, rc, plan[i][0])
-            elif rc in (TRANSFER_FAIL, INVALID_PARAMS) and outs[i] is not None:
-                resize[i] = outs[i]                 # the value may be of another size
-            elif rc == TRANSFER_FAIL:
-                self._count("transfer_failures")    # its segment is gone
-            elif rc == LEASE_EXPIRED:
-                self._count("lease_expired")
-        self._settle(list(codes.values()), "get")
-        if resize and self._health.healthy:
-            self._read_resized(store, keys, mkeys, heads, resize, results)
+        with self._headers.take(len(keys)) as heads:
+            plan = {}                                   # index -> (destination, payload bytes)
+            for i, out in enumerate(outs):
+                if out is not None:
+                    plan[i] = (out, out.numel())
+                    continue
+                n = self._value_size(store, mkeys[i], results, i)
+                if n is _DOWN:
+                    return [None] * len(keys)
+                if n is not None:
+                    plan[i] = (torch.empty(n, dtype=torch.uint8), n)
+            codes = self._read(store, mkeys, heads, plan)
+            resize = {}
+            for i, rc in codes.items():
+                if rc >= 0:
+                    results[i] = _checked(keys[i], heads, i, rc, plan[i][0])
+                elif rc in (TRANSFER_FAIL, INVALID_PARAMS) and outs[i] is not None:
+                    resize[i] = outs[i]                 # the value may be of another size
+                elif rc == TRANSFER_FAIL:
+                    self._count("transfer_failures")    # its segment is gone
+                elif rc == LEASE_EXPIRED:
+                    self._count("lease_expired")
+            self._settle(list(codes.values()), "get")
+            if resize and self._health.healthy:
+                self._read_resized(store, keys, mkeys, heads, resize, results)
         return results
 
     def _value_size(self, store, mkey: str, results: list, i: int):
@@ -430,12 +496,12 @@ class MooncakeTier(Tier):
     @contextlib.contextmanager
     def _pinned(self, store, regions):
         """RDMA moves only registered memory: register, for this call, what ``register_memory``
-        did not (TCP moves any memory, and staging through a copy measured slower)."""
+        did not cover (TCP moves any memory, and staging through a copy measured slower)."""
         if self.protocol == "tcp":
             yield
             return
-        temp = [(p, n) for p, n in regions if n and not any(
-            a <= p and p + n <= a + size for a, size in self._registered)]
+        registered = self._registered
+        temp = [(p, n) for p, n in regions if n and not _covered(registered, p, n)]
         for p, n in temp:
             store.register_buffer(p, n)
         try:
@@ -481,8 +547,9 @@ class MooncakeTier(Tier):
         out.update(healthy=self.healthy, master_address=self.master_address,
                    protocol=self.protocol)
         for k in ("fast_misses", "faults", "recoveries", "transfer_failures", "lease_expired",
-                  "refused", "delete_leased", "listing_failures"):
+                  "refused", "delete_leased", "listing_failures", "registration_failures"):
             out[k] = extra.get(k, 0)
+        out["registered_bytes"] = sum(n for _, n in self._registered)
         return out
 
     def _master_http(self, path: str) -> Optional[str]:
@@ -554,6 +621,11 @@ class MooncakeTier(Tier):
             store, self._store = self._store, None
         if store is not None:
             store.close()
+
+
+def _covered(ranges, addr: int, nbytes: int) -> bool:
+    """``[addr, addr + nbytes)`` lies inside one of the (address, bytes) ``ranges``."""
+    return any(a <= addr and addr + nbytes <= a + n for a, n in ranges)
 
 
 def _http_get(address: str, path: str, timeout: float) -> str:

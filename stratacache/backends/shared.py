@@ -232,6 +232,11 @@ class SharedRegionTier(Tier):
     def clear(self) -> None:
         self._region.clear()
 
+    def host_memory(self) -> list[torch.Tensor]:
+        """The region's data area: mapped once at attach, at a size fixed when the region was
+        made (it never grows or moves); nothing once closed."""
+        return [] if self._data is None else [self._data]
+
     def close(self) -> None:
         """Detach. Leases still held stay valid until released or expired (each holds the region)."""
         if self._region is None:

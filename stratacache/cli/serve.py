@@ -6,6 +6,8 @@ distribution (it looks up a distribution named ``vllm``); the module works
 with both. The connector is configured from ``--config FILE`` (validated
 before vLLM starts, so a typo fails in a second, not after a model load) or
 the packaged defaults. The server binds 127.0.0.1 unless ``--host`` is given.
+A Mooncake tier's master and per-host segment holder are long-lived processes
+of their own (``stratacache mooncake``), started before the engines.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ def add_parser(sub) -> None:
         "serve", help="start vLLM's OpenAI-compatible server with StrataCache",
         description=__doc__.split("\n\n")[0],
         epilog="StrataCache's own options go before MODEL; everything after MODEL is passed to "
-               "vLLM unchanged (e.g. --port 8001 --max-model-len 4096).")
+               "vLLM unchanged (e.g. --port 8001 --max-model-len 4096). With tiers.mooncake "
+               "enabled, start the cluster first: 'stratacache mooncake master' (one per "
+               "cluster) and 'stratacache mooncake holder --config FILE' (one per host, it "
+               "keeps the KV while engines restart); docs/mooncake.md shows the topology.")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="StrataCache YAML config (default: $STRATACACHE_CONFIG, else the packaged "
                         "defaults: CPU tier + shared region on /dev/shm)")

@@ -125,6 +125,19 @@ class TierChain:
             needs = i + 1 < len(self.tiers) and (self.settings[i].write_policy == "write_back"
                                                  or self.settings[i].demote_on_evict)
             tier.on_evict = self._evict_handler(i) if needs else None
+        self._register_host_memory()
+
+    def _register_host_memory(self) -> None:
+        """Hand each tier that ``registers_memory`` the other tiers' host memory (the CPU
+        arena, the shared region), once, here: payloads move between exactly those buffers,
+        and neither is ever replaced. A refused registration is a counted fault, not fatal."""
+        for i, tier in enumerate(self.tiers):
+            if not tier.registers_memory:
+                continue
+            for j, other in enumerate(self.tiers):
+                if j != i:
+                    for memory in other.host_memory():
+                        self._call(i, tier.register_memory, memory)
 
     @classmethod
     def from_config(cls, cfg, names: Optional[Sequence[str]] = None) -> "TierChain":
