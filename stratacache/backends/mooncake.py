@@ -616,9 +616,12 @@ class MooncakeTier(Tier):
 
     def close(self) -> None:
         """Close the client. Objects in segments of other processes (a segment holder) stay;
-        objects in this client's own segment (``global_segment_size`` > 0) go with it."""
+        objects in this client's own segment (``global_segment_size`` > 0) go with it.
+        The registered ranges are forgotten: the tiers that own that memory close with the
+        chain, and a range unmapped and mapped again must never count as registered."""
         with self._store_lock:
             store, self._store = self._store, None
+            self._registered = ()
         if store is not None:
             store.close()
 
