@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import mooncake.store
+from stratacache.backends.mooncake import HEADER_SLOT, HeaderSlots
 from stratacache.cli.main import main as cli_main
 from stratacache.config import load_config
 from stratacache.core.artifact import as_bytes, meta_for
@@ -202,6 +203,25 @@ def test_a_refused_registration_leaves_that_memory_registered_per_call(engine):
     assert moon.put(key, memory, meta)
     assert rec.registered[-1] == (memory.data_ptr(), 12345)
     assert rec.unregistered == [memory.data_ptr()]
+
+
+def test_header_slots_never_share_a_block_and_fall_back_outside_the_registered_pool():
+    slots = HeaderSlots(blocks=2, slots=4)
+    pool = span(slots.memory)
+
+    def inside(t: torch.Tensor) -> bool:
+        return pool[0] <= t.data_ptr() and t.data_ptr() + t.numel() <= pool[0] + pool[1]
+
+    with slots.take(3) as a, slots.take(4) as b:
+        assert inside(a) and inside(b) and a.numel() == 3 * HEADER_SLOT
+        assert abs(a.data_ptr() - b.data_ptr()) >= slots.block_bytes      # distinct blocks
+        a.fill_(7)
+        with slots.take(1) as c:                       # every block taken: a buffer of its own
+            assert not inside(c) and not c.any()
+    with slots.take(5) as big:                          # larger than a block
+        assert not inside(big) and big.numel() == 5 * HEADER_SLOT
+    with slots.take(4) as again:                        # a block handed back, zeroed
+        assert inside(again) and not again.any()
 
 
 # -- the serve topology ------------------------------------------------------------------------
