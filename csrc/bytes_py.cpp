@@ -13,7 +13,8 @@ namespace stratacache {
 void bind_bytes(pybind11::module_& m) {
   m.def(
       "copy_bytes",
-      [](const at::Tensor& dst, int64_t dst_offset, const at::Tensor& src, int64_t src_offset, int64_t nbytes) {
+      [](const at::Tensor& dst, int64_t dst_offset, const at::Tensor& src, int64_t src_offset, int64_t nbytes,
+         bool stream) {
         for (const auto* t : {&dst, &src}) {
           TORCH_CHECK_VALUE(t->device().is_cpu() && t->is_contiguous(),
                             "copy_bytes: dst and src must be contiguous CPU tensors");
@@ -27,12 +28,13 @@ void bind_bytes(pybind11::module_& m) {
         auto* to = static_cast<uint8_t*>(dst.data_ptr()) + dst_offset;
         const auto* from = static_cast<const uint8_t*>(src.data_ptr()) + src_offset;
         pybind11::gil_scoped_release release;
-        parallel_copy(to, from, static_cast<uint64_t>(nbytes));
+        parallel_copy(to, from, static_cast<uint64_t>(nbytes), stream);
       },
       pybind11::arg("dst"), pybind11::arg("dst_offset"), pybind11::arg("src"), pybind11::arg("src_offset"),
-      pybind11::arg("nbytes"),
+      pybind11::arg("nbytes"), pybind11::arg("stream") = false,
       "Copy `nbytes` bytes from byte `src_offset` of `src` to byte `dst_offset` of `dst` (GIL released;\n"
-      "ValueError when a range falls outside its tensor). The ranges must not overlap.");
+      "ValueError when a range falls outside its tensor). The ranges must not overlap. `stream`\n"
+      "writes with non-temporal stores: for a destination not read again soon (a tier's put).");
 }
 
 }  // namespace stratacache

@@ -82,7 +82,7 @@ void bind_shared_region(py::module_& m) {
                py::gil_scoped_release nogil;
                res = r.reserve(k, n, a, evict, prio);
                if (res) {
-                 parallel_copy(r.data() + res->offset, from, n);
+                 parallel_copy(r.data() + res->offset, from, n, /*stream=*/true);   // not read back soon
                  ok = r.commit(*res);
                }
              }

@@ -18,10 +18,16 @@ struct TorchParallel {
   }
 };
 
-// vector_copy spread over the intra-op threads in 256 KiB pieces, like Tensor.copy_.
-inline void parallel_copy(uint8_t* dst, const uint8_t* src, uint64_t n) {
+// vector_copy (stream_copy when `stream`) spread over the intra-op threads in
+// 256 KiB pieces, like Tensor.copy_. Each piece's thread fences its own
+// streaming stores before parallel_for joins, so the bytes are visible once
+// this returns.
+inline void parallel_copy(uint8_t* dst, const uint8_t* src, uint64_t n, bool stream = false) {
   at::parallel_for(0, int64_t(n), int64_t(1) << 18, [&](int64_t begin, int64_t end) {
-    vector_copy(dst + begin, src + begin, size_t(end - begin));
+    if (stream)
+      stream_copy(dst + begin, src + begin, size_t(end - begin));
+    else
+      vector_copy(dst + begin, src + begin, size_t(end - begin));
   });
 }
 

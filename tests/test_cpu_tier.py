@@ -160,11 +160,11 @@ def test_copy_bytes_is_exact_and_bounds_checked():
 
     rng = random.Random(5)
     src = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8)
-    for _ in range(20):
+    for i in range(40):   # regular and streaming stores (the tier's put), at random alignments
         n = rng.choice([0, 1, 4095, 4096 + 77, 1 << 20, (1 << 20) + 3])
         so, do = rng.randrange(0, src.numel() - n + 1), rng.randrange(0, 64)
         dst = torch.full((n + 128,), 0xA5, dtype=torch.uint8)
-        copy_bytes(dst, do, src, so, n)
+        copy_bytes(dst, do, src, so, n, stream=bool(i % 2))
         assert torch.equal(dst[do:do + n], src[so:so + n])
         assert (dst[:do] == 0xA5).all() and (dst[do + n:] == 0xA5).all()
     dst = torch.zeros(100, dtype=torch.uint8)

@@ -103,17 +103,20 @@ static void layer_slice_case(std::mt19937_64& rng, int64_t Ltot, int64_t l0, int
   for (size_t k = n * row; k < back.size(); ++k) CHECK(back[k] == kPoison);
 }
 
-// vector_copy: exact bytes and untouched neighbours at every alignment and length class.
+// vector_copy and stream_copy: exact bytes and untouched neighbours at every alignment and length class.
 static void vector_copy_cases(std::mt19937_64& rng) {
-  for (size_t n : {0, 7, 4095, 4096, 4097, 4096 + 127, 65536, 65536 + 200}) {
-    for (size_t dshift : {0, 1, 8, 31}) {
+  for (size_t n : {0, 7, 4095, 4096, 4097, 4096 + 127, 4096 + 159, 65536, 65536 + 200}) {
+    for (size_t dshift : {0, 1, 8, 31, 32, 33}) {
       for (size_t sshift : {0, 5}) {
         std::vector<uint8_t> src(n + 64), dst(n + 64, kPoison);
         for (auto& x : src) x = uint8_t(rng());
-        vector_copy(dst.data() + dshift, src.data() + sshift, n);
-        CHECK(std::equal(src.begin() + sshift, src.begin() + sshift + n, dst.begin() + dshift));
-        for (size_t k = 0; k < dshift; ++k) CHECK(dst[k] == kPoison);
-        for (size_t k = n + dshift; k < dst.size(); ++k) CHECK(dst[k] == kPoison);
+        for (auto copy : {vector_copy, stream_copy}) {
+          std::fill(dst.begin(), dst.end(), kPoison);
+          copy(dst.data() + dshift, src.data() + sshift, n);
+          CHECK(std::equal(src.begin() + sshift, src.begin() + sshift + n, dst.begin() + dshift));
+          for (size_t k = 0; k < dshift; ++k) CHECK(dst[k] == kPoison);
+          for (size_t k = n + dshift; k < dst.size(); ++k) CHECK(dst[k] == kPoison);
+        }
       }
     }
   }

@@ -80,7 +80,7 @@ class CpuTier(TableTier):
     def _write(self, entry: Entry, data: torch.Tensor) -> bool:
         if self._pinning.enabled and self._alloc.high_water > self._pinned_upto:
             self._pin_upto(self._alloc.high_water)
-        copy_bytes(self._arena, entry.loc, data, 0, entry.size)
+        copy_bytes(self._arena, entry.loc, data, 0, entry.size, True)   # streaming stores: not read back soon
         return True
 
     def _read(self, entry: Entry, out: Optional[torch.Tensor]) -> Artifact:

@@ -238,7 +238,8 @@ class StorageEngine:
         a miss): on a zero_copy tier (CPU arena, shared region) ``lease.artifact`` views tier
         memory, kept from eviction and overwrite until this holder releases it (``release()``
         or a with-block) or ``lease_s`` (default ``cfg.lease_s``) passes; elsewhere it is an
-        owned copy. A hit in a lower tier is promoted as ``load`` does."""
+        owned copy. A lease reads in place: a hit in a lower tier is not promoted (a promotion
+        would be a second copy of every chunk the vLLM worker leases from the shared region)."""
         _check_key(key)
         order = self._order(mode, tier)
         lease = self.chain.lease(key, lease_s, order=order, verify=self._verify(verify))
