@@ -23,6 +23,7 @@ from tests.mooncake_server import (MooncakeMaster, SegmentHolder, in_loopback_na
                                    loopback_namespace, raw_store)
 
 OP_TIMEOUT_S = 1.0
+LEASE_MS = 1000
 SLACK_S = 0.75   # scheduling on a loaded 2-core box; a hang would be Mooncake's 30 s
 
 
@@ -34,7 +35,9 @@ def netns():
 
 @pytest.fixture(scope="module")
 def master(netns):
-    with MooncakeMaster(client_ttl_s=2, lease_ttl_ms=200) as m:
+    # A read lease long enough for a 16 MiB read on a loaded 2-core box (a read that outlasts
+    # its lease is a miss, which the round trips would report); test_delete outwaits it.
+    with MooncakeMaster(client_ttl_s=2, lease_ttl_ms=LEASE_MS) as m:
         yield m
 
 
@@ -228,14 +231,22 @@ def test_empty_payload_round_trips(tier):
     assert tier.put(key, data, meta) and tier.get(key).meta.size == 0
 
 
-def test_delete(tier, master):
+def test_delete(master, holder):
+    tier = make_tier(master, op_timeout_s=3 * LEASE_MS / 1000)   # outwaits a reader's lease
+    try:
+        _check_delete(tier, master)
+    finally:
+        tier.close()
+
+
+def _check_delete(tier, master):
     key, data, meta = item(fresh_name("del"), random_payload(random.Random(4), 1234))
     assert tier.put(key, data, meta)
     assert tier.delete(key)
     assert tier.get(key) is None and tier.contains([key.encode()]) == [False]
     assert not tier.delete(key)
     assert tier.put(key, data, meta)
-    assert tier.get(key) is not None       # grants a read lease (200 ms): remove is refused meanwhile
+    assert tier.get(key) is not None       # grants a read lease (LEASE_MS): remove is refused meanwhile
     t0 = time.monotonic()
     assert tier.delete(key)                # retried until the reader's lease passed
     assert master.lease_ttl_ms / 1000 * 0.5 <= time.monotonic() - t0 < tier.op_timeout_s + 0.5
