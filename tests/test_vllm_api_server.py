@@ -35,12 +35,12 @@ def _free_port() -> int:
 
 
 class ApiServer:
-    def __init__(self, model: str, region: Path, log: Path):
+    def __init__(self, model: str, region: Path, log: Path, kv_role: str = "kv_both"):
         self.port = _free_port()
         self.model = model
-        conf = kv_transfer_config(**{"tiers.shared.path": str(region),
-                                     "tiers.shared.capacity": "256MiB",
-                                     "tiers.cpu.capacity": "128MiB"})
+        conf = kv_transfer_config(kv_role=kv_role, **{"tiers.shared.path": str(region),
+                                                      "tiers.shared.capacity": "256MiB",
+                                                      "tiers.cpu.capacity": "128MiB"})
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16",
                "--enforce-eager", "--max-model-len", "2048", "--seed", "0",
