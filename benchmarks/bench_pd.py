@@ -41,20 +41,17 @@ import json
 import os
 import platform
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import (BLOCK, COUNTERS, ROOT, Server, _session, blocks_for, free_port,  # noqa: E402
-                         mismatches, percentile, stream_completion)
+from bench_serve import (BLOCK, COUNTERS, ROOT, Server, _session, bench_model, blocks_for,  # noqa: E402
+                         free_port, mismatches, percentile, stream_completion)
 
 CAVEAT = ("Two-core caveat: each vLLM worker has a core of its own, but the two API servers, their "
           "engine-core schedulers, the proxy and this load generator share those same two cores, "
@@ -120,44 +117,17 @@ def summarize(modes: dict) -> dict:
 
 
 # ------------------------------------------------------------------ processes
-class Proxy:
-    """``stratacache proxy`` in a child process on 127.0.0.1, up once its /health is 200."""
+class Proxy(Server):
+    """``stratacache proxy`` in a child process on 127.0.0.1 (a Server for its health wait and
+    stop; its /health is 200 once both backends answer)."""
 
-    def __init__(self, prefill: str, decode: str, workdir: Path, timeout_s: float = 120):
-        self.port = free_port()
+    def __init__(self, prefill: str, decode: str, workdir: Path):    # noqa: D107 - no Server start
+        self.kind, self.port, self.region = "proxy", free_port(), None
         self.log = workdir / "proxy.log"
-        self._log_fh = open(self.log, "w")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-        self.proc = subprocess.Popen([sys.executable, "-m", "stratacache.cli", "proxy", "--prefill", prefill,
-                                      "--decode", decode, "--port", str(self.port)],
-                                     stdout=self._log_fh, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        deadline = time.time() + timeout_s
-        while True:
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"the proxy did not come up; see {self.log}:\n{self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=10) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        self._log_fh.close()
+        self._launch([sys.executable, "-m", "stratacache.cli", "proxy", "--prefill", prefill,
+                      "--decode", decode, "--port", str(self.port)], env)
 
 
 def start_pair(mode: str, model: str, workdir: Path, sizes: Sizes, region: Path) -> list[Server]:
@@ -294,13 +264,7 @@ def main() -> int:
     if (os.cpu_count() or 1) < 2:
         ap.error("bench_pd pins the two instances to cores 0 and 1: it needs at least 2 cores")
 
-    from stratacache.models.local_llama import LlamaSpec, make_local_llama
-
-    spec = LlamaSpec(num_layers=sizes.layers, hidden=512, heads=8, kv_heads=8, intermediate=1024,
-                     max_positions=16384, seed=3)
-    models_dir = Path(os.environ.get("STRATACACHE_BENCH_MODELS", Path.home() / ".cache" / "stratacache"))
-    model = str(make_local_llama(models_dir / f"bench-serve-{spec.digest()}", spec))
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    spec, model, vocab = bench_model(sizes.layers)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sc-bench-pd-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"model: {spec.num_layers} layers; {sizes.rounds} rounds of 4 x {sizes.long_len}-token prompts "

@@ -275,8 +275,13 @@ class Server:
                    VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib),
                    PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                    **(env or {}))
-        self._log_fh = open(self.log, "w")
         t0 = time.time()
+        self._launch(cmd, env)
+        print(f"  [{tag} {kind}: server up in {time.time() - t0:.0f}s, port {self.port}]", flush=True)
+
+    def _launch(self, cmd: list[str], env: dict) -> None:
+        """Start ``cmd`` in its own process group, logging to ``self.log``; return once healthy."""
+        self._log_fh = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         try:
@@ -284,7 +289,6 @@ class Server:
         except BaseException:
             self.stop()
             raise
-        print(f"  [{tag} {kind}: server up in {time.time() - t0:.0f}s, port {self.port}]", flush=True)
 
     @property
     def base_url(self) -> str:
@@ -635,6 +639,18 @@ def print_report(runs: dict, summary: dict) -> None:
         print(f"{k:30s}{shown}   {op} {t}  {'ok' if met else 'MISSED'}")
 
 
+def bench_model(layers: int):
+    """The KV-heavy bench model (random weights, local tokenizer), made once and cached:
+    its spec, directory and vocabulary size."""
+    from stratacache.models.local_llama import LlamaSpec, make_local_llama
+
+    spec = LlamaSpec(num_layers=layers, hidden=512, heads=8, kv_heads=8, intermediate=1024,
+                     max_positions=16384, seed=3)
+    models_dir = Path(os.environ.get("STRATACACHE_BENCH_MODELS", Path.home() / ".cache" / "stratacache"))
+    model = str(make_local_llama(models_dir / f"bench-serve-{spec.digest()}", spec))
+    return spec, model, json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path, help="write device, summary, targets and every run to this file")
@@ -650,18 +666,12 @@ def main() -> int:
     if bad or not chosen:
         ap.error(f"--workloads: unknown workload(s) {','.join(bad) or '(none given)'}; choose from a,b,c,d")
 
-    from stratacache.models.local_llama import LlamaSpec, make_local_llama
-
     sizes = QUICK if args.quick else FULL
     if args.concurrency is not None:
         if args.concurrency < 1:
             ap.error(f"--concurrency must be at least 1, not {args.concurrency}")
         sizes = replace(sizes, concurrency=args.concurrency)
-    spec = LlamaSpec(num_layers=sizes.layers, hidden=512, heads=8, kv_heads=8, intermediate=1024,
-                     max_positions=16384, seed=3)
-    models_dir = Path(os.environ.get("STRATACACHE_BENCH_MODELS", Path.home() / ".cache" / "stratacache"))
-    model = str(make_local_llama(models_dir / f"bench-serve-{spec.digest()}", spec))
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    spec, model, vocab = bench_model(sizes.layers)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sc-bench-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     kv_per_token = 2 * spec.num_layers * spec.kv_heads * (spec.hidden // spec.heads) * 2
