@@ -4,7 +4,7 @@ while long prefills run.
     python benchmarks/bench_pd.py [--quick] [--json PATH] [--rounds N] [--workdir DIR]
 
 Two vLLM OpenAI servers with StrataCache (``stratacache serve``), each with its
-worker pinned to its own core (``VLLM_CPU_OMP_THREADS_BIND`` 0 and 1), sharing
+worker pinned to a core of its own (``VLLM_CPU_OMP_THREADS_BIND``), sharing
 one shared-memory region, on a locally made model (random weights, local
 tokenizer), run twice with the same requests:
 
@@ -73,11 +73,13 @@ class Sizes:
     long_len: int                   # tokens of each long prompt
     stream_len: int                 # tokens of S's prompt
     stream_output: int              # greedy tokens S generates
-    kv_space_gib: int = 1
+    kv_space_gib: int = 1           # VLLM_CPU_KVCACHE_SPACE of each instance
+    region: str = "1GiB"            # the shared region both instances attach to
 
 
 QUICK = Sizes(layers=4, rounds=3, long_len=1500, stream_len=450, stream_output=32)
-FULL = Sizes(layers=8, rounds=8, long_len=3000, stream_len=1000, stream_output=64, kv_space_gib=2)
+FULL = Sizes(layers=8, rounds=8, long_len=3000, stream_len=1000, stream_output=64, kv_space_gib=2,
+             region="4GiB")
 
 
 def tokens(n: int, seed: int, vocab: int) -> list[int]:
@@ -130,17 +132,19 @@ class Proxy(Server):
                       "--decode", decode, "--port", str(self.port)], env)
 
 
-def start_pair(mode: str, model: str, workdir: Path, sizes: Sizes, region: Path) -> list[Server]:
-    """The mode's two servers, started side by side, one core each, one shared region."""
+def start_pair(mode: str, model: str, workdir: Path, sizes: Sizes, region: Path,
+               cores: list[int]) -> list[Server]:
+    """The mode's two servers, started side by side, one of ``cores`` each, one shared region."""
     max_len = blocks_for(max(sizes.long_len, sizes.stream_len + sizes.stream_output) + 64) * BLOCK
     kv_blocks = (blocks_for(sizes.stream_len + sizes.stream_output)
                  + (LONG_BEFORE + LONG_DURING) * blocks_for(sizes.long_len + 1)) * 2
-    config = (f"tiers:\n  cpu:\n    capacity: 1GiB\n  shared:\n    path: {region}\n"
-              f"    capacity: 4GiB\n")
+    config = (f"tiers:\n  cpu:\n    capacity: 512MiB\n  shared:\n    path: {region}\n"
+              f"    capacity: {sizes.region}\n")
 
     def start(i: int) -> Server:
         return Server("stratacache", model, workdir, f"{mode}{i}", max_len, kv_blocks, sizes.kv_space_gib,
-                      config_text=config, kv_role=ROLES[mode][i], env={"VLLM_CPU_OMP_THREADS_BIND": str(i)})
+                      config_text=config, kv_role=ROLES[mode][i],
+                      env={"VLLM_CPU_OMP_THREADS_BIND": str(cores[i])})
 
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(start, i) for i in range(2)]
@@ -178,11 +182,11 @@ async def one_round(urls: list[str], model: str, longs: list[list[int]], stream:
     return {"stream": results[LONG_BEFORE], "outputs": [r["token_ids"] for r in results]}
 
 
-def run_mode(mode: str, model: str, vocab: int, workdir: Path, sizes: Sizes) -> dict:
+def run_mode(mode: str, model: str, vocab: int, workdir: Path, sizes: Sizes, cores: list[int]) -> dict:
     region = Path("/dev/shm") / f"sc-bench-pd-{os.getpid()}-{mode}.region"
     region.unlink(missing_ok=True)
     t0 = time.time()
-    servers = start_pair(mode, model, workdir, sizes, region)
+    servers = start_pair(mode, model, workdir, sizes, region, cores)
     proxy = None
     try:
         if mode == "disaggregated":
@@ -261,8 +265,10 @@ def main() -> int:
         if args.rounds < 1:
             ap.error(f"--rounds must be at least 1, not {args.rounds}")
         sizes = replace(sizes, rounds=args.rounds)
-    if (os.cpu_count() or 1) < 2:
-        ap.error("bench_pd pins the two instances to cores 0 and 1: it needs at least 2 cores")
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        ap.error(f"bench_pd pins each instance's worker to a core of its own: it needs 2 cores, "
+                 f"this process may use {cores}")
 
     spec, model, vocab = bench_model(sizes.layers)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sc-bench-pd-"))
@@ -274,7 +280,7 @@ def main() -> int:
     modes: dict = {}
     for mode in MODES:
         print(f"mode {mode}", flush=True)
-        modes[mode] = run_mode(mode, model, vocab, workdir, sizes)
+        modes[mode] = run_mode(mode, model, vocab, workdir, sizes, cores)
     modes["mismatched_rounds"] = mismatches(modes["colocated"]["outputs"], modes["disaggregated"]["outputs"])
     modes["outputs_identical"] = not modes["mismatched_rounds"]
     summary = summarize(modes)

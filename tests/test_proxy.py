@@ -472,6 +472,28 @@ def test_a_decode_killed_between_the_hops_is_a_502_naming_it():
         run(scenario())
 
 
+def test_a_prefill_killed_after_answering_leaves_that_decode_alone_and_the_next_request_gets_a_502():
+    """The KV is in the tiers once the prefill answered: its death between the hops does not
+    touch that request; the next request to it is a 502 naming it, at once."""
+    with backend_process("answer") as (prefill_url, proc):
+        async def kill_prefill_then_answer(backend, request, body):
+            os.kill(proc.pid, signal.SIGKILL)
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait)
+            return await decode_answer(backend, request, body)
+
+        async def scenario():
+            dec = Backend("d0", answer=kill_prefill_then_answer)
+            async with serving(dec.app) as d, serving(build_app([prefill_url], [d])) as proxy:
+                status, raw, _ = await post(proxy + "/v1/completions", {"prompt": "x", "max_tokens": 3})
+                assert status == 200 and raw == dec.returned[0]
+                assert dec.received[0]["body"]["kv_transfer_params"] == {"from": "process"}
+                assert proc.returncode == -signal.SIGKILL
+                status, raw, elapsed = await post(proxy + "/v1/completions", {"prompt": "y", "max_tokens": 3})
+            assert_bad_gateway(status, raw, "prefill", prefill_url)
+            assert elapsed < BOUND_S and len(dec.received) == 1
+        run(scenario())
+
+
 def test_a_decode_that_dies_mid_stream_ends_the_stream_with_an_error_event():
     with backend_process("die-mid-stream") as (url, proc):
         async def scenario():
@@ -494,15 +516,19 @@ async def _hang(backend, request, body):
     await asyncio.Event().wait()
 
 
-def test_a_hanging_prefill_is_a_502_after_the_read_timeout():
+@pytest.mark.parametrize("hop", ["prefill", "decode"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_backend_that_hangs_before_answering_is_a_502_after_the_read_timeout(hop, stream):
     async def scenario():
-        pre, dec = Backend("p0", answer=_hang), Backend("d0")
+        pre = Backend("p0", answer=_hang if hop == "prefill" else None)
+        dec = Backend("d0", answer=_hang if hop == "decode" else None)
         async with serving(pre.app) as p, serving(dec.app) as d, \
                 serving(build_app([p], [d], read_timeout_s=0.5)) as proxy:
-            status, raw, elapsed = await post(proxy + "/v1/completions", {"prompt": "x", "max_tokens": 2})
-        assert_bad_gateway(status, raw, "prefill", p, "read timeout", "0.5 s")
+            status, raw, elapsed = await post(proxy + "/v1/completions",
+                                              {"prompt": "x", "max_tokens": 2, "stream": stream})
+        assert_bad_gateway(status, raw, hop, p if hop == "prefill" else d, "read timeout", "0.5 s")
         assert 0.4 < elapsed < BOUND_S
-        assert len(pre.received) == 1 and dec.received == []
+        assert len(pre.received) == 1 and len(dec.received) == (hop == "decode")
     run(scenario())
 
 
