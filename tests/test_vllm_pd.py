@@ -14,7 +14,8 @@ import torch
 from stratacache.adapters.vllm.keys import ChunkGeometry, artifact_key
 from stratacache.adapters.vllm.scheduler import PD_PARAMS_KEY, SchedulerSide
 from stratacache.adapters.vllm.stats import StatsCounter
-from stratacache.config import load_config
+from stratacache.adapters.vllm.settings import kv_transfer_config
+from stratacache.config import ConfigError, load_config
 from stratacache.engine import StorageEngine
 from tests.test_vllm_scheduler import (BS, CHUNK, NS, FakeBlockState, FakeOutput, FakeRequest,
                                        store_ends, tokens)
@@ -67,6 +68,9 @@ def expected_load(prompt_len: int) -> int:
 def test_unknown_role_is_rejected(engine):
     with pytest.raises(ValueError, match="kv_role.*kv_sender"):
         side_for(engine, "kv_sender")
+    with pytest.raises(ConfigError, match="kv_role: 'kv_sender'"):
+        kv_transfer_config(kv_role="kv_sender")
+    assert kv_transfer_config(kv_role="kv_consumer")["kv_role"] == "kv_consumer"
 
 
 def test_producer_never_loads_and_consumer_never_stores(engine):

@@ -24,18 +24,18 @@ GEOMETRY = ChunkGeometry(4 * BS, BS, BS)
 
 
 class HeldStore:
-    """engine.store that, once armed, waits for ``release`` (and says it has been entered)."""
+    """engine.store that waits for ``release`` (and says it has been entered); with
+    ``refuse`` it then refuses the chunk, as a full or failing tier does."""
 
-    def __init__(self, engine, result: bool = True) -> None:
+    def __init__(self, engine, refuse: bool = False) -> None:
         self.entered, self.release = threading.Event(), threading.Event()
-        self._store, self._result = engine.store, result
+        self._store, self._refuse = engine.store, refuse
         engine.store = self
 
     def __call__(self, key, payload, **kwargs):
         self.entered.set()
         assert self.release.wait(30), "the test never released the store"
-        ok = self._store(key, payload, **kwargs)
-        return ok and self._result
+        return False if self._refuse else self._store(key, payload, **kwargs)
 
 
 def remote_saves(req_id: str = "p") -> list[ChunkSave]:
@@ -94,7 +94,7 @@ def test_a_failed_remote_save_still_frees_the_request(engine_factory, monkeypatc
     worker = make_worker(engine)
     worker.register(layers)
     if fault == "refused":
-        HeldStore(engine, result=False).release.set()
+        HeldStore(engine, refuse=True).release.set()
     else:
         def broken(*args, **kwargs):
             raise RuntimeError("injected gather fault")
@@ -156,3 +156,23 @@ def test_a_remote_prefill_loads_asynchronously_in_every_load_mode(engine_factory
     assert loader.take_load_errors() == set()
     for s, t in zip(range(4), [20, 21, 22, 23]):
         assert torch.equal(dst_buf[t].view(torch.int16), src_buf[s].view(torch.int16))
+
+
+def test_the_connector_reports_the_steps_finished_remote_decodes(engine_factory):
+    """get_finished hands the workers the remote decodes the scheduler delayed (from the
+    step's metadata) and returns them as finished_sending once, never another request:
+    vLLM frees the blocks of what it receives, and asserts it delayed them."""
+    from stratacache.adapters.vllm.connector_v1 import StrataCacheConnectorV1
+
+    _, layers = paged_kv(39)
+    worker = make_worker(engine_factory())
+    worker.register(layers)
+    worker.end_step(remote_saves("p"))
+    connector = object.__new__(StrataCacheConnectorV1)   # the worker role's routing only
+    connector._worker = worker
+    connector._connector_metadata = StrataCacheConnectorMetadata()
+    assert connector.get_finished({"p", "q"}) == (None, None)
+    connector._connector_metadata = StrataCacheConnectorMetadata(sending_req_ids={"p"})
+    assert connector.get_finished(set()) == ({"p"}, None)
+    connector._connector_metadata = StrataCacheConnectorMetadata()
+    assert connector.get_finished(set()) == (None, None)

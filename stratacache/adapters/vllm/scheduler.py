@@ -97,7 +97,6 @@ class SchedulerSide:
         if role not in KV_ROLES:
             raise ValueError(f"kv_role must be one of {KV_ROLES}, got {role!r}")
         self.geometry = geometry
-        self.role = role
         self.can_load = role != "kv_producer"      # a producer never loads
         self.can_save = role != "kv_consumer"      # a consumer never stores
         self.namespaces = namespaces          # one per TP rank: a chunk is present if all have it
