@@ -89,7 +89,7 @@ class Backend:
 
     async def _generate(self, request: web.Request):
         body = await request.json()
-        self.received.append({"path": request.path, "body": body, "headers": dict(request.headers)})
+        self.received.append({"path": request.path, "body": body, "headers": request.headers.copy()})
         self.log.append(self.name)
         return await self.answer(self, request, body)
 
@@ -166,12 +166,13 @@ def expected_decode_body(body: dict, params) -> dict:
     return out
 
 
-async def post(url: str, body, **kw) -> tuple[int, bytes, float]:
+async def post(url: str, body, headers: dict | None = None) -> tuple[int, bytes, float]:
     """POST a JSON body (or raw bytes); status, body and elapsed seconds."""
     t0 = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_S * 2)) as session:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        async with session.post(url, data=data, headers={"Content-Type": "application/json"}, **kw) as resp:
+        async with session.post(url, data=data,
+                                headers={"Content-Type": "application/json", **(headers or {})}) as resp:
             return resp.status, await resp.read(), time.monotonic() - t0
 
 
@@ -434,6 +435,7 @@ app = web.Application()
 app.router.add_post("/v1/completions", generate)
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
+sock.listen(128)                 # before the port is told: connections queue until run_app serves
 print(sock.getsockname()[1], flush=True)
 web.run_app(app, sock=sock, print=None)
 """
@@ -656,7 +658,7 @@ def test_good_backend_urls_are_normalised():
     ({"connect_timeout_s": 0}, "connect_timeout_s"), ({"read_timeout_s": -1}, "read_timeout_s"),
     ({"read_timeout_s": True}, "read_timeout_s"), ({"connect_timeout_s": "5"}, "connect_timeout_s")])
 def test_bad_build_app_arguments_are_refused_naming_them(kwargs, words):
-    args = dict(prefill_urls=["http://h:1"], decode_urls=["http://h:2"], **kwargs)
+    args = {"prefill_urls": ["http://h:1"], "decode_urls": ["http://h:2"], **kwargs}
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         build_app(**args)
 
