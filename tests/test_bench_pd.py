@@ -67,8 +67,9 @@ def test_summary_divides_disaggregated_by_colocated():
 @pytest.mark.slow
 def test_bench_pd_quick_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    result = subprocess.run([sys.executable, "-m", "stratacache.cli", "bench", "pd", "--quick",
-                             "--out", str(tmp_path), "--", "--workdir", str(tmp_path / "work")],
+    # Options before NAME: after it, argparse has already closed the '--' list.
+    result = subprocess.run([sys.executable, "-m", "stratacache.cli", "bench", "--quick", "--out", str(tmp_path),
+                             "pd", "--", "--workdir", str(tmp_path / "work")],
                             capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "Two-core caveat" in result.stdout and "pd_itl_ratio" in result.stdout

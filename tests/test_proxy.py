@@ -31,7 +31,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from stratacache.disagg.proxy import build_app, check_backend_url
+from stratacache.disagg.proxy import ROUTER, build_app, check_backend_url
 
 REPO = Path(__file__).resolve().parent.parent
 # Generous bound on how long any failure may take to reach the client (the timeouts
@@ -59,11 +59,12 @@ def closed_port_url() -> str:
 
 @contextlib.asynccontextmanager
 async def serving(app: web.Application):
-    """``app`` on 127.0.0.1 on a free port; yields its base URL. Handlers are cancelled
-    when their client goes away, so a hanging backend does not hold up the cleanup."""
+    """``app`` on 127.0.0.1 on a free port; yields its base URL. The proxy runs as
+    ``stratacache proxy`` runs it (aiohttp's default: a handler is not cancelled when its
+    client goes away); a fake backend's handler is, so a hanging one ends with its client."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
+    runner = web.AppRunner(app, handler_cancellation=ROUTER not in app, shutdown_timeout=0.5)
     await runner.setup()
     await web.SockSite(runner, sock, shutdown_timeout=0.5).start()
     try:
@@ -390,6 +391,55 @@ def test_a_client_that_leaves_mid_stream_aborts_the_decode_request():
             await session.close()
             await asyncio.wait_for(aborted.wait(), BOUND_S)
     run(scenario())
+
+
+def test_a_client_that_closes_on_done_before_the_stream_ends_is_no_error(caplog):
+    """Clients (vLLM's own benchmark client among them) close on ``data: [DONE]``, before
+    the chunked body's end: the proxy must take that quietly."""
+    finish = asyncio.Event()
+
+    async def done_then_wait(backend, request, body):
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(b"data: {}\n\ndata: [DONE]\n\n")
+        await finish.wait()             # set once the proxy has seen the client go
+        await out.write_eof()
+        return out
+
+    async def scenario():
+        pre, dec = Backend("p0"), Backend("d0", answer=done_then_wait)
+        seen, handled = [], asyncio.Event()
+
+        @web.middleware
+        async def watch(request, handler):
+            seen.append(request)
+            try:
+                return await handler(request)
+            finally:
+                handled.set()
+
+        async with serving(pre.app) as p, serving(dec.app) as d:
+            app = build_app([p], [d])
+            app.middlewares.append(watch)
+            async with serving(app) as proxy:
+                session = aiohttp.ClientSession()
+                resp = await session.post(proxy + "/v1/completions", json={"prompt": "x", "stream": True})
+                got = b""
+                while b"[DONE]" not in got:
+                    got += await asyncio.wait_for(resp.content.readany(), BOUND_S)
+                resp.close()
+                await session.close()
+                deadline = time.monotonic() + BOUND_S
+                while seen[0].transport is not None:     # until the proxy has seen the close
+                    assert time.monotonic() < deadline, "the proxy never saw the client close"
+                    await asyncio.sleep(0.01)
+                finish.set()
+                await asyncio.wait_for(handled.wait(), BOUND_S)
+                await asyncio.sleep(0)                   # let aiohttp log what the handler raised
+
+    with caplog.at_level(logging.DEBUG):
+        run(scenario())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # ------------------------------------------------------------------ dead backends

@@ -253,14 +253,15 @@ async def _relay(request: web.Request, router: Router, hop: str, url: str, metho
             try:
                 if chunk:
                     await out.write(chunk)
+                if last:
+                    await out.write_eof()
             except ConnectionResetError:
-                # The client went away: leaving the block closes the backend connection,
-                # which makes vLLM abort the request.
+                # The client went away (clients often close on "[DONE]", before the end of
+                # the chunked body): leaving the block closes the backend connection, which
+                # makes vLLM abort the request if it is still running.
                 return out
             if last:
-                break
-        await out.write_eof()
-        return out
+                return out
 
 
 async def _models(request: web.Request) -> web.StreamResponse:
