@@ -270,6 +270,7 @@ async def _models(request: web.Request) -> web.StreamResponse:
     try:
         return await _relay(request, router, DECODE_HOP, url, "GET", None, {})
     except BackendError as exc:
+        log.warning("%s (GET /v1/models)", exc)
         return web.json_response(exc.body(), status=502)
 
 
