@@ -40,6 +40,7 @@ pytestmark = pytest.mark.slow
 
 CHUNK, BLOCK = 256, 128          # connector.chunk_size default; vLLM's CPU KV block size
 MAX_TOKENS = 12
+VOCAB = 560                      # below the local model's vocabulary (569 tokens)
 REGION_CAPACITY = "256MiB"       # what ApiServer configures
 PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False}
 # 1-4 full chunks plus a partial chunk (one block) plus a few tokens of an unfilled block.
@@ -50,7 +51,7 @@ PROMPTS.update(stream=2 * CHUNK + BLOCK + 5, deleted=3 * CHUNK + BLOCK + 20,
 
 def prompt_ids(name: str) -> list[int]:
     rng = random.Random(name)
-    return [rng.randrange(3, 4000) for _ in range(PROMPTS[name])]
+    return [rng.randrange(3, VOCAB) for _ in range(PROMPTS[name])]
 
 
 def loaded_tokens(name: str) -> int:
