@@ -1,15 +1,17 @@
 """Issue #21 end to end: disaggregated prefill between two real vLLM OpenAI servers.
 
 A producer (``kv_role: kv_producer``) and a consumer (``kv_consumer``) run on one host and
-share one shared-region file. Each request makes vLLM's two P/D hops (contract items 1 and
-3: the prefill with ``max_tokens: 1`` and ``do_remote_decode``, then the original request
-with the returned ``kv_transfer_params``) over HTTP. The consumer must answer exactly as a
-single colocated server (started first, alone, in the same execution mode and with the same
-cores), having loaded every prompt token but the last, rounded down to a block; a prompt
-whose chunks vanish in between, or whose producer is killed in between, is still answered
-identically (by recompute, and without the producer respectively).
+share one shared-region file, behind ``stratacache proxy``. Client requests go through the
+proxy (vLLM's two P/D hops: the prefill with ``max_tokens: 1`` and ``do_remote_decode``,
+then the original request with the returned ``kv_transfer_params``). The answers, streamed
+or not, must equal a single colocated server's (started first, alone, in the same execution
+mode and with the same cores), and the consumer must have loaded every prompt token but the
+last, rounded down to a block. Where a test must act between the hops (delete the chunks,
+kill the producer) it makes the two hops itself: the decode is still answered identically
+(by recompute; without the producer), and the proxy answers a 502 naming the dead producer.
 
-One producer + consumer pair for the whole module; the reference server runs before them.
+One producer + consumer pair (and proxy) for the whole module; the reference server runs
+before them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,12 +34,13 @@ from stratacache.adapters.vllm.keys import artifact_key
 from stratacache.config import load_config
 from stratacache.engine import StorageEngine
 from stratacache.models.local_llama import LlamaSpec, make_local_llama
-from tests.test_vllm_api_server import ApiServer
+from tests.test_vllm_api_server import ApiServer, _free_port, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
 CHUNK, BLOCK = 256, 128          # connector.chunk_size default; vLLM's CPU KV block size
 MAX_TOKENS = 12
+VOCAB = 560                      # below the local model's vocabulary (569 tokens)
 REGION_CAPACITY = "256MiB"       # what ApiServer configures
 PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False}
 # 1-4 full chunks plus a partial chunk (one block) plus a few tokens of an unfilled block.
@@ -46,7 +51,7 @@ PROMPTS.update(stream=2 * CHUNK + BLOCK + 5, deleted=3 * CHUNK + BLOCK + 20,
 
 def prompt_ids(name: str) -> list[int]:
     rng = random.Random(name)
-    return [rng.randrange(3, 4000) for _ in range(PROMPTS[name])]
+    return [rng.randrange(3, VOCAB) for _ in range(PROMPTS[name])]
 
 
 def loaded_tokens(name: str) -> int:
@@ -76,12 +81,38 @@ def post_stream(url: str, body: dict, timeout: float = 300) -> tuple[str, int]:
     return "".join(parts), len(parts)
 
 
+class Proxy:
+    """``stratacache proxy`` in front of one producer and one consumer (this tree's code)."""
+
+    def __init__(self, producer: ApiServer, consumer: ApiServer, log: Path):
+        self.port = _free_port()
+        self._log_fh = open(log, "w")
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stratacache.cli", "proxy", "--prefill", producer.url(""),
+             "--decode", consumer.url(""), "--port", str(self.port), "--connect-timeout", "5"],
+            stdout=self._log_fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_healthy(self) -> None:
+        wait_until_healthy(self.url("/health"), self.proc, self.log, 60, what="proxy")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self._log_fh.close()
+
+
 @dataclass
 class Pair:
     model: str
     region: Path
     producer: ApiServer
     consumer: ApiServer
+    proxy: Proxy
     reference: dict          # prompt name -> the colocated server's greedy text
 
     def body(self, name: str) -> dict:
@@ -153,12 +184,17 @@ def pair(tmp_path_factory):
         reference_region.unlink(missing_ok=True)
     producer = ApiServer(model, region, tmp / "producer.log", kv_role="kv_producer")
     consumer = ApiServer(model, region, tmp / "consumer.log", kv_role="kv_consumer")
+    proxy = None
     try:
         producer.wait_healthy()
         consumer.wait_healthy()
+        proxy = Proxy(producer, consumer, tmp / "proxy.log")
+        proxy.wait_healthy()
         print(f"test_pd_e2e: servers ready after {time.monotonic() - started:.0f} s")
-        yield Pair(model, region, producer, consumer, texts)
+        yield Pair(model, region, producer, consumer, proxy, texts)
     finally:
+        if proxy is not None:
+            proxy.stop()
         producer.stop()
         consumer.stop()
         region.unlink(missing_ok=True)
@@ -167,13 +203,8 @@ def pair(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [n for n in PROMPTS if n.startswith("chunks")])
 def test_decode_answers_as_colocated_from_loaded_kv(pair, name):
-    params = pair.prefill(name)
-    ours = params["stratacache"]
-    n_chunks = int(name[len("chunks"):])
-    assert ours["num_tokens"] == n_chunks * CHUNK + BLOCK
-    assert len(ours["chunks"]) == n_chunks + 1          # the full chunks and the partial one
     before = counters(pair.consumer)
-    text = post(pair.consumer.url("/v1/completions"), pair.decode_body(name, params))
+    text = post(pair.proxy.url("/v1/completions"), pair.body(name))
     assert text["choices"][0]["text"] == pair.reference[name]
     delta = assert_loaded(pair.consumer, name, before)
     assert delta["vllm:external_prefix_cache_hits_total"] == loaded_tokens(name)
@@ -184,10 +215,8 @@ def test_decode_answers_as_colocated_from_loaded_kv(pair, name):
 
 
 def test_streamed_decode(pair):
-    params = pair.prefill("stream")
     before = counters(pair.consumer)
-    text, events = post_stream(pair.consumer.url("/v1/completions"),
-                               pair.decode_body("stream", params))
+    text, events = post_stream(pair.proxy.url("/v1/completions"), pair.body("stream"))
     assert text == pair.reference["stream"]
     assert events >= 2                                  # streamed, not one final message
     assert_loaded(pair.consumer, "stream", before)
@@ -198,6 +227,8 @@ def test_chunks_deleted_before_the_decode_are_recomputed(pair):
     hops: the consumer answers identically, having computed the prompt, and counts it."""
     params = pair.prefill("deleted")
     ours = params["stratacache"]
+    assert ours["num_tokens"] == loaded_tokens("deleted")
+    assert len(ours["chunks"]) == 4                     # three full chunks and the partial one
     cfg = load_config(None, {"tiers.shared.path": str(pair.region),
                              "tiers.shared.capacity": REGION_CAPACITY})
     other = StorageEngine(cfg, tiers=["shared"])
@@ -221,7 +252,8 @@ def test_chunks_deleted_before_the_decode_are_recomputed(pair):
 
 def test_a_producer_killed_between_the_hops(pair):
     """Nothing in the parameters needs the producer alive: after it dies the decode still
-    answers from the shared region; a new prefill to the dead producer fails at once."""
+    answers from the shared region, and the proxy answers a new request at once with a 502
+    naming the prefill backend."""
     params = pair.prefill("producer_killed")
     os.killpg(pair.producer.proc.pid, signal.SIGKILL)
     pair.producer.proc.wait(timeout=30)
@@ -230,6 +262,10 @@ def test_a_producer_killed_between_the_hops(pair):
     assert text["choices"][0]["text"] == pair.reference["producer_killed"]
     assert_loaded(pair.consumer, "producer_killed", before)
     t0 = time.monotonic()
-    with pytest.raises(urllib.error.URLError):
-        pair.prefill("chunks1")
-    assert time.monotonic() - t0 < 10
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        post(pair.proxy.url("/v1/completions"), pair.body("chunks1"), timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert failed.value.code == 502
+    error = json.loads(failed.value.read())["error"]
+    assert error["hop"] == "prefill" and error["backend"] == pair.producer.url("")
+    assert pair.producer.url("") in error["message"]
