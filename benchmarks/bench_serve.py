@@ -249,7 +249,11 @@ class Server:
     """One fresh OpenAI server process on 127.0.0.1, stopped by its PID (process group)."""
 
     def __init__(self, kind: str, model: str, workdir: Path, tag: str, max_model_len: int,
-                 kv_blocks: int, kv_space_gib: int):
+                 kv_blocks: int, kv_space_gib: int, *, config_text: Optional[str] = None,
+                 kv_role: Optional[str] = None, env: Optional[dict] = None):
+        """``config_text``: the connector's YAML instead of a private region's (the caller
+        then owns what it names); ``kv_role`` for ``stratacache serve --kv-role``; ``env``
+        on top of the environment every server gets."""
         self.kind, self.model, self.port = kind, model, free_port()
         self.log = workdir / f"{tag}-{kind}.log"
         vllm_args = ["--port", str(self.port), "--dtype", "bfloat16", "--enforce-eager", "--seed", "0",
@@ -259,15 +263,25 @@ class Server:
         if kind == "vllm":
             cmd = [sys.executable, "-m", SERVER_MODULE, "--model", model, "--host", "127.0.0.1", *vllm_args]
         else:
-            self.region = Path("/dev/shm") / f"sc-bench-serve-{os.getpid()}-{tag}.region"
+            if config_text is None:
+                self.region = Path("/dev/shm") / f"sc-bench-serve-{os.getpid()}-{tag}.region"
+                config_text = stratacache_config(self.region)
             config = workdir / f"{tag}-stratacache.yaml"
-            config.write_text(stratacache_config(self.region))
-            cmd = [sys.executable, "-m", "stratacache.cli", "serve", "--config", str(config), model, *vllm_args]
+            config.write_text(config_text)
+            role = ["--kv-role", kv_role] if kv_role else []
+            cmd = [sys.executable, "-m", "stratacache.cli", "serve", "--config", str(config), *role, model,
+                   *vllm_args]
         env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU=RESERVED_CPUS,
                    VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib),
-                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-        self._log_fh = open(self.log, "w")
+                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+                   **(env or {}))
         t0 = time.time()
+        self._launch(cmd, env)
+        print(f"  [{tag} {kind}: server up in {time.time() - t0:.0f}s, port {self.port}]", flush=True)
+
+    def _launch(self, cmd: list[str], env: dict) -> None:
+        """Start ``cmd`` in its own process group, logging to ``self.log``; return once healthy."""
+        self._log_fh = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         try:
@@ -275,7 +289,6 @@ class Server:
         except BaseException:
             self.stop()
             raise
-        print(f"  [{tag} {kind}: server up in {time.time() - t0:.0f}s, port {self.port}]", flush=True)
 
     @property
     def base_url(self) -> str:
@@ -320,8 +333,10 @@ def stratacache_config(region: Path) -> str:
 
 
 # ------------------------------------------------------------------ our streaming client (b, c)
-async def stream_completion(session, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
-    """One greedy streamed completion of a token-id prompt: TTFT, ITLs and the output token ids."""
+async def stream_completion(session, url: str, model: str, prompt: list[int], max_tokens: int,
+                            first_token: Optional[asyncio.Event] = None) -> dict:
+    """One greedy streamed completion of a token-id prompt: TTFT, ITLs and the output token ids
+    (``first_token`` is set when the first token arrives)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "return_token_ids": True}
     t0 = time.perf_counter()
@@ -344,6 +359,8 @@ async def stream_completion(session, url: str, model: str, prompt: list[int], ma
             now = time.perf_counter()
             if first is None:
                 first = now
+                if first_token is not None:
+                    first_token.set()
             else:
                 itls.append(now - last)
             last = now
@@ -622,6 +639,18 @@ def print_report(runs: dict, summary: dict) -> None:
         print(f"{k:30s}{shown}   {op} {t}  {'ok' if met else 'MISSED'}")
 
 
+def bench_model(layers: int):
+    """The KV-heavy bench model (random weights, local tokenizer), made once and cached:
+    its spec, directory and vocabulary size."""
+    from stratacache.models.local_llama import LlamaSpec, make_local_llama
+
+    spec = LlamaSpec(num_layers=layers, hidden=512, heads=8, kv_heads=8, intermediate=1024,
+                     max_positions=16384, seed=3)
+    models_dir = Path(os.environ.get("STRATACACHE_BENCH_MODELS", Path.home() / ".cache" / "stratacache"))
+    model = str(make_local_llama(models_dir / f"bench-serve-{spec.digest()}", spec))
+    return spec, model, json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path, help="write device, summary, targets and every run to this file")
@@ -637,18 +666,12 @@ def main() -> int:
     if bad or not chosen:
         ap.error(f"--workloads: unknown workload(s) {','.join(bad) or '(none given)'}; choose from a,b,c,d")
 
-    from stratacache.models.local_llama import LlamaSpec, make_local_llama
-
     sizes = QUICK if args.quick else FULL
     if args.concurrency is not None:
         if args.concurrency < 1:
             ap.error(f"--concurrency must be at least 1, not {args.concurrency}")
         sizes = replace(sizes, concurrency=args.concurrency)
-    spec = LlamaSpec(num_layers=sizes.layers, hidden=512, heads=8, kv_heads=8, intermediate=1024,
-                     max_positions=16384, seed=3)
-    models_dir = Path(os.environ.get("STRATACACHE_BENCH_MODELS", Path.home() / ".cache" / "stratacache"))
-    model = str(make_local_llama(models_dir / f"bench-serve-{spec.digest()}", spec))
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    spec, model, vocab = bench_model(sizes.layers)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sc-bench-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     kv_per_token = 2 * spec.num_layers * spec.kv_heads * (spec.hidden // spec.heads) * 2

@@ -85,6 +85,7 @@ def _usage_cases(tmp: Path) -> list[tuple[list, tuple[str, ...], int | None]]:
         (["serve", "--config", bad_key, "org/model"], ("tiers.cpu.capasity",), 1),
         (["serve", "org/model", "--kv-transfer-config", "{}"], ("--kv-transfer-config",), 2),
         (["serve", "org/model", "--model", "x"], ("MODEL",), 2),
+        (["serve", "--kv-role", "producer", "org/model"], ("--kv-role", "'producer'", "kv_producer"), 2),
         (["config", "show", "--no-such-flag"], ("--no-such-flag",), 2),
     ]
 
@@ -205,6 +206,22 @@ def test_serve_dry_run_builds_the_vllm_server_command(tmp_path):
     public = cli("serve", "--dry-run", "org/some-model", "--host=0.0.0.0")
     argv = shlex.split(public.stdout.strip())
     assert [a for a in argv if a.startswith("--host")] == ["--host=0.0.0.0"]
+
+
+@pytest.mark.parametrize("role", ["kv_producer", "kv_consumer", "kv_both"])
+def test_serve_kv_role_sets_the_connectors_role(tmp_path, role):
+    import shlex
+    result = cli("serve", "--kv-role", role, "--dry-run", "org/some-model", "--port", "8123")
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout.strip())
+    transfer = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert transfer["kv_role"] == role
+    assert transfer["kv_connector"] == "StrataCacheConnectorV1"
+    assert argv[-2:] == ["--port", "8123"]
+    # Without the option the connector keeps its default role.
+    default = cli("serve", "--dry-run", "org/some-model")
+    argv = shlex.split(default.stdout.strip())
+    assert json.loads(argv[argv.index("--kv-transfer-config") + 1])["kv_role"] == "kv_both"
 
 
 def _free_port() -> int:

@@ -34,13 +34,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float,
+                       what: str = "server") -> None:
+    """Poll ``url`` until it answers 200; fail with the log's tail if ``proc`` exits or time
+    runs out."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited rc={proc.returncode}:\n{log.read_text()[-5000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{what} not healthy in {timeout_s}s:\n{log.read_text()[-5000:]}")
+
+
 class ApiServer:
-    def __init__(self, model: str, region: Path, log: Path):
+    def __init__(self, model: str, region: Path, log: Path, kv_role: str = "kv_both"):
         self.port = _free_port()
         self.model = model
-        conf = kv_transfer_config(**{"tiers.shared.path": str(region),
-                                     "tiers.shared.capacity": "256MiB",
-                                     "tiers.cpu.capacity": "128MiB"})
+        conf = kv_transfer_config(kv_role=kv_role, **{"tiers.shared.path": str(region),
+                                                      "tiers.shared.capacity": "256MiB",
+                                                      "tiers.cpu.capacity": "128MiB"})
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16",
                "--enforce-eager", "--max-model-len", "2048", "--seed", "0",
@@ -55,18 +72,7 @@ class ApiServer:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def wait_healthy(self) -> None:
-        deadline = time.time() + START_TIMEOUT_S
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited rc={self.proc.returncode}:\n"
-                                     f"{self.log.read_text()[-5000:]}")
-            try:
-                with urllib.request.urlopen(self.url("/health"), timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        raise AssertionError(f"server not healthy in {START_TIMEOUT_S}s:\n{self.log.read_text()[-5000:]}")
+        wait_until_healthy(self.url("/health"), self.proc, self.log, START_TIMEOUT_S)
 
     def complete(self, prompt: str) -> str:
         body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": 16,

@@ -86,7 +86,7 @@ def make_side(engine, *, partial=False, load_async=False, events=None):
 def store_ends(engine, req: FakeRequest, ends: list[int]) -> None:
     geometry = ChunkGeometry(CHUNK, BS, BS)
     for end in ends:
-        key = artifact_key(NS, geometry.name_at(req.block_hashes, end))
+        key = artifact_key(NS, geometry.range_name(req.block_hashes, end))
         assert engine.store(key, torch.zeros(8, dtype=torch.uint8), checksum=0)
 
 
@@ -176,9 +176,10 @@ def test_load_plan_skips_local_blocks_and_state_drains(engine):
     assert load.block_ids == block_ids[5:12]
     stats = side.stats.take().data
     assert stats["hit_tokens"] == matched and stats["lookups"] == 1
-    side.request_finished("r1")
+    side.request_finished(req)
     assert side.state_sizes() == {"tracked": 0, "lookup_start": 0, "pending_loads": 0,
-                                  "pending_events": 0, "events": 0}
+                                  "remote_seen": 0, "sending": 0, "pending_events": 0,
+                                  "events": 0}
 
 
 def test_saves_follow_computed_chunks(engine):
@@ -203,11 +204,11 @@ def test_saves_follow_computed_chunks(engine):
     meta = side.build_meta(FakeOutput({"r1": req.num_tokens - 200}, state))
     assert [s.block_ids for s in meta.saves] == [block_ids[12:14]]
     geometry = ChunkGeometry(CHUNK, BS, BS)
-    assert meta.saves[0].name == geometry.name_at(req.block_hashes, 3 * CHUNK + 2 * BS)
+    assert meta.saves[0].name == geometry.partial_name(req.block_hashes, 3 * CHUNK + 2 * BS)
     req.num_computed_tokens = req.num_tokens
     # Decode steps save nothing more.
     assert side.build_meta(FakeOutput({"r1": 1}, state)).saves == []
-    side.request_finished("r1")
+    side.request_finished(req)
     assert side.state_sizes()["tracked"] == 0
 
 
@@ -234,7 +235,7 @@ def test_chunks_vllm_recomputes_after_a_failed_load_are_saved_again(engine):
     names = [s.name for s in again.saves]
     assert geometry.name_at(req.block_hashes, 2 * CHUNK) in names
     assert geometry.name_at(req.block_hashes, 3 * CHUNK) in names
-    assert geometry.name_at(req.block_hashes, 3 * CHUNK + BS) in names   # the partial tail
+    assert geometry.partial_name(req.block_hashes, 3 * CHUNK + BS) in names   # the partial tail
     assert [s.block_ids for s in again.saves][0] == block_ids[4:8]
     assert geometry.name_at(req.block_hashes, CHUNK) not in names        # not recomputed
     req.num_computed_tokens = req.num_tokens

@@ -1,4 +1,4 @@
-"""``stratacache bench ops|store|vllm|params|serve``: run a benchmark, keep its JSON, chart it.
+"""``stratacache bench ops|store|vllm|params|serve|pd``: run a benchmark, keep its JSON, chart it.
 
 The benchmarks are scripts in the repository's ``benchmarks/`` directory
 (next to the package in a source checkout). Each prints its own progress and
@@ -18,7 +18,7 @@ import stratacache
 from stratacache.cli.errors import CliError
 from stratacache.cli.report import format_table, write_bar_chart
 
-NAMES = ("ops", "store", "vllm", "params", "serve")
+NAMES = ("ops", "store", "vllm", "params", "serve", "pd")
 BENCH_DIR = Path(stratacache.__file__).resolve().parent.parent / "benchmarks"
 
 

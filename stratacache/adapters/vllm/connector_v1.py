@@ -10,8 +10,16 @@ or ``LLM(kv_transfer_config=stratacache.adapters.vllm.kv_transfer_config())``.
 
 vLLM makes one instance per role, in different processes. This class only
 routes vLLM's calls: ``SchedulerSide`` (scheduler.py) plans, ``WorkerSide``
-(worker.py) moves bytes. It is a best-effort cache: nothing is handed off at
-request end, and a chunk that cannot be loaded is recomputed by vLLM.
+(worker.py) moves bytes. It is a best-effort cache: a chunk that cannot be
+loaded is recomputed by vLLM.
+
+Roles (``kv_role``): ``kv_both`` loads and stores; ``kv_producer`` only stores;
+``kv_consumer`` only loads. For disaggregated prefill a producer's request with
+``do_remote_decode`` stores every range of its prompt, keeps its blocks until the
+stores are durable (``request_finished`` -> ``delay_free``, ``get_finished`` ->
+``finished_sending``) and answers with the ``kv_transfer_params`` a consumer's
+``do_remote_prefill`` request loads with (docs/vllm.md, "Roles and disaggregated
+prefill").
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from stratacache.adapters.vllm.keys import (
     ChunkGeometry,
+    block_hash_hex,
     hash_stability_problem,
     identity_from_vllm,
 )
@@ -121,6 +130,7 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
                 namespaces=[identity.namespace(rank) for rank in range(identity.tp_size)],
                 lookup_engine=engine, save_partial_chunks=bool(conn.save_partial_chunks),
                 load_async=self._load_async, stats=self._stats,
+                role=str(self._kv_transfer_config.kv_role or "kv_both"),
                 events_enabled=bool(events is not None and events.enable_kv_cache_events),
                 make_events=self._make_events)
             self._log = PeriodicLogger(logger, "scheduler", bool(conn.log_stats),
@@ -176,8 +186,14 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
             self._worker.wait_loads(kv_connector_metadata.preempted_req_ids)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
-        done = self._worker.finished_loads() if self._worker is not None else set()
-        return None, (done or None)
+        if self._worker is None:
+            return None, None
+        meta = self._connector_metadata
+        newly_sending = meta.sending_req_ids if isinstance(meta, StrataCacheConnectorMetadata) \
+            else set()
+        sent = self._worker.finished_sending(set(newly_sending))
+        done = self._worker.finished_loads()
+        return (sent or None), (done or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
@@ -211,8 +227,7 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
-        self._scheduler.request_finished(request.request_id)
-        return False, None
+        return self._scheduler.request_finished(request)
 
     def take_events(self) -> Iterable:
         return self._scheduler.take_events() if self._scheduler is not None else ()
@@ -222,8 +237,8 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
         from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
         if info is None:
-            return [BlockRemoved(block_hashes=[maybe_convert_block_hash(bytes.fromhex(n))
-                                               for n in lost_names], medium=MEDIUM)]
+            return [BlockRemoved(block_hashes=[maybe_convert_block_hash(
+                bytes.fromhex(block_hash_hex(n))) for n in lost_names], medium=MEDIUM)]
         return [BlockStored(
             block_hashes=[maybe_convert_block_hash(h) for h in info.block_hashes],
             parent_block_hash=(maybe_convert_block_hash(info.parent)

@@ -33,6 +33,8 @@ _NON_REPRODUCIBLE_ALGOS = ("xxhash", "xxhash_cbor")
 NAMESPACE_PREFIX = "vllm2-"
 WEIGHTS_TAG_CHARS = 12
 DIGEST_CHARS = 16
+# Separates a partial chunk's block hash from its block count (never a hex digit).
+PARTIAL_MARK = "-p"
 _NAMESPACE_RE = re.compile(rf"{NAMESPACE_PREFIX}(?P<model>[A-Za-z0-9_.-]+)-"
                            rf"(?P<weights>[0-9a-f]{{{WEIGHTS_TAG_CHARS}}})-"
                            rf"(?P<digest>[0-9a-f]{{{DIGEST_CHARS}}})-tp(?P<rank>\d+)of(?P<size>\d+)")
@@ -120,6 +122,42 @@ class ChunkGeometry:
     def partial_end(self, limit_tokens: int) -> int:
         """End (tokens, block aligned) of the last partial chunk within ``limit_tokens``."""
         return limit_tokens // self.block_size * self.block_size
+
+    def partial_name(self, block_hashes: Sequence[bytes], end_token: int) -> str:
+        """Key name of the partial chunk ending at ``end_token`` (block aligned, not a chunk
+        boundary): the block hash there, which covers every earlier token, plus the number of
+        blocks the payload holds (from the chunk boundary before it). The suffix keeps a
+        partial chunk's key apart from every full chunk's (a bare hash), whatever the
+        positions, so a full-chunk lookup never meets a partial payload or the reverse."""
+        n_blocks = (end_token % self.chunk_size) // self.block_size
+        if n_blocks == 0:
+            raise ValueError(f"token {end_token} is a chunk boundary, not the end of a partial "
+                             "chunk")
+        return f"{self.name_at(block_hashes, end_token)}{PARTIAL_MARK}{n_blocks}"
+
+    def range_name(self, block_hashes: Sequence[bytes], end_token: int) -> str:
+        """Name of the stored range ending at ``end_token``: a full chunk at a chunk boundary,
+        else the partial chunk that starts at the boundary before it."""
+        if end_token % self.chunk_size == 0:
+            return self.name_at(block_hashes, end_token)
+        return self.partial_name(block_hashes, end_token)
+
+    def prompt_ranges(self, block_hashes: Sequence[bytes], num_prompt_tokens: int) -> list[int]:
+        """Ends (tokens) of every range a prompt is stored as for a remote decode: each full
+        chunk, then the block-aligned partial chunk up to the last whole block before the
+        prompt's last token (the token the decode side computes itself)."""
+        savable = min(num_prompt_tokens, self.hashed_tokens(block_hashes))
+        n_full = savable // self.chunk_size
+        ends = [(i + 1) * self.chunk_size for i in range(n_full)]
+        tail = self.partial_end(min(num_prompt_tokens - 1, savable))
+        if tail > n_full * self.chunk_size:
+            ends.append(tail)
+        return ends
+
+
+def block_hash_hex(name: str) -> str:
+    """The vLLM block hash (hex) a chunk key name ends at (partial names carry a suffix)."""
+    return name.split(PARTIAL_MARK, 1)[0]
 
 
 def artifact_key(namespace: str, name: str) -> ArtifactKey:

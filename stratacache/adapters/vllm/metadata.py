@@ -8,6 +8,7 @@ TP-rank namespace. Everything here is plain data so vLLM can serialize it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 try:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -33,6 +34,7 @@ class RequestLoad:
     chunks: list[ChunkLoad]
     is_async: bool
     block_size: int
+    remote: bool = False    # a remote prefill's load (counted apart: pd_load_errors)
 
     @property
     def block_ids(self) -> list[int]:
@@ -43,6 +45,8 @@ class RequestLoad:
 class ChunkSave:
     name: str
     block_ids: list[int]    # source blocks, in token order
+    req_id: Optional[str] = None   # set for a remote decode's chunk: stored before the step
+                                   # ends, reported through finished_sending
 
 
 @dataclass
@@ -50,9 +54,11 @@ class StrataCacheConnectorMetadata(KVConnectorMetadata):
     loads: list[RequestLoad] = field(default_factory=list)
     saves: list[ChunkSave] = field(default_factory=list)
     preempted_req_ids: set[str] = field(default_factory=set)
+    sending_req_ids: set[str] = field(default_factory=set)   # finished remote decodes whose
+                                                             # blocks wait for finished_sending
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.saves or self.preempted_req_ids)
+        return not (self.loads or self.saves or self.preempted_req_ids or self.sending_req_ids)
 
 
 @dataclass

@@ -14,6 +14,20 @@ Redis): that is where it sees what the workers stored. It decides
   a preemption) is asked for again: the save cursor never stays past
   ``num_computed_tokens``.
 
+Roles: a ``kv_producer`` never looks up (so never loads), a ``kv_consumer``
+never plans saves. Disaggregated prefill (vLLM's ``kv_transfer_params``):
+
+* a request with ``do_remote_decode`` (producer or kv_both) saves every range
+  of its prompt, the partial chunk included whatever ``save_partial_chunks``
+  says; ``request_finished`` returns ``delay_free`` and the parameters the
+  decode side needs (``_remote_params``), and tells the workers, in the next
+  step's metadata, to report it in ``finished_sending`` once its stores are done;
+* a request with ``do_remote_prefill`` (consumer or kv_both) whose parameters
+  name this engine's namespace and this prompt's own chunk names loads every
+  stored range asynchronously, once; anything missing is computed by vLLM and
+  counted (``pd_missing_tokens``), parameters that do not check out are logged,
+  counted (``pd_rejected_params``) and ignored.
+
 Per-request state lives from admission to ``request_finished``.
 """
 
@@ -32,6 +46,7 @@ from stratacache.adapters.vllm.metadata import (
     StrataCacheConnectorMetadata,
     StrataCacheWorkerMetadata,
 )
+from stratacache.adapters.vllm.settings import KV_ROLES
 from stratacache.adapters.vllm.stats import StatsCounter
 
 logger = logging.getLogger("vllm.stratacache")
@@ -40,6 +55,9 @@ logger = logging.getLogger("vllm.stratacache")
 # even if vLLM never reports back on an entry.
 MAX_LOOKUP_MEMOS = 4096
 MAX_PENDING_EVENTS = 8192
+# The connector's entry in kv_transfer_params (contract item 2), and its format version.
+PD_PARAMS_KEY = "stratacache"
+PD_PARAMS_VERSION = 1
 
 
 @dataclass
@@ -47,8 +65,19 @@ class _Tracked:
     """A request between admission and request_finished."""
 
     request: object               # vllm Request (scheduler-local object)
+    remote_decode: bool = False   # a producer's prefill: store every range, free late
     saved_chunks: int = 0         # full chunks handed to workers to save
     partial_saved: bool = False
+
+
+@dataclass
+class _Lookup:
+    """What ``matched_tokens`` found, for ``on_alloc`` (vLLM does not pass it there)."""
+
+    start: int                    # num_computed_tokens at the lookup
+    tail_in_full_chunk: bool      # the hit ends inside a stored full chunk (its head)
+    remote: bool                  # a remote prefill whose parameters checked out
+    found_end: int                # end of the stored prefix found
 
 
 @dataclass
@@ -62,9 +91,14 @@ class _EventInfo:
 class SchedulerSide:
     def __init__(self, *, geometry: ChunkGeometry, namespaces: list[str], lookup_engine,
                  save_partial_chunks: bool, load_async: bool, stats: StatsCounter,
+                 role: str = "kv_both",
                  events_enabled: bool = False,
                  make_events: Optional[Callable[[_EventInfo, list], Iterable]] = None) -> None:
+        if role not in KV_ROLES:
+            raise ValueError(f"kv_role must be one of {KV_ROLES}, got {role!r}")
         self.geometry = geometry
+        self.can_load = role != "kv_producer"      # a producer never loads
+        self.can_save = role != "kv_consumer"      # a consumer never stores
         self.namespaces = namespaces          # one per TP rank: a chunk is present if all have it
         self._key_prefixes = [encoded_key_prefix(ns) for ns in namespaces]
         self.engine = lookup_engine           # None: no cross-process tier, never a hit
@@ -74,7 +108,9 @@ class SchedulerSide:
         self.events_enabled = events_enabled and make_events is not None
         self._make_events = make_events
         self._tracked: dict[str, _Tracked] = {}
-        self._lookup_start: dict[str, tuple[int, bool]] = {}
+        self._lookup_start: dict[str, _Lookup] = {}
+        self._remote_seen: set[str] = set()      # remote prefills already planned (or refused)
+        self._sending: set[str] = set()          # finished remote decodes, for the next step
         self._pending_loads: dict[str, RequestLoad] = {}
         self._pending_events: dict[str, _EventInfo] = {}
         self._events: list = []
@@ -91,9 +127,10 @@ class SchedulerSide:
                 break
         return n
 
-    def _loadable_end(self, request, start: int) -> tuple[int, bool]:
+    def _loadable_end(self, request, start: int, partial: bool) -> tuple[int, bool]:
         """End (tokens) of the stored prefix beyond ``start`` (``start`` if none), and whether
-        its last, partly loaded range is the head of a stored full chunk.
+        its last, partly loaded range is the head of a stored full chunk. ``partial``: also
+        look for the prompt's partial chunk.
 
         vLLM must compute at least the prompt's last token, so a prompt whose
         stored chunks cover it entirely (a length that is a multiple of the
@@ -114,44 +151,105 @@ class SchedulerSide:
                 return (tail, True) if tail > end else (end, False)
             if first + hits < n_full:
                 return end, False
-        if self.save_partial:
+        if partial:
             partial_end = g.partial_end(limit)
             if partial_end > max(end, n_full * g.chunk_size) and \
-                    self._present([g.name_at(request.block_hashes, partial_end)]):
+                    self._present([g.partial_name(request.block_hashes, partial_end)]):
                 end = partial_end
         return end, False
 
     def matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
-        if self.engine is None:
+        if self.engine is None or not self.can_load:
             return 0, False
         t0 = time.perf_counter()
-        end, tail_in_full_chunk = self._loadable_end(request, num_computed_tokens)
+        remote = self._remote_prefill(request)
+        end, tail_in_full_chunk = self._loadable_end(request, num_computed_tokens,
+                                                     partial=self.save_partial or remote)
         self.stats.add(lookups=1, lookup_seconds=time.perf_counter() - t0)
         matched = max(0, end - num_computed_tokens)
         # Memo of where the hit starts: on_alloc needs it and vLLM does not pass it there.
         if len(self._lookup_start) >= MAX_LOOKUP_MEMOS:
             self._lookup_start.pop(next(iter(self._lookup_start)))
-        self._lookup_start[request.request_id] = (num_computed_tokens, tail_in_full_chunk)
-        return matched, bool(matched) and self.load_async
+        self._lookup_start[request.request_id] = _Lookup(num_computed_tokens, tail_in_full_chunk,
+                                                         remote, end)
+        return matched, bool(matched) and (self.load_async or remote)
+
+    # ---- disaggregated prefill -------------------------------------------
+    def _remote_prefill(self, request) -> bool:
+        """Whether ``request`` is a decode whose prompt a producer stored (``do_remote_prefill``
+        with parameters that check out), to load in full and asynchronously. Parameters that
+        do not match this engine's own keys are logged and counted; the request then finds
+        what a plain lookup finds and computes the rest."""
+        params = getattr(request, "kv_transfer_params", None) or {}
+        if not params.get("do_remote_prefill") or request.request_id in self._remote_seen:
+            return False
+        problem = self._remote_params_problem(request, params.get(PD_PARAMS_KEY))
+        if problem is None:
+            return True
+        self._remote_seen.add(request.request_id)
+        self.stats.add(pd_rejected_params=1)
+        logger.warning("StrataCache: request %s: remote prefill parameters %s; it loads what a "
+                       "plain lookup finds and computes the rest", request.request_id, problem)
+        return False
+
+    def _remote_params_problem(self, request, ours) -> Optional[str]:
+        """Why a remote prefill's parameters do not describe this request's KV here, or None."""
+        if not isinstance(ours, dict):
+            return f"carry no {PD_PARAMS_KEY!r} entry"
+        if ours.get("version") != PD_PARAMS_VERSION:
+            return f"have version {ours.get('version')!r}, this connector reads {PD_PARAMS_VERSION}"
+        if ours.get("namespace") != self.namespaces[0]:
+            return (f"name KV namespace {ours.get('namespace')!r}, this engine's is "
+                    f"{self.namespaces[0]!r} (different weights, dtype, layout or TP)")
+        ends = self.geometry.prompt_ranges(request.block_hashes, request.num_prompt_tokens)
+        names = [self.geometry.range_name(request.block_hashes, e) for e in ends]
+        if ours.get("chunks") != names or ours.get("num_tokens") != (ends[-1] if ends else 0):
+            return (f"list {len(ours.get('chunks') or [])} chunks / {ours.get('num_tokens')!r} "
+                    f"tokens that are not this prompt's {len(names)} chunks / "
+                    f"{ends[-1] if ends else 0} tokens (another prompt, chunk size or block size)")
+        return None
+
+    def _remote_params(self, request) -> dict:
+        """What the decode side needs to find and check this prompt's KV (contract item 2)."""
+        ends = self.geometry.prompt_ranges(request.block_hashes, request.num_prompt_tokens)
+        return {"do_remote_prefill": True, "do_remote_decode": False,
+                PD_PARAMS_KEY: {"version": PD_PARAMS_VERSION, "namespace": self.namespaces[0],
+                                "num_tokens": ends[-1] if ends else 0,
+                                "chunks": [self.geometry.range_name(request.block_hashes, e)
+                                           for e in ends]}}
 
     # ---- allocation ----------------------------------------------------
     def on_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
         req_id = request.request_id
         if req_id not in self._tracked:
-            self._tracked[req_id] = _Tracked(request)
+            self._tracked[req_id] = _Tracked(request, remote_decode=self._remote_decode(request))
         memo = self._lookup_start.pop(req_id, None)
         if memo is None:
             return  # no lookup preceded this allocation (e.g. after an async load)
-        start, tail_in_full_chunk = memo
+        start = memo.start
         end = start + max(0, num_external_tokens)
         self.stats.add(hit_tokens=max(0, num_external_tokens),
                        miss_tokens=max(0, request.num_prompt_tokens - end))
+        if memo.remote:
+            self._remote_seen.add(req_id)   # one remote load per request, as vLLM's connectors
+            self._count_remote_load(request, start, end, memo.found_end)
         if num_external_tokens > 0:
             self._pending_loads[req_id] = self._load_plan(request, block_ids, start, end,
-                                                          tail_in_full_chunk)
+                                                          memo.tail_in_full_chunk, memo.remote)
+
+    def _count_remote_load(self, request, start: int, end: int, found_end: int) -> None:
+        g = self.geometry
+        expected = max(start, g.partial_end(min(request.num_prompt_tokens - 1,
+                                                g.hashed_tokens(request.block_hashes))))
+        self.stats.add(pd_requests=1, pd_hit_tokens=end - start)
+        if found_end < expected:
+            self.stats.add(pd_missing_tokens=expected - found_end)
+            logger.warning("StrataCache: request %s: the producer's KV is missing from token %d "
+                           "of %d (evicted, deleted or never stored); vLLM computes the rest",
+                           request.request_id, found_end, expected)
 
     def _load_plan(self, request, block_ids: list[int], start: int, end: int,
-                   tail_in_full_chunk: bool) -> RequestLoad:
+                   tail_in_full_chunk: bool, remote: bool = False) -> RequestLoad:
         g = self.geometry
         bs, chunk = g.block_size, g.chunk_size
         chunks = []
@@ -161,19 +259,21 @@ class SchedulerSide:
             first_block = chunk_start // bs
             skip = max(0, start - chunk_start) // bs
             chunks.append(ChunkLoad(
-                name=g.name_at(request.block_hashes, stored_end),
+                name=g.range_name(request.block_hashes, stored_end),
                 num_blocks=(stored_end - chunk_start) // bs, skip_blocks=skip,
                 block_ids=list(block_ids[first_block + skip:chunk_end // bs])))
-        return RequestLoad(req_id=request.request_id, chunks=chunks, is_async=self.load_async,
-                           block_size=bs)
+        return RequestLoad(req_id=request.request_id, chunks=chunks,
+                           is_async=self.load_async or remote, block_size=bs, remote=remote)
 
     # ---- per step ------------------------------------------------------
     def build_meta(self, scheduler_output) -> StrataCacheConnectorMetadata:
         meta = StrataCacheConnectorMetadata(
             loads=list(self._pending_loads.values()),
-            preempted_req_ids=set(scheduler_output.preempted_req_ids or ()))
+            preempted_req_ids=set(scheduler_output.preempted_req_ids or ()),
+            sending_req_ids=self._sending)
         self._pending_loads.clear()
-        if self.engine is not None:
+        self._sending = set()
+        if self.engine is not None and self.can_save:
             block_state = getattr(scheduler_output, "kv_connector_block_state", None)
             for req_id, n_new in scheduler_output.num_scheduled_tokens.items():
                 tracked = self._tracked.get(req_id)
@@ -198,12 +298,14 @@ class SchedulerSide:
             end = (i + 1) * g.chunk_size
             wanted.append((g.name_at(request.block_hashes, end), i * g.chunk_size, end))
         tracked.saved_chunks = max(tracked.saved_chunks, n_full)
-        if self.save_partial and not tracked.partial_saved and computed >= prompt:
+        partial = self.save_partial or tracked.remote_decode
+        if partial and not tracked.partial_saved and computed >= prompt:
             tracked.partial_saved = True
             partial_end = g.partial_end(min(prompt - 1, g.hashed_tokens(request.block_hashes)))
             if partial_end > n_full * g.chunk_size:
                 start = n_full * g.chunk_size
-                wanted.append((g.name_at(request.block_hashes, partial_end), start, partial_end))
+                wanted.append((g.partial_name(request.block_hashes, partial_end), start,
+                               partial_end))
         if not wanted:
             return []
         block_ids = _request_block_ids(block_state, request)
@@ -212,7 +314,8 @@ class SchedulerSide:
             ids = block_ids[start // g.block_size:end // g.block_size]
             if len(ids) != (end - start) // g.block_size:
                 continue  # blocks not allocated (should not happen): skip, best effort
-            saves.append(ChunkSave(name=name, block_ids=list(ids)))
+            saves.append(ChunkSave(name=name, block_ids=list(ids),
+                                   req_id=request.request_id if tracked.remote_decode else None))
             if self.events_enabled:
                 self._remember_event(request, name, start, end)
         return saves
@@ -243,15 +346,32 @@ class SchedulerSide:
         events, self._events = self._events, []
         return events
 
-    def request_finished(self, req_id: str) -> None:
-        self._tracked.pop(req_id, None)
+    def _remote_decode(self, request) -> bool:
+        """A prefill whose KV a decode instance loads (``do_remote_decode``): every range of its
+        prompt is stored, and its blocks live until the stores are durable."""
+        params = getattr(request, "kv_transfer_params", None) or {}
+        return bool(params.get("do_remote_decode")) and self.can_save and self.engine is not None
+
+    def request_finished(self, request) -> tuple[bool, Optional[dict]]:
+        """Forget the request; for a remote decode, ``(True, params)``: vLLM keeps its blocks
+        until the workers report it in ``finished_sending`` (its stores are durable or have
+        failed), and the response carries the parameters the decode side loads with."""
+        req_id = request.request_id
+        tracked = self._tracked.pop(req_id, None)
         self._lookup_start.pop(req_id, None)
         self._pending_loads.pop(req_id, None)
+        self._remote_seen.discard(req_id)
+        if tracked is None or not tracked.remote_decode:
+            return False, None
+        self._sending.add(req_id)
+        self.stats.add(pd_sent_requests=1)
+        return True, self._remote_params(request)
 
     def state_sizes(self) -> dict[str, int]:
         """Sizes of the per-request tables (tests assert they drain)."""
         return {"tracked": len(self._tracked), "lookup_start": len(self._lookup_start),
-                "pending_loads": len(self._pending_loads),
+                "pending_loads": len(self._pending_loads), "remote_seen": len(self._remote_seen),
+                "sending": len(self._sending),
                 "pending_events": len(self._pending_events), "events": len(self._events)}
 
 

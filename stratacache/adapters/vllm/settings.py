@@ -230,8 +230,16 @@ def _read_yaml(path: str) -> dict:
     return doc
 
 
-def kv_transfer_config(config_path: Optional[str] = None, **extra: Any) -> dict:
+KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
+
+
+def kv_transfer_config(config_path: Optional[str] = None, kv_role: str = "kv_both",
+                       **extra: Any) -> dict:
     """The dict for ``LLM(kv_transfer_config=...)`` / ``--kv-transfer-config``.
+
+    ``kv_role``: ``kv_both`` (load and store), ``kv_producer`` (the prefill instance of a
+    disaggregated pair: stores, never loads) or ``kv_consumer`` (the decode instance:
+    loads, never stores).
 
     ``extra`` entries become ``kv_connector_extra_config`` keys (schema paths
     like ``connector.load_mode`` or legacy keys like ``chunk_size``; use
@@ -239,6 +247,8 @@ def kv_transfer_config(config_path: Optional[str] = None, **extra: Any) -> dict:
     to recompute: StrataCache is a best-effort cache, so a chunk that vanished
     or failed its checksum is recomputed rather than failing the request.
     """
+    if kv_role not in KV_ROLES:
+        raise ConfigError(f"kv_role: {kv_role!r} is not one of {', '.join(KV_ROLES)}")
     extra_config: dict[str, Any] = {}
     if config_path is not None:
         extra_config[PREFIX + CONFIG_PATH_KEY] = os.fspath(config_path)
@@ -249,7 +259,7 @@ def kv_transfer_config(config_path: Optional[str] = None, **extra: Any) -> dict:
     return {
         "kv_connector": CONNECTOR_NAME,
         "kv_connector_module_path": CONNECTOR_MODULE,
-        "kv_role": "kv_both",
+        "kv_role": kv_role,
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": extra_config,
     }

@@ -40,6 +40,16 @@ COUNTERS: dict[str, str] = {
     "store_seconds": "Background time storing gathered chunks into the tiers",
     "save_skipped": "Chunks not saved because they were already stored",
     "save_dropped": "Chunks not saved because the store queue was full or a tier refused them",
+    # disaggregated prefill: producer (do_remote_decode) and consumer (do_remote_prefill)
+    "pd_sent_requests": "Remote-decode prefills finished with kv_transfer_params for a consumer",
+    "pd_save_failed": "Chunks of remote-decode prefills that could not be stored",
+    "pd_requests": "Remote-prefill requests whose parameters checked out (loaded from the tiers)",
+    "pd_hit_tokens": "Prompt tokens of remote-prefill requests loaded instead of computed",
+    "pd_missing_tokens": "Prompt tokens of remote-prefill requests missing from the tiers "
+                         "(computed instead)",
+    "pd_rejected_params": "Remote-prefill requests whose kv_transfer_params did not match "
+                          "this engine's keys (computed what a plain lookup did not find)",
+    "pd_load_errors": "Remote-prefill loads that met a missing or corrupt chunk (recomputed)",
 }
 
 

@@ -212,6 +212,8 @@ class _StoreJob:
     checksums: torch.Tensor        # int64 per chunk (host tensor, valid after `copied`)
     copied: object                 # DeviceFence mark of the gather
     buf: torch.Tensor
+    req_ids: list[Optional[str]]   # per chunk: the remote decode it belongs to, if any
+    done: threading.Event          # set once every chunk is stored or has failed
 
 
 class _Saver:
@@ -238,16 +240,28 @@ class _Saver:
         self._fence = fence
         self._pool.pinned = kv.device.type == "cuda"
 
-    def save(self, saves: list[ChunkSave]) -> None:
+    def count_dropped(self, saves: list[ChunkSave], why: str) -> None:
+        """Count chunks that will not be stored; a remote decode's are logged by name."""
+        self.stats.add(save_dropped=len(saves))
+        remote = [s for s in saves if s.req_id is not None]
+        if remote:
+            self.stats.add(pd_save_failed=len(remote))
+            logger.warning("StrataCache: %d chunks of remote decodes %s not stored (%s); the "
+                           "decode side computes them", len(remote),
+                           sorted({s.req_id for s in remote}), why)
+
+    def save(self, saves: list[ChunkSave]) -> dict[str, list[threading.Event]]:
         """Copy the chunks not stored yet out of paged memory now; store them in the background.
-        A failed gather drops its chunks (counted), never raises into vLLM's step."""
+        A failed gather drops its chunks (counted), never raises into vLLM's step. Returns, per
+        remote decode, the events of the store jobs holding its chunks."""
         kv = self._kv
+        waits: dict[str, list[threading.Event]] = {}
         try:
             present = self.engine.contains_many([self._key_of(s.name) for s in saves])
         except Exception:
             logger.exception("StrataCache: looking up %d chunks to save failed", len(saves))
-            self.stats.add(save_dropped=len(saves))
-            return
+            self.count_dropped(saves, "the lookup failed")
+            return waits
         todo = [s for s, have in zip(saves, present) if not have]
         if len(todo) < len(saves):
             self.stats.add(save_skipped=len(saves) - len(todo))
@@ -259,7 +273,7 @@ class _Saver:
             nbytes = len(group) * n_blocks * kv.block_bytes
             buf = self._pool.take(nbytes)
             if buf is None:
-                self.stats.add(save_dropped=len(group))
+                self.count_dropped(group, "the save buffers are full")
                 continue
             t0 = time.perf_counter()
             try:
@@ -271,12 +285,17 @@ class _Saver:
                 copied = self._fence.record()
             except Exception:
                 logger.exception("StrataCache: gathering %d chunks to save failed", len(group))
-                self.stats.add(save_dropped=len(group))
+                self.count_dropped(group, "the gather failed")
                 self._pool.give(buf)
                 continue
             self.stats.add(save_gather_seconds=time.perf_counter() - t0)
             payloads = [out[i * n_blocks:(i + 1) * n_blocks] for i in range(len(group))]
-            self._queue.put(_StoreJob([s.name for s in group], payloads, sums, copied, buf))
+            job = _StoreJob([s.name for s in group], payloads, sums, copied, buf,
+                            [s.req_id for s in group], threading.Event())
+            for req_id in dict.fromkeys(s.req_id for s in group if s.req_id is not None):
+                waits.setdefault(req_id, []).append(job.done)
+            self._queue.put(job)
+        return waits
 
     def _store_loop(self) -> None:
         while True:
@@ -288,6 +307,7 @@ class _Saver:
                 self._store(job)
             finally:
                 self._pool.give(job.buf)
+                job.done.set()
                 self._queue.task_done()
 
     def _store(self, job: _StoreJob) -> None:
@@ -299,9 +319,11 @@ class _Saver:
             checksums = job.checksums.tolist()
         except Exception:
             logger.exception("StrataCache: the gather of %d chunks failed", len(job.names))
-            self.stats.add(save_dropped=len(job.names))
+            self._count_failed(job.names, job.req_ids)
             return
-        for name, payload, checksum in zip(job.names, job.payloads, checksums):
+        failed: list[tuple[str, Optional[str]]] = []
+        for name, payload, checksum, req_id in zip(job.names, job.payloads, checksums,
+                                                   job.req_ids):
             try:
                 ok = self.engine.store(self._key_of(name), payload, checksum=checksum)
             except Exception:
@@ -311,10 +333,18 @@ class _Saver:
                 stored += 1
                 nbytes += payload.numel()
                 names.append(name)
-        self.stats.add(save_chunks=stored, save_bytes=nbytes, save_dropped=len(job.names) - stored,
+            else:
+                failed.append((name, req_id))
+        self.stats.add(save_chunks=stored, save_bytes=nbytes,
                        store_seconds=time.perf_counter() - t0)
+        self._count_failed([n for n, _ in failed], [r for _, r in failed])
         with self._lock:
             self._stored_names.extend(names)
+
+    def _count_failed(self, names: list[str], req_ids: list[Optional[str]]) -> None:
+        """Count chunks a tier refused (or whose gather failed on the device)."""
+        self.count_dropped([ChunkSave(name=n, block_ids=[], req_id=r)
+                            for n, r in zip(names, req_ids)], "a tier refused them or failed")
 
     def take_stored_names(self) -> list[str]:
         with self._lock:
@@ -429,10 +459,15 @@ class _Loader:
         moved = sum(c.src.shape[0] for c in opened) * self.kv.block_bytes
         self.stats.add(load_chunks=len(opened), load_bytes=moved,
                        load_seconds=time.perf_counter() - t0)
+        if failed and load.remote:
+            self.stats.add(pd_load_errors=1)
         return failed
 
 
 LOAD_MODES = ("sync", "async", "layerwise")
+# How long a step waits for a remote decode's chunks to reach the tiers before it returns
+# (and the prefill response goes out) anyway; the decode side then recomputes what is missing.
+DURABLE_WAIT_S = 60.0
 
 
 class WorkerSide:
@@ -447,9 +482,10 @@ class WorkerSide:
         self.kv: Optional[PagedKV] = None
         self._loads = _Loader(engine, self._key, verify, stats)
         self._saver = _Saver(engine, self._key, stats, max_inflight_save_bytes)
-        self._async = ThreadPoolExecutor(1, thread_name_prefix="stratacache-load") \
-            if load_mode == "async" else None
+        self._async: Optional[ThreadPoolExecutor] = None   # made on the first async load
         self._inflight_loads: dict[str, Future] = {}
+        self._sends: dict[str, list[threading.Event]] = {}   # remote decode -> its store jobs
+        self._sending: set[str] = set()    # finished remote decodes not reported yet
         self._layerwise: Optional[LayerwiseLoad] = None   # this step's layer-wise loads
         self._lock = threading.Lock()
         self._load_errors: set[int] = set()
@@ -484,7 +520,9 @@ class WorkerSide:
             return
         inline = []
         for load in meta.loads:
-            if load.is_async and self._async is not None:
+            if load.is_async:
+                if self._async is None:
+                    self._async = ThreadPoolExecutor(1, thread_name_prefix="stratacache-load")
                 self._inflight_loads[load.req_id] = self._async.submit(self._loads.load_request, load)
             else:
                 inline.append(load)
@@ -588,15 +626,40 @@ class WorkerSide:
         if failed and saves:
             logger.warning("StrataCache: not saving %d chunks of a step with failed loads",
                            len(saves))
-            self.stats.add(save_dropped=len(saves))
+            self._saver.count_dropped(saves, "their step's loads failed")
             return
-        self.save(saves)
+        self._wait_durable(self.save(saves))
 
-    def save(self, saves: list[ChunkSave]) -> None:
-        """Copy the chunks out of paged memory now; store them in the background."""
+    def save(self, saves: list[ChunkSave]) -> dict[str, list[threading.Event]]:
+        """Copy the chunks out of paged memory now; store them in the background. Returns the
+        store jobs of each remote decode among them (also kept for ``finished_sending``)."""
         if self.kv is None or not saves or self._closed:
-            return
-        self._saver.save(saves)
+            return {}
+        waits = self._saver.save(saves)
+        for req_id, events in waits.items():
+            self._sends.setdefault(req_id, []).extend(events)
+        return waits
+
+    def _wait_durable(self, waits: dict[str, list[threading.Event]]) -> None:
+        """Return once the remote decodes' chunks are in the tiers (or failed): the step's
+        output, and so the prefill's response, must not reach the decode side before its KV."""
+        deadline = time.monotonic() + DURABLE_WAIT_S
+        for req_id, events in waits.items():
+            for event in events:
+                if not event.wait(max(0.0, deadline - time.monotonic())):
+                    logger.warning("StrataCache: remote decode %s's chunks are not stored after "
+                                   "%.0f s; its response goes out first", req_id, DURABLE_WAIT_S)
+                    return
+
+    def finished_sending(self, finished: set[str]) -> set[str]:
+        """Remote decodes (``finished``: newly reported by the scheduler) whose stores have all
+        completed or failed: vLLM may free their blocks now."""
+        self._sending |= finished
+        done = {r for r in self._sending if all(e.is_set() for e in self._sends.get(r, ()))}
+        self._sending -= done
+        for req_id in done:
+            self._sends.pop(req_id, None)
+        return done
 
     def drain_saves(self) -> None:
         """Wait until every gathered chunk has been handed to the tiers."""
@@ -608,6 +671,7 @@ class WorkerSide:
         with self._lock:
             return {"inflight_loads": len(self._inflight_loads),
                     "queued_stores": self._saver.queued(),
+                    "sends": len(self._sends), "sending": len(self._sending),
                     "load_errors": len(self._load_errors),
                     "unreported_names": self._saver.unreported() + self._loads.unreported()}
 
