@@ -15,32 +15,21 @@ namespace stratacache {
 namespace {
 
 // 128 bytes per iteration (four 32-byte lanes); n must be a multiple of 128.
+// Stream: non-temporal stores (dst 32-byte aligned), fenced at the end.
+template <bool Stream>
 __attribute__((target("avx2"))) void copy_avx2(uint8_t* dst, const uint8_t* src, size_t n) {
   for (size_t i = 0; i < n; i += 128) {
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32));
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 64));
-    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 96));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), a);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 32), b);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 64), c);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 96), d);
+    __m256i v[4];
+    for (int k = 0; k < 4; ++k) v[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32 * k));
+    for (int k = 0; k < 4; ++k) {
+      auto* to = reinterpret_cast<__m256i*>(dst + i + 32 * k);
+      if constexpr (Stream)
+        _mm256_stream_si256(to, v[k]);
+      else
+        _mm256_storeu_si256(to, v[k]);
+    }
   }
-}
-
-// The same loop with streaming stores; dst must be 32-byte aligned and n a multiple of 128.
-__attribute__((target("avx2"))) void stream_avx2(uint8_t* dst, const uint8_t* src, size_t n) {
-  for (size_t i = 0; i < n; i += 128) {
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32));
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 64));
-    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 96));
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), a);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 32), b);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 64), c);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 96), d);
-  }
-  _mm_sfence();
+  if constexpr (Stream) _mm_sfence();
 }
 
 const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
@@ -52,7 +41,7 @@ void vector_copy(uint8_t* dst, const uint8_t* src, size_t n) {
 #ifdef STRATA_VECTOR_COPY_X86
   if (kHaveAvx2 && n >= 4096) {
     const size_t body = n / 128 * 128;
-    copy_avx2(dst, src, body);
+    copy_avx2<false>(dst, src, body);
     if (n > body) std::memcpy(dst + body, src + body, n - body);
     return;
   }
@@ -67,7 +56,7 @@ void stream_copy(uint8_t* dst, const uint8_t* src, size_t n) {
     const size_t head = (32 - (reinterpret_cast<uintptr_t>(dst) & 31)) & 31;
     const size_t body = (n - head) / 128 * 128;
     std::memcpy(dst, src, head);
-    stream_avx2(dst + head, src + head, body);
+    copy_avx2<true>(dst + head, src + head, body);
     std::memcpy(dst + head + body, src + head + body, n - head - body);
     return;
   }
