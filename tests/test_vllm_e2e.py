@@ -230,6 +230,7 @@ def test_second_process_reuses_diverges_and_survives_faults(world, process_a):
 
     # Per-request state drained on both roles.
     assert state["scheduler"] == {"tracked": 0, "lookup_start": 0, "pending_loads": 0,
+                                  "remote_seen": 0, "sending": 0,
                                   "pending_events": 0, "events": 0}, state
     assert state["worker"]["inflight_loads"] == 0 and state["worker"]["queued_stores"] == 0
 
