@@ -201,22 +201,25 @@ class SchedulerSide:
         if ours.get("namespace") != self.namespaces[0]:
             return (f"name KV namespace {ours.get('namespace')!r}, this engine's is "
                     f"{self.namespaces[0]!r} (different weights, dtype, layout or TP)")
-        ends = self.geometry.prompt_ranges(request.block_hashes, request.num_prompt_tokens)
-        names = [self.geometry.range_name(request.block_hashes, e) for e in ends]
-        if ours.get("chunks") != names or ours.get("num_tokens") != (ends[-1] if ends else 0):
+        num_tokens, names = self._prompt_chunks(request)
+        if ours.get("chunks") != names or ours.get("num_tokens") != num_tokens:
             return (f"list {len(ours.get('chunks') or [])} chunks / {ours.get('num_tokens')!r} "
                     f"tokens that are not this prompt's {len(names)} chunks / "
-                    f"{ends[-1] if ends else 0} tokens (another prompt, chunk size or block size)")
+                    f"{num_tokens} tokens (another prompt, chunk size or block size)")
         return None
+
+    def _prompt_chunks(self, request) -> tuple[int, list[str]]:
+        """The prompt's stored token count and chunk names, as a producer lists them."""
+        ends = self.geometry.prompt_ranges(request.block_hashes, request.num_prompt_tokens)
+        return (ends[-1] if ends else 0), [self.geometry.range_name(request.block_hashes, e)
+                                           for e in ends]
 
     def _remote_params(self, request) -> dict:
         """What the decode side needs to find and check this prompt's KV (contract item 2)."""
-        ends = self.geometry.prompt_ranges(request.block_hashes, request.num_prompt_tokens)
+        num_tokens, names = self._prompt_chunks(request)
         return {"do_remote_prefill": True, "do_remote_decode": False,
                 PD_PARAMS_KEY: {"version": PD_PARAMS_VERSION, "namespace": self.namespaces[0],
-                                "num_tokens": ends[-1] if ends else 0,
-                                "chunks": [self.geometry.range_name(request.block_hashes, e)
-                                           for e in ends]}}
+                                "num_tokens": num_tokens, "chunks": names}}
 
     # ---- allocation ----------------------------------------------------
     def on_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
