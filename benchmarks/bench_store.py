@@ -72,14 +72,16 @@ def paired(nbytes: int, fns: dict, repeats: int) -> dict:
     """GB/s of each function, timed in interleaved rounds (baseline and measured side by side).
 
     The machine is shared, so load changes between rounds; interleaving keeps a
-    ratio's two sides under the same load. Returns {name: median GB/s} plus
+    ratio's two sides under the same load, and every other round runs them in reverse
+    order, so that no function always runs right after the same neighbour (a cache or
+    thread-pool state it leaves behind). Returns {name: median GB/s} plus
     {name + "_ratio": median over rounds of rate / rate of the first function}.
     """
     for fn in fns.values():
         fn()   # warm-up
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name, fn in (fns.items() if r % 2 == 0 else reversed(fns.items())):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -270,10 +272,10 @@ def bench_mooncake(sizes, total_bytes: int, repeats: int) -> tuple[dict, list[di
                 forget = {"raw_put": raw_keys, "staged_put": raw_keys, "tier_put": tier_keys}
 
                 times: dict[str, list[float]] = {}
-                for _ in range(repeats + 1):     # the first round warms up and is dropped
-                    for name, fn in (("raw_put", raw_put), ("tier_put", tier_put),
-                                     ("raw_get", raw_get), ("tier_get", tier_get),
-                                     ("staged_get", staged_get), ("staged_put", staged_put)):
+                ops = (("raw_put", raw_put), ("tier_put", tier_put), ("raw_get", raw_get),
+                       ("tier_get", tier_get), ("staged_get", staged_get), ("staged_put", staged_put))
+                for r in range(repeats + 1):     # the first round warms up and is dropped
+                    for name, fn in (ops if r % 2 == 0 else ops[::-1]):   # see paired()
                         if name in forget:
                             raw.batch_remove(forget[name], True)
                         t0 = time.perf_counter()
@@ -325,6 +327,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write {device, summary, rows} JSON here")
     ap.add_argument("--disk-dir", default=tempfile.gettempdir(), help="directory for the disk benchmarks")
     ap.add_argument("--skip-external", action="store_true", help="do not run the shared/redis benchmarks")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="interleaved rounds per size, the median kept (default 11; quick 3)")
     ap.add_argument("--mooncake", choices=("yes", "no", "only"), default="yes",
                     help="the Mooncake section (needs CAP_SYS_ADMIN for its network namespace); "
                          "only: nothing else")
@@ -332,7 +336,9 @@ def main(argv=None) -> int:
 
     sizes = [1 * MIB, 32 * MIB] if args.quick else [1 * MIB, 4 * MIB, 16 * MIB, 32 * MIB]
     total = (64 if args.quick else 256) * MIB
-    repeats = 3 if args.quick else 5
+    # 11 rounds, not 5: on this 2-core box one size's ratio swung by +-0.15 between runs of
+    # five rounds (RESULTS.md, Mooncake Store); a round costs well under a second per size.
+    repeats = args.repeats or (3 if args.quick else 11)
     summary, rows = {}, []
     mooncake_sizes = [1 * MIB, 16 * MIB] if args.quick else [1 * MIB, 4 * MIB, 16 * MIB]
     mooncake = [lambda: bench_mooncake(mooncake_sizes, total // 2, repeats)]

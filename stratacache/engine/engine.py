@@ -67,13 +67,15 @@ def _prepare(key: ArtifactKey, payload, checksum: Optional[int],
              arg: str = "") -> tuple[torch.Tensor, ArtifactMeta]:
     """Flat bytes and metadata of a payload, checked against the plane's rules; the
     checksum is computed unless given. ``arg`` prefixes names in errors (``items[3].``)."""
-    _check_key(key, f"{arg}key")
+    if not isinstance(key, ArtifactKey):
+        _check_key(key, f"{arg}key")   # raises, naming the argument
     n = len(key_bytes(key))
     if n > MAX_KEY_BYTES:
         raise InvalidArgument(f"{arg}key {str(key)[:80]!r} encodes to {n} bytes; keys are at most "
                               f"{MAX_KEY_BYTES} bytes (the longest every tier stores)")
     if isinstance(payload, torch.Tensor):
-        if payload.dtype not in STORABLE_DTYPES:
+        # `is uint8` first: hashing a dtype for the set lookup costs 0.3 us on every store.
+        if payload.dtype is not torch.uint8 and payload.dtype not in STORABLE_DTYPES:
             raise InvalidType(f"{arg}payload dtype {payload.dtype} cannot be stored; storable dtypes: "
                               + ", ".join(sorted(str(d).replace("torch.", "") for d in STORABLE_DTYPES)))
         if payload.dim() > MAX_NDIM:
@@ -144,10 +146,20 @@ class StorageEngine:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _count(self, **n: int) -> None:
+    # Two fixed-argument counters rather than one taking **kwargs: they run on every store
+    # and load, where building the kwargs dict and looping over it cost about 0.5 us.
+    def _count_stores(self, attempted: int, failed: int) -> None:
         with self._lock:
-            for k, v in n.items():
-                self._counts[k] += v
+            c = self._counts
+            c["stores"] += attempted
+            c["store_failures"] += failed
+
+    def _count_loads(self, hits: int, misses: int) -> None:
+        with self._lock:
+            c = self._counts
+            c["loads"] += hits + misses
+            c["hits"] += hits
+            c["misses"] += misses
 
     def _order(self, mode: str, tier: Optional[str]) -> tuple[int, ...]:
         if mode not in MODES:
@@ -179,7 +191,7 @@ class StorageEngine:
         start = 0 if tier is None and mode == "chain" else self._order(mode, tier)[0]
         data, meta = _prepare(key, payload, checksum)
         ok = self.chain.store(key, data, meta, start=start, only=(mode == "exact"))
-        self._count(stores=1, store_failures=0 if ok else 1)
+        self._count_stores(1, 0 if ok else 1)
         return ok
 
     def store_many(self, items, *, checksums: Optional[Sequence[Optional[int]]] = None,
@@ -193,7 +205,7 @@ class StorageEngine:
         prepared = [(k, *_prepare(k, p, c, f"items[{i}].")) for i, ((k, p), c) in enumerate(zip(items, cs))]
         ok = self.chain.store_many(prepared, start=start, only=(mode == "exact"))
         failed = ok.count(False)
-        self._count(stores=len(ok) - failed, store_failures=failed)
+        self._count_stores(len(ok), failed)
         return ok
 
     def delete(self, key: ArtifactKey) -> bool:
@@ -211,7 +223,7 @@ class StorageEngine:
         if out is not None:
             check_out(out)
         art = self.chain.load(key, out, order=order, verify=self._verify(verify))
-        self._count(loads=1, hits=art is not None, misses=art is None)
+        self._count_loads(art is not None, art is None)
         return art
 
     def load_many(self, keys: Sequence[ArtifactKey], *, outs=None, mode: str = "chain",
@@ -229,7 +241,7 @@ class StorageEngine:
                     check_out(o, f"outs[{i}]")
         results = self.chain.load_many(keys, outs, order=order, verify=self._verify(verify))
         misses = results.count(None)
-        self._count(loads=len(keys), hits=len(keys) - misses, misses=misses)
+        self._count_loads(len(keys) - misses, misses)
         return results
 
     def lease(self, key: ArtifactKey, *, lease_s: Optional[float] = None, mode: str = "chain",
@@ -243,7 +255,7 @@ class StorageEngine:
         _check_key(key)
         order = self._order(mode, tier)
         lease = self.chain.lease(key, lease_s, order=order, verify=self._verify(verify))
-        self._count(loads=1, hits=lease is not None, misses=lease is None)
+        self._count_loads(lease is not None, lease is None)
         return lease
 
     @contextmanager
