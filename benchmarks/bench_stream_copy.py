@@ -9,14 +9,13 @@ ratio to ``copy_`` on all threads. Usage: ``bench_stream_copy.py [OBJECT_BYTES]`
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_store import paired  # noqa: E402  (interleaved rounds, alternating order)
 from stratacache._C import copy_bytes  # noqa: E402
 
 
@@ -41,14 +40,9 @@ def main(size: int = 1 << 20, rounds: int = 15) -> None:
     per_object = {}
     for threads in (all_threads, 1):
         torch.set_num_threads(threads)
-        times = {name: [] for name in fns}
-        for r in range(rounds):
-            for name, fn in (fns.items() if r % 2 == 0 else reversed(fns.items())):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        for name, ts in times.items():
-            per_object[(name, threads)] = statistics.median(ts) / count
+        gbps = paired(count * size, fns, rounds)
+        for name in fns:
+            per_object[(name, threads)] = size / (gbps[name] * 1e9)
     torch.set_num_threads(all_threads)
     base = per_object[("copy_", all_threads)]
     print(f"{count} objects of {size} bytes")
