@@ -309,3 +309,34 @@ def test_corrupt_chunk_never_reaches_pages_shared_with_another_request(world, pr
     assert report["metrics"]["vllm:stratacache_load_errors"] == 2
     state = report["steps"][-1]
     assert state["worker"]["inflight_loads"] == 0 and state["worker"]["queued_stores"] == 0
+
+
+def test_next_turn_loads_the_answer_another_engine_decoded(world):
+    """connector.save_decode_chunks (issue #20: a chat's next turn resends the answer). Engine
+    P answers a prompt; its decode steps complete chunk 2 (prompt tokens 512-600, answer tokens
+    600-768) and it is stored. A fresh engine Q gets the next turn (prompt + answer + a user
+    turn) and loads three chunks, the answer's KV as P decoded it, where a connector storing
+    only prompts would load two. Q's tokens equal vLLM alone's when the same turn is a hit in
+    its own prefix cache, which holds the same decoded KV: 169 answer tokens leave KV for
+    exactly 768 tokens (the last sampled token has none), so both reuse 768 tokens and
+    compute the rest in passes of the same shape."""
+    first, user = _tokens(600, 40), _tokens(50, 41)
+    answer_tokens = 3 * CHUNK - len(first) + 1
+    reference = _run({"model": world["model"], "connector": None, "engine": ENGINE, "steps": [
+        {"op": "next_turn", "first": first, "answer_tokens": answer_tokens, "user": user}]},
+        world["tmp"], "turn_reference")["steps"][0]
+    assert reference["num_cached_tokens"] == 3 * CHUNK      # vLLM's own hit: the same 768 tokens
+    region = Path("/dev/shm") / f"sc-test-vllm-turns-{os.getpid()}.region"
+    try:
+        p = _run({"model": world["model"], "connector": _connector(region), "engine": ENGINE,
+                  "steps": [_generate([first], answer_tokens)]}, world["tmp"], "turn_P")
+        answer = p["steps"][0]["results"][0]["tokens"]
+        assert answer == reference["answer"]
+        q = _run({"model": world["model"], "connector": _connector(region), "engine": ENGINE,
+                  "steps": [_generate([first + answer + user])]}, world["tmp"], "turn_Q")
+    finally:
+        region.unlink(missing_ok=True)
+    turn = q["steps"][0]["results"][0]
+    assert turn["num_cached_tokens"] == 3 * CHUNK
+    assert turn["metrics_delta"].get("vllm:stratacache_hit_tokens") == 3 * CHUNK
+    assert turn["tokens"] == reference["tokens"]

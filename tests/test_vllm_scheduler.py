@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
+from typing import Optional
 
 import pytest
 import torch
@@ -40,8 +41,14 @@ class FakeRequest:
     all_token_ids: list[int]
     num_computed_tokens: int = 0
     block_hashes: list = field(default_factory=list)
+    prompt_len: Optional[int] = None      # None: every token is a prompt token
 
     def __post_init__(self):
+        self.block_hashes = chained_hashes(self.all_token_ids)
+
+    def append_output(self, token: int) -> None:
+        """A sampled token, as vLLM appends it (its block hashes extended)."""
+        self.all_token_ids.append(token)
         self.block_hashes = chained_hashes(self.all_token_ids)
 
     @property
@@ -50,7 +57,7 @@ class FakeRequest:
 
     @property
     def num_prompt_tokens(self):
-        return len(self.all_token_ids)
+        return len(self.all_token_ids) if self.prompt_len is None else self.prompt_len
 
 
 class FakeBlockState:
@@ -76,9 +83,10 @@ def engine():
     eng.close()
 
 
-def make_side(engine, *, partial=False, load_async=False, events=None):
+def make_side(engine, *, partial=False, load_async=False, events=None, save_decode=True):
     return SchedulerSide(geometry=ChunkGeometry(CHUNK, BS, BS), namespaces=[NS],
                          lookup_engine=engine, save_partial_chunks=partial, load_async=load_async,
+                         save_decode_chunks=save_decode,
                          stats=StatsCounter(), events_enabled=events is not None,
                          make_events=events)
 
@@ -210,6 +218,41 @@ def test_saves_follow_computed_chunks(engine):
     assert side.build_meta(FakeOutput({"r1": 1}, state)).saves == []
     side.request_finished(req)
     assert side.state_sizes()["tracked"] == 0
+
+
+@pytest.mark.parametrize("save_decode", [True, False])
+def test_chunks_that_generated_tokens_complete_are_saved(engine, save_decode):
+    """A chat's next turn resends the answer. With save_decode_chunks, a chunk that decode
+    steps complete is saved once, from the blocks holding the generated tokens' KV, in the
+    step that computes its last token (the token just sampled has no KV yet); and the next
+    turn's prompt finds it under its own block hashes."""
+    side = make_side(engine, save_decode=save_decode)
+    geometry = ChunkGeometry(CHUNK, BS, BS)
+    prompt = tokens(CHUNK + 2 * BS, 21)                   # chunk 0 full, chunk 1 half
+    req = FakeRequest("r1", list(prompt), prompt_len=len(prompt))
+    side.matched_tokens(req, 0)
+    block_ids = list(range(30, 40))                        # room for 160 tokens
+    side.on_alloc(req, block_ids, 0)
+    state = FakeBlockState({"r1": block_ids})
+    meta = side.build_meta(FakeOutput({"r1": len(prompt)}, state))      # the prefill
+    assert [s.block_ids for s in meta.saves] == [block_ids[0:4]]
+    req.num_computed_tokens = len(prompt)
+    answer = iter(tokens(64, 77))
+    req.append_output(next(answer))
+    saved = []                                             # (tokens computed, name, blocks)
+    while req.num_computed_tokens < 2 * CHUNK + 3:         # decode steps: one token each
+        meta = side.build_meta(FakeOutput({"r1": 1}, state))
+        saved += [(req.num_computed_tokens + 1, s.name, s.block_ids) for s in meta.saves]
+        req.num_computed_tokens += 1
+        req.append_output(next(answer))
+    if not save_decode:
+        assert saved == []
+        return
+    assert saved == [(2 * CHUNK, geometry.name_at(req.block_hashes, 2 * CHUNK), block_ids[4:8])]
+    store_ends(engine, req, [CHUNK, 2 * CHUNK])
+    turn2 = FakeRequest("r2", req.all_token_ids[:-1] + tokens(40, 5))
+    assert side.matched_tokens(turn2, 0)[0] == 2 * CHUNK
+    side.request_finished(req)
 
 
 def test_chunks_vllm_recomputes_after_a_failed_load_are_saved_again(engine):

@@ -24,6 +24,10 @@ steps can reach the connector objects), steps: a list of
        counts the corrupt pages that reached paged memory)
   {"op": "contains", "prompt": [token ids], "chunk": i}   (in-process only: after the
        stores drain, whether that chunk is stored)
+  {"op": "next_turn", "first": [token ids], "answer_tokens": N, "user": [token ids],
+   "max_tokens": M}   (a chat: the answer to ``first``, then ``first + answer + user``; in a
+       fresh engine without a connector the second is a hit in vLLM's own prefix cache of
+       the first's prompt and decoded answer)
 """
 
 from __future__ import annotations
@@ -172,6 +176,19 @@ def run(job: dict) -> dict:
                                     "num_cached_tokens": o.num_cached_tokens,
                                     "metrics_delta": delta, "elapsed_s": elapsed})
             report["steps"].append({"op": op, "results": results})
+        elif op == "next_turn":
+            params = SamplingParams(temperature=0.0, max_tokens=step["answer_tokens"],
+                                    ignore_eos=True)
+            first = llm.generate([TokensPrompt(prompt_token_ids=step["first"])], params,
+                                 use_tqdm=False)[0]
+            answer = list(first.outputs[0].token_ids)
+            params = SamplingParams(temperature=0.0, max_tokens=step.get("max_tokens", 12),
+                                    ignore_eos=True)
+            turn = llm.generate([TokensPrompt(prompt_token_ids=step["first"] + answer + step["user"])],
+                                params, use_tqdm=False)[0]
+            report["steps"].append({"op": op, "answer": answer,
+                                    "tokens": list(turn.outputs[0].token_ids),
+                                    "num_cached_tokens": turn.num_cached_tokens})
         elif op == "fault":
             sched_conn, worker_conn = _connector_objects(llm)
             _apply_fault(worker_conn, _chunk_key(sched_conn, step["prompt"], step["chunk"]),

@@ -509,6 +509,8 @@ class ConnectorConfig(Section):
         description="sync loads before the forward pass; async finishes through get_finished; layerwise "
                     "overlaps each layer's load with the forward (GPU)")
     save_partial_chunks: bool = Field(description="also store the last, partial chunk of a prompt")
+    save_decode_chunks: bool = Field(description="also store the chunks that generated tokens complete, "
+                                     "so a chat's next turn, which resends the answer, loads its KV")
     verify_checksums: bool = Field(description="reject a corrupt chunk at load time (vLLM recomputes it)")
     log_stats: bool = Field(description="log connector statistics")
     log_every: int = Field(ge=1, description="log connector stats every N steps")

@@ -129,6 +129,7 @@ class StrataCacheConnectorV1(KVConnectorBase_V1):
                 geometry=self._geometry,
                 namespaces=[identity.namespace(rank) for rank in range(identity.tp_size)],
                 lookup_engine=engine, save_partial_chunks=bool(conn.save_partial_chunks),
+                save_decode_chunks=bool(conn.save_decode_chunks),
                 load_async=self._load_async, stats=self._stats,
                 role=str(self._kv_transfer_config.kv_role or "kv_both"),
                 events_enabled=bool(events is not None and events.enable_kv_cache_events),

@@ -9,7 +9,9 @@ Redis): that is where it sees what the workers stored. It decides
   lookup's start that ``on_alloc`` consumes);
 * which chunks each worker loads (block ids + key names) and which freshly
   computed chunks it saves: every full chunk (and the prompt's partial one)
-  the step completes. Whether one is stored already is the workers' check,
+  the step completes, chunks that generated tokens complete included
+  (``save_decode_chunks``: a chat's next turn resends the answer, whose KV
+  decode has computed). Whether one is stored already is the workers' check,
   made when they save. A chunk whose tokens vLLM recomputes (a failed load,
   a preemption) is asked for again: the save cursor never stays past
   ``num_computed_tokens``.
@@ -91,6 +93,7 @@ class _EventInfo:
 class SchedulerSide:
     def __init__(self, *, geometry: ChunkGeometry, namespaces: list[str], lookup_engine,
                  save_partial_chunks: bool, load_async: bool, stats: StatsCounter,
+                 save_decode_chunks: bool = True,
                  role: str = "kv_both",
                  events_enabled: bool = False,
                  make_events: Optional[Callable[[_EventInfo, list], Iterable]] = None) -> None:
@@ -103,6 +106,7 @@ class SchedulerSide:
         self._key_prefixes = [encoded_key_prefix(ns) for ns in namespaces]
         self.engine = lookup_engine           # None: no cross-process tier, never a hit
         self.save_partial = save_partial_chunks
+        self.save_decode = save_decode_chunks
         self.load_async = load_async
         self.stats = stats
         self.events_enabled = events_enabled and make_events is not None
@@ -294,7 +298,10 @@ class SchedulerSide:
         tracked.saved_chunks = min(tracked.saved_chunks, request.num_computed_tokens // g.chunk_size)
         if request.num_computed_tokens < prompt:
             tracked.partial_saved = False
-        savable = min(computed, prompt, g.hashed_tokens(request.block_hashes))
+        # KV exists for tokens [0, computed): past the prompt, that is generated tokens the
+        # decode steps have fed back (the last sampled token has none yet).
+        savable = min(computed if self.save_decode else min(computed, prompt),
+                      g.hashed_tokens(request.block_hashes))
         n_full = savable // g.chunk_size
         wanted: list[tuple[str, int, int]] = []   # (name, start token, end token)
         for i in range(tracked.saved_chunks, n_full):
