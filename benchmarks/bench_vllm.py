@@ -366,6 +366,8 @@ def main() -> None:
         deltas = [h["delta"] for h in hits]
         per_bytes = [d.get("vllm:stratacache_load_bytes", 0) for d in deltas]
         per_s = [d.get("vllm:stratacache_load_microseconds", 0) / 1e6 for d in deltas]
+        verify_s = sum(d.get("vllm:stratacache_load_verify_microseconds", 0) for d in deltas) / 1e6
+        cases["kv_hit_load_verify_fraction"] = verify_s / sum(per_s) if sum(per_s) > 0 else 0.0
         load_bytes = sum(per_bytes) / len(hits)   # per hit
         cases["kv_hit_tokens"] = hits[n_hit // 2]["delta"].get("vllm:stratacache_hit_tokens", 0)
         cases["kv_hit_load_bytes"] = load_bytes
@@ -471,7 +473,7 @@ def main() -> None:
           " ".join(f"{x:.3f}" for x in cases["kv_hit_over_prefix_cache_per_prompt"]))
     print("hit load GB/s per prompt: " + " ".join(f"{x:.2f}" for x in cases["kv_hit_load_gbps_per_prompt"]))
     print(f"hit load: {cases['kv_hit_load_bytes'] / 2**20:.0f} MiB per hit at {cases['kv_hit_load_gbps']:.2f} GB/s "
-          "over all hits; "
+          f"over all hits ({cases['kv_hit_load_verify_fraction']:.0%} of it leasing and verifying); "
           f"copy_ {cases['copy_gbps']:.2f} GB/s on {cases['worker_threads']} thread(s) (the worker's), "
           f"{cases['copy_gbps_all_threads']:.2f} GB/s on all")
     print(f"extra TTFT over the same engine's prefix-cache hit: StrataCache "

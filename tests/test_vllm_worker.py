@@ -107,6 +107,7 @@ def test_save_then_load_into_other_blocks_is_byte_exact(engine_factory, mode):
             assert torch.equal(dst_buf[t].view(torch.int16), src_buf[s].view(torch.int16))
     totals = loader.stats.totals()
     assert totals["load_chunks"] == 3 and totals["load_bytes"] == 10 * loader.kv.block_bytes
+    assert 0 < totals["load_verify_seconds"] <= totals["load_seconds"]   # a part of the load
     assert (dst_buf[:10] != POISON).all()                       # nothing else written
 
 

@@ -60,6 +60,7 @@ from stratacache.core.keys import ArtifactKey
 log = logging.getLogger(__name__)
 
 HEADER_SLOT = ArtifactMeta.header_size(MAX_NDIM)   # every value's header, zero-padded to this
+_ZERO_SLOT = bytes(HEADER_SLOT)
 
 # Mooncake error codes (negative return values) the tier tells apart; others (-704 absent,
 # -200 no space, ...) are plain misses / refusals.
@@ -325,10 +326,10 @@ class MooncakeTier(Tier):
                 new.append(i)
                 first.add(mkeys[i])
         with self._headers.take(len(items)) as heads:
+            slots = memoryview(heads.numpy())
             for i in new:
                 key, _, meta = items[i]
-                heads[i * HEADER_SLOT:(i + 1) * HEADER_SLOT] = torch.frombuffer(
-                    bytearray(_header(key, meta)), dtype=torch.uint8)
+                slots[i * HEADER_SLOT:(i + 1) * HEADER_SLOT] = _header(key, meta)
             if new:
                 base = heads.data_ptr()
                 ptrs = [[base + i * HEADER_SLOT]
@@ -424,10 +425,11 @@ class MooncakeTier(Tier):
                 if n is not None:
                     plan[i] = (torch.empty(n, dtype=torch.uint8), n)
             codes = self._read(store, mkeys, heads, plan)
+            slots = memoryview(heads.numpy())
             resize = {}
             for i, rc in codes.items():
                 if rc >= 0:
-                    results[i] = _checked(keys[i], heads, i, rc, plan[i][0])
+                    results[i] = _checked(keys[i], slots, i, rc, plan[i][0])
                 elif rc in (TRANSFER_FAIL, INVALID_PARAMS) and outs[i] is not None:
                     resize[i] = outs[i]                 # the value may be of another size
                 elif rc == TRANSFER_FAIL:
@@ -467,9 +469,10 @@ class MooncakeTier(Tier):
             plan[i] = (out.narrow(0, 0, n) if n <= out.numel()
                        else torch.empty(n, dtype=torch.uint8), n)
         codes = self._read(store, mkeys, heads, plan)
+        slots = memoryview(heads.numpy())
         for i, rc in codes.items():
             if rc >= 0:
-                results[i] = _checked(keys[i], heads, i, rc, plan[i][0])
+                results[i] = _checked(keys[i], slots, i, rc, plan[i][0])
                 if isinstance(results[i], Artifact):
                     fit_out(resize[i], results[i].meta.size, f"out for {keys[i]}")
             elif rc == TRANSFER_FAIL:
@@ -649,13 +652,13 @@ def _occupancy_metrics(text: str) -> dict:
     return values
 
 
-def _checked(key: ArtifactKey, heads: torch.Tensor, i: int, nread: int, dest: torch.Tensor):
+def _checked(key: ArtifactKey, heads: memoryview, i: int, nread: int, dest: torch.Tensor):
     """The artifact read for ``key`` once its header, padding and size are checked, or the
-    ``CorruptArtifact`` that says what was wrong."""
-    head = heads[i * HEADER_SLOT:(i + 1) * HEADER_SLOT].numpy()
+    ``CorruptArtifact`` that says what was wrong. ``heads``: the batch's header slots."""
+    head = heads[i * HEADER_SLOT:(i + 1) * HEADER_SLOT]
     try:
-        meta, hlen = ArtifactMeta.unpack(memoryview(head), key.encode())
-        if head[hlen:].any():
+        meta, hlen = ArtifactMeta.unpack(head, key.encode())
+        if head[hlen:] != _ZERO_SLOT[hlen:]:
             raise CorruptArtifact("header padding is not zero")
         if meta.size != dest.numel() or nread != HEADER_SLOT + meta.size:
             raise CorruptArtifact(f"value is {nread} bytes, its header says "

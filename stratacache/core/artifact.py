@@ -103,7 +103,7 @@ class ArtifactMeta(NamedTuple):
             raise CorruptArtifact(f"bad dtype code {code}")
         shape = struct.unpack_from(f"<{ndim}Q", raw, _FIXED.size)
         meta = cls(size, checksum, _CODE_DTYPES[code], shape, version)
-        if shape and _numel(shape) * _itemsize(meta.dtype) != size:
+        if shape and _numel(shape) * meta.dtype.itemsize != size:
             raise CorruptArtifact("shape does not match size")
         return meta, end
 
@@ -167,6 +167,3 @@ def _numel(shape) -> int:
         n *= s
     return n
 
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -31,6 +31,8 @@ COUNTERS: dict[str, str] = {
     "load_chunks": "Chunks loaded into paged KV memory",
     "load_bytes": "Bytes loaded into paged KV memory",
     "load_seconds": "Time spent loading chunks",
+    "load_verify_seconds": "Part of load_seconds spent leasing chunks and verifying them on their "
+                           "source, before any byte is copied",
     "load_errors": "Chunks missing, evicted or corrupt at load time (recomputed by vLLM)",
     "load_error_blocks": "KV blocks reported to vLLM for recompute",
     # worker side: saves

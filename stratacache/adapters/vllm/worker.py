@@ -385,6 +385,7 @@ class _Loader:
         """Lease and verify the chunks of one request, in order, until the first bad one.
         Returns the verified chunks (their leases held by ``leases``) and the block ids vLLM
         must recompute (the bad chunk's and every later one's)."""
+        t0 = time.perf_counter()
         opened: list[OpenChunk] = []
         for index, chunk in enumerate(load.chunks):
             src = None
@@ -395,9 +396,11 @@ class _Loader:
             if src is None:
                 failed = {b for c in load.chunks[index:] for b in c.block_ids}
                 self.chunk_lost(load.req_id, chunk.name, failed, "missing, wrong-sized or corrupt")
+                self.stats.add(load_verify_seconds=time.perf_counter() - t0)
                 return opened, failed
             opened.append(OpenChunk(req_id=load.req_id, name=chunk.name, src=src,
                                     block_ids=torch.tensor(chunk.block_ids, dtype=torch.int64)))
+        self.stats.add(load_verify_seconds=time.perf_counter() - t0)
         return opened, set()
 
     def _lease_verified(self, chunk: ChunkLoad, leases: ExitStack) -> Optional[torch.Tensor]:
