@@ -300,8 +300,8 @@ class SchedulerSide:
             tracked.partial_saved = False
         # KV exists for tokens [0, computed): past the prompt, that is generated tokens the
         # decode steps have fed back (the last sampled token has none yet).
-        savable = min(computed if self.save_decode else min(computed, prompt),
-                      g.hashed_tokens(request.block_hashes))
+        kv_end = computed if self.save_decode else min(computed, prompt)
+        savable = min(kv_end, g.hashed_tokens(request.block_hashes))
         n_full = savable // g.chunk_size
         wanted: list[tuple[str, int, int]] = []   # (name, start token, end token)
         for i in range(tracked.saved_chunks, n_full):

@@ -386,6 +386,12 @@ class _Loader:
         Returns the verified chunks (their leases held by ``leases``) and the block ids vLLM
         must recompute (the bad chunk's and every later one's)."""
         t0 = time.perf_counter()
+        try:
+            return self._open_chunks(load, leases)
+        finally:
+            self.stats.add(load_verify_seconds=time.perf_counter() - t0)
+
+    def _open_chunks(self, load: RequestLoad, leases: ExitStack) -> tuple[list[OpenChunk], set[int]]:
         opened: list[OpenChunk] = []
         for index, chunk in enumerate(load.chunks):
             src = None
@@ -396,11 +402,9 @@ class _Loader:
             if src is None:
                 failed = {b for c in load.chunks[index:] for b in c.block_ids}
                 self.chunk_lost(load.req_id, chunk.name, failed, "missing, wrong-sized or corrupt")
-                self.stats.add(load_verify_seconds=time.perf_counter() - t0)
                 return opened, failed
             opened.append(OpenChunk(req_id=load.req_id, name=chunk.name, src=src,
                                     block_ids=torch.tensor(chunk.block_ids, dtype=torch.int64)))
-        self.stats.add(load_verify_seconds=time.perf_counter() - t0)
         return opened, set()
 
     def _lease_verified(self, chunk: ChunkLoad, leases: ExitStack) -> Optional[torch.Tensor]:
